@@ -1,0 +1,112 @@
+//! [`Decision`]: what a command produced — events, and an optional reply.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The outcome of an accepted command: the events to store, in order, and
+/// an optional JSON reply for the client.
+///
+/// Build one with [`Decision::none`], [`Decision::emit`], or `.into()` from a
+/// single event or a `Vec` of events; chain [`and`](Decision::and) and
+/// [`with_reply`](Decision::with_reply):
+///
+/// ```
+/// use rehydra_guest::Decision;
+///
+/// enum Event { Created { id: String }, Named { name: String } }
+///
+/// let d: Decision<Event> = Decision::emit(Event::Created { id: "u1".into() })
+///     .and(Event::Named { name: "Ada".into() })
+///     .with_reply(serde_json::json!({ "welcome": true }));
+/// assert_eq!(d.events().len(), 2);
+///
+/// let nothing: Decision<Event> = Decision::none().with_reply(7);
+/// assert_eq!(nothing.reply(), Some(serde_json::json!(7)));
+///
+/// let from_vec: Decision<Event> = vec![Event::Named { name: "Bo".into() }].into();
+/// assert_eq!(from_vec.events().len(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[must_use = "a decision does nothing unless it is returned from `handle`"]
+pub struct Decision<E> {
+    events: Vec<E>,
+    /// The reply as JSON, or why it could not be encoded.
+    reply: Option<Result<Vec<u8>, String>>,
+}
+
+impl<E> Decision<E> {
+    /// No events and no reply: the command changes nothing.
+    pub fn none() -> Self {
+        Decision {
+            events: Vec::new(),
+            reply: None,
+        }
+    }
+
+    /// Exactly one event.
+    pub fn emit(event: E) -> Self {
+        Self::none().and(event)
+    }
+
+    /// Appends one more event.
+    pub fn and(mut self, event: E) -> Self {
+        self.events.push(event);
+        self
+    }
+
+    /// Sets the reply for the client, replacing any earlier one.
+    ///
+    /// The value is encoded as JSON now, keeping the order of a struct's
+    /// fields. Should that fail — only possible
+    /// with a hand-written `Serialize` that errors, or a map whose keys are
+    /// not strings — the command fails as a plugin error (the host reports
+    /// `plugin_failed`), since it is a bug in the plugin, not in the command.
+    pub fn with_reply(mut self, reply: impl Serialize) -> Self {
+        self.reply = Some(
+            serde_json::to_vec(&reply)
+                .map_err(|err| format!("the reply cannot be encoded as JSON: {err}")),
+        );
+        self
+    }
+
+    /// The events, in the order they will be stored.
+    pub fn events(&self) -> &[E] {
+        &self.events
+    }
+
+    /// The reply as a JSON value, if one was set (and could be encoded).
+    pub fn reply(&self) -> Option<Value> {
+        match &self.reply {
+            Some(Ok(bytes)) => serde_json::from_slice(bytes).ok(),
+            _ => None,
+        }
+    }
+
+    /// Splits the decision into its events and reply; an error if the reply
+    /// could not be encoded.
+    pub(crate) fn into_parts(self) -> Result<(Vec<E>, Option<Vec<u8>>), String> {
+        let reply = self.reply.transpose()?;
+        Ok((self.events, reply))
+    }
+}
+
+impl<E> Default for Decision<E> {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl<E> From<E> for Decision<E> {
+    fn from(event: E) -> Self {
+        Self::emit(event)
+    }
+}
+
+impl<E> From<Vec<E>> for Decision<E> {
+    fn from(events: Vec<E>) -> Self {
+        Decision {
+            events,
+            reply: None,
+        }
+    }
+}

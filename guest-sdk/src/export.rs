@@ -1,0 +1,127 @@
+//! The glue behind [`export_aggregate!`](crate::export_aggregate): the
+//! WIT `Guest` implementation for any [`Aggregate`], converting between the
+//! generated WIT types and [`dispatch`](crate::dispatch)'s.
+//!
+//! Failures that the WIT gives no way to report — a plugin whose
+//! declarations are inconsistent (`describe`), a state that cannot be
+//! encoded (`initial-state`), an event or reply that cannot be encoded
+//! (`handle`) — are bugs in the plugin. They panic with a message naming
+//! the plugin; the panic becomes a trap, which the host reports
+//! (`plugin_failed`, or a plugin that fails to load) and logs, together
+//! with the message the guest printed to stderr.
+
+use std::marker::PhantomData;
+
+use crate::Aggregate;
+use crate::bindings::Guest;
+use crate::bindings::rehydra::aggregate::types as wit;
+use crate::dispatch::{self, EncodedState, EventRef, HandleError};
+
+/// Implements the exported world for aggregate `A`.
+pub struct Plugin<A>(PhantomData<fn() -> A>);
+
+impl<A: Aggregate> Guest for Plugin<A> {
+    fn describe() -> wit::Info {
+        let description = dispatch::describe::<A>()
+            .unwrap_or_else(|err| panic!("plugin `{}` is misdeclared: {err}", A::TYPE));
+        wit::Info {
+            aggregate_type: description.aggregate_type.to_owned(),
+            stream_prefix: description.stream_prefix.to_owned(),
+            state_schema: description.state_schema,
+            commands: description
+                .commands
+                .iter()
+                .map(|spec| wit::CommandInfo {
+                    name: spec.name.to_owned(),
+                    mode: match spec.mode {
+                        crate::CommandMode::Create => wit::CommandMode::Create,
+                        crate::CommandMode::Update => wit::CommandMode::Update,
+                        crate::CommandMode::Upsert => wit::CommandMode::Upsert,
+                    },
+                })
+                .collect(),
+            event_types: description
+                .event_types
+                .iter()
+                .map(|&name| name.to_owned())
+                .collect(),
+        }
+    }
+
+    fn initial_state() -> wit::State {
+        let state = dispatch::initial_state::<A>()
+            .unwrap_or_else(|err| panic!("plugin `{}`: {err}", A::TYPE));
+        to_wit_state(state)
+    }
+
+    fn apply(s: wit::State, events: Vec<wit::RecordedEvent>) -> Result<wit::State, String> {
+        let state = EncodedState {
+            schema: s.schema,
+            bytes: s.bytes,
+        };
+        let events = events.iter().map(|e| EventRef {
+            event_type: &e.event_type,
+            data: &e.data,
+            version: e.version,
+        });
+        dispatch::apply::<A>(&state, events).map(to_wit_state)
+    }
+
+    fn handle(
+        s: wit::State,
+        version: u64,
+        c: wit::Command,
+    ) -> Result<wit::Decision, wit::Rejection> {
+        let state = EncodedState {
+            schema: s.schema,
+            bytes: s.bytes,
+        };
+        let ctx = crate::Context::from_parts(c.aggregate_id, version, c.metadata);
+        match dispatch::handle::<A>(&state, &c.command_type, &c.data, &ctx) {
+            Ok(outcome) => Ok(wit::Decision {
+                events: outcome
+                    .events
+                    .into_iter()
+                    .map(|e| wit::NewEvent {
+                        event_type: e.event_type,
+                        data: e.data,
+                    })
+                    .collect(),
+                state: to_wit_state(outcome.state),
+                reply: outcome.reply,
+            }),
+            Err(HandleError::Rejected(rejection)) => Err(to_wit_rejection(rejection)),
+            Err(HandleError::Failed(err)) => {
+                panic!(
+                    "plugin `{}` failed on command `{}`: {err}",
+                    A::TYPE,
+                    c.command_type
+                )
+            }
+        }
+    }
+}
+
+fn to_wit_state(state: EncodedState) -> wit::State {
+    wit::State {
+        schema: state.schema,
+        bytes: state.bytes,
+    }
+}
+
+fn to_wit_rejection(rejection: crate::Rejection) -> wit::Rejection {
+    match rejection {
+        crate::Rejection::Invalid(errors) => wit::Rejection::Invalid(
+            errors
+                .into_iter()
+                .map(|e| wit::FieldError {
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect(),
+        ),
+        crate::Rejection::Rejected(message) => wit::Rejection::Rejected(message),
+        crate::Rejection::Forbidden(message) => wit::Rejection::Forbidden(message),
+        crate::Rejection::IncompatibleState(schema) => wit::Rejection::IncompatibleState(schema),
+    }
+}

@@ -1,0 +1,429 @@
+//! What happens to one command inside an aggregate's actor: rehydrate if
+//! needed, answer a repeated idempotency key from the store, check the
+//! command's mode and expected version, call the plugin, append with
+//! optimistic concurrency, and on a conflict with another writer catch up
+//! and try again.
+
+use std::time::Instant;
+
+use tracing::Instrument as _;
+
+use super::{Inner, Live, unknown_command};
+use crate::command::{
+    AggregateState, CommandIds, CommandOutcome, CommandRequest, OutcomeEvent, event_id,
+};
+use crate::error::{CommandError, FailureKind};
+use crate::plugin::{CommandInput, CommandMode, Decision, Plugin, Rejection};
+use crate::store::{EventData, ExpectedVersion, RecordedEvent, StoreError};
+
+impl Inner {
+    /// Runs one command. Returns the outcome and the state to keep cached
+    /// (`None` when it is unknown, e.g. after a store failure).
+    pub(super) async fn run_command(
+        &self,
+        req: &CommandRequest,
+        live: Option<Live>,
+    ) -> (Result<CommandOutcome, CommandError>, Option<Live>) {
+        let Some(plugin) = self.plugins.get(&req.aggregate_type) else {
+            // The plugin was removed while the command waited.
+            return (
+                Err(CommandError::UnknownAggregateType(
+                    req.aggregate_type.clone(),
+                )),
+                live,
+            );
+        };
+        let stream = plugin.info.stream_name(&req.aggregate_id);
+        let span = tracing::info_span!(
+            "command",
+            plugin = %plugin.name,
+            hash = %plugin.short_hash(),
+            aggregate = %stream,
+            command = %req.command,
+            version = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let (result, live) = self
+            .run_on(&plugin, &stream, req, live)
+            .instrument(span.clone())
+            .await;
+        span.record("duration_us", started.elapsed().as_micros() as u64);
+        match &result {
+            Ok(outcome) => {
+                span.record("version", outcome.version);
+                span.in_scope(|| tracing::debug!(events = outcome.events.len(), "command handled"));
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::debug!(code = e.code(), error = %e, "command refused"))
+            }
+        }
+        (result, live)
+    }
+
+    async fn run_on(
+        &self,
+        plugin: &Plugin,
+        stream: &str,
+        req: &CommandRequest,
+        live: Option<Live>,
+    ) -> (Result<CommandOutcome, CommandError>, Option<Live>) {
+        // Cached state from a plugin with another state schema is rebuilt
+        // from the events with the current code.
+        let live = live.filter(|l| l.state.schema == plugin.info.state_schema);
+        let mut live = match live {
+            Some(l) => l,
+            None => match self.rehydrate(plugin, stream).await {
+                Ok(l) => l,
+                Err(e) => return (Err(e), None),
+            },
+        };
+        match self.decide_and_append(plugin, stream, req, &mut live).await {
+            Ok(outcome) => (Ok(outcome), Some(live)),
+            // After a store failure we no longer know what is stored.
+            Err(e @ CommandError::StoreUnavailable(_)) => (Err(e), None),
+            Err(e) => (Err(e), Some(live)),
+        }
+    }
+
+    async fn decide_and_append(
+        &self,
+        plugin: &Plugin,
+        stream: &str,
+        req: &CommandRequest,
+        live: &mut Live,
+    ) -> Result<CommandOutcome, CommandError> {
+        let spec = plugin
+            .info
+            .command(&req.command)
+            .ok_or_else(|| unknown_command(&plugin.info, &req.aggregate_type, &req.command))?;
+        let ids = CommandIds::assign(req);
+
+        if req.idempotency_key.is_some() {
+            let earlier = self
+                .store
+                .find_by_message_id(stream, &ids.message_id)
+                .await?;
+            if !earlier.is_empty() {
+                return replayed_outcome(req, &earlier);
+            }
+        }
+
+        let metadata = ids.guest_metadata(req.principal.as_deref());
+        let input = CommandInput {
+            command_type: &req.command,
+            aggregate_id: &req.aggregate_id,
+            data: &req.data,
+            metadata: &metadata,
+        };
+        let mut rebuilt_for_schema = false;
+        let mut attempt = 0;
+        loop {
+            if let Some(expected) = req.expected_version {
+                if expected != live.version {
+                    // Our cache may be behind another writer: look first.
+                    self.catch_up(plugin, stream, live).await?;
+                    if expected != live.version {
+                        return Err(CommandError::WrongExpectedVersion {
+                            expected,
+                            actual: live.version,
+                        });
+                    }
+                }
+            }
+            match spec.mode {
+                CommandMode::Create if live.version > 0 => {
+                    return Err(CommandError::AlreadyExists {
+                        aggregate_type: req.aggregate_type.clone(),
+                        id: req.aggregate_id.clone(),
+                        version: live.version,
+                    });
+                }
+                CommandMode::Update if live.version == 0 => {
+                    return Err(CommandError::AggregateNotFound {
+                        aggregate_type: req.aggregate_type.clone(),
+                        id: req.aggregate_id.clone(),
+                    });
+                }
+                _ => {}
+            }
+
+            let decision = match plugin.handle(&live.state, live.version, &input)? {
+                Ok(d) => d,
+                Err(Rejection::Invalid(fields)) => {
+                    return Err(CommandError::InvalidCommand(fields));
+                }
+                Err(Rejection::Rejected(m)) => return Err(CommandError::Rejected(m)),
+                Err(Rejection::Forbidden(m)) => return Err(CommandError::Forbidden(m)),
+                Err(Rejection::IncompatibleState(schema)) if !rebuilt_for_schema => {
+                    tracing::info!(
+                        schema,
+                        "plugin cannot read the cached state; rebuilding from events"
+                    );
+                    rebuilt_for_schema = true;
+                    *live = self.rehydrate(plugin, stream).await?;
+                    continue;
+                }
+                Err(Rejection::IncompatibleState(schema)) => {
+                    return Err(CommandError::PluginFailed {
+                        plugin: plugin.name.clone(),
+                        kind: FailureKind::BadOutput,
+                        message: format!(
+                            "handle() reports state schema {schema} as incompatible even after a rebuild with its own apply()"
+                        ),
+                    });
+                }
+            };
+            let reply = parse_reply(plugin, decision.reply.as_deref())?;
+            if decision.events.is_empty() {
+                live.state = decision.state;
+                return Ok(CommandOutcome {
+                    aggregate_type: req.aggregate_type.clone(),
+                    id: req.aggregate_id.clone(),
+                    version: live.version,
+                    events: Vec::new(),
+                    reply,
+                    replayed: false,
+                });
+            }
+            let (events, outcome_events) =
+                self.prepare_events(plugin, stream, req, &ids, &decision, live.version)?;
+            let expected = ExpectedVersion::Exact(live.version);
+            match self.store.append(stream, expected, events).await {
+                Ok(appended) => {
+                    live.version = appended.version;
+                    live.state = decision.state;
+                    return Ok(CommandOutcome {
+                        aggregate_type: req.aggregate_type.clone(),
+                        id: req.aggregate_id.clone(),
+                        version: appended.version,
+                        events: outcome_events,
+                        reply,
+                        replayed: false,
+                    });
+                }
+                Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    // Another writer got there first.
+                    if let Some(expected) = req.expected_version {
+                        self.catch_up(plugin, stream, live).await?;
+                        return Err(CommandError::WrongExpectedVersion { expected, actual });
+                    }
+                    if attempt >= self.config.conflict_retries {
+                        return Err(CommandError::WrongExpectedVersion {
+                            expected: live.version,
+                            actual,
+                        });
+                    }
+                    attempt += 1;
+                    tracing::debug!(
+                        attempt,
+                        actual,
+                        "conflict with another writer; catching up and retrying"
+                    );
+                    self.catch_up(plugin, stream, live).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Validates the plugin's events and turns them into what the store
+    /// keeps (with metadata) and what the client is told.
+    fn prepare_events(
+        &self,
+        plugin: &Plugin,
+        stream: &str,
+        req: &CommandRequest,
+        ids: &CommandIds,
+        decision: &Decision,
+        version: u64,
+    ) -> Result<(Vec<EventData>, Vec<OutcomeEvent>), CommandError> {
+        let bad = |message: String| CommandError::PluginFailed {
+            plugin: plugin.name.clone(),
+            kind: FailureKind::BadOutput,
+            message,
+        };
+        let mut stored = Vec::with_capacity(decision.events.len());
+        let mut told = Vec::with_capacity(decision.events.len());
+        let last = decision.events.len() - 1;
+        for (i, e) in decision.events.iter().enumerate() {
+            if !crate::plugin::is_valid_name(&e.event_type) {
+                return Err(bad(format!(
+                    "handle() emitted an event with an invalid type {:?}",
+                    e.event_type
+                )));
+            }
+            let data: serde_json::Value = serde_json::from_slice(&e.data).map_err(|err| {
+                bad(format!(
+                    "handle() emitted {} with data that is not JSON: {err}",
+                    e.event_type
+                ))
+            })?;
+            let mut metadata = serde_json::json!({
+                "$correlationId": ids.correlation_id,
+                "$causationId": ids.causation_id,
+                "messageId": ids.message_id,
+                "commandType": req.command,
+                "plugin": plugin.name,
+                "pluginHash": plugin.hash,
+                "timestamp": ids.now,
+            });
+            if let Some(p) = &req.principal {
+                metadata["principal"] = serde_json::Value::String(p.clone());
+            }
+            // The reply rides on the last event so that a repeated
+            // idempotency key can return the original outcome.
+            if i == last {
+                if let Some(reply) = &decision.reply {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(reply) {
+                        metadata["reply"] = v;
+                    }
+                }
+            }
+            stored.push(EventData {
+                event_id: event_id(stream, &ids.message_id, i),
+                event_type: e.event_type.clone(),
+                data: e.data.clone(),
+                metadata: metadata.to_string().into_bytes(),
+                message_id: ids.message_id.clone(),
+            });
+            told.push(OutcomeEvent {
+                event_type: e.event_type.clone(),
+                version: version + 1 + i as u64,
+                data,
+            });
+        }
+        Ok((stored, told))
+    }
+
+    /// Loads an aggregate from its events.
+    async fn rehydrate(&self, plugin: &Plugin, stream: &str) -> Result<Live, CommandError> {
+        let mut live = Live {
+            state: plugin.initial_state().clone(),
+            version: 0,
+        };
+        self.catch_up(plugin, stream, &mut live).await?;
+        Ok(live)
+    }
+
+    /// Applies every stored event after `live.version`, a page per call.
+    async fn catch_up(
+        &self,
+        plugin: &Plugin,
+        stream: &str,
+        live: &mut Live,
+    ) -> Result<(), CommandError> {
+        let page = self.config.rehydrate_page;
+        loop {
+            let batch = self
+                .store
+                .read_stream(stream, live.version + 1, page)
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            if batch[0].version != live.version + 1 {
+                return Err(CommandError::StoreUnavailable(format!(
+                    "stream {stream} skips from version {} to {}",
+                    live.version, batch[0].version
+                )));
+            }
+            let last_version = last.version;
+            live.state = plugin.apply(&live.state, &batch)?;
+            live.version = last_version;
+            if batch.len() < page {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers a state query from the actor's cache, loading it if needed.
+    pub(super) async fn read_state(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+        live: Option<Live>,
+    ) -> (Result<AggregateState, CommandError>, Option<Live>) {
+        let Some(plugin) = self.plugins.get(aggregate_type) else {
+            return (
+                Err(CommandError::UnknownAggregateType(
+                    aggregate_type.to_string(),
+                )),
+                live,
+            );
+        };
+        let stream = plugin.info.stream_name(id);
+        let live = match live.filter(|l| l.state.schema == plugin.info.state_schema) {
+            Some(l) => l,
+            None => match self.rehydrate(&plugin, &stream).await {
+                Ok(l) => l,
+                Err(e) => return (Err(e), None),
+            },
+        };
+        if live.version == 0 {
+            let e = CommandError::AggregateNotFound {
+                aggregate_type: aggregate_type.to_string(),
+                id: id.to_string(),
+            };
+            return (Err(e), Some(live));
+        }
+        let state = serde_json::from_slice(&live.state.bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&live.state.bytes).into_owned())
+        });
+        let result = AggregateState {
+            aggregate_type: aggregate_type.to_string(),
+            id: id.to_string(),
+            version: live.version,
+            state,
+        };
+        (Ok(result), Some(live))
+    }
+}
+
+fn parse_reply(
+    plugin: &Plugin,
+    reply: Option<&[u8]>,
+) -> Result<Option<serde_json::Value>, CommandError> {
+    reply
+        .map(|r| {
+            serde_json::from_slice(r).map_err(|e| CommandError::PluginFailed {
+                plugin: plugin.name.clone(),
+                kind: FailureKind::BadOutput,
+                message: format!("handle() returned a reply that is not JSON: {e}"),
+            })
+        })
+        .transpose()
+}
+
+/// The outcome of an earlier command with the same idempotency key, rebuilt
+/// from the events it stored.
+fn replayed_outcome(
+    req: &CommandRequest,
+    earlier: &[RecordedEvent],
+) -> Result<CommandOutcome, CommandError> {
+    let mut events = Vec::with_capacity(earlier.len());
+    let mut reply = None;
+    for e in earlier {
+        let data = serde_json::from_slice(&e.data).map_err(|err| {
+            CommandError::StoreUnavailable(format!("stored event is not JSON: {err}"))
+        })?;
+        events.push(OutcomeEvent {
+            event_type: e.event_type.clone(),
+            version: e.version,
+            data,
+        });
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&e.metadata) {
+            if let Some(r) = m.remove("reply") {
+                reply = Some(r);
+            }
+        }
+    }
+    Ok(CommandOutcome {
+        aggregate_type: req.aggregate_type.clone(),
+        id: req.aggregate_id.clone(),
+        version: earlier.last().map(|e| e.version).unwrap_or_default(),
+        events,
+        reply,
+        replayed: true,
+    })
+}

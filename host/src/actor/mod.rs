@@ -1,0 +1,399 @@
+//! Actors: one per live aggregate.
+//!
+//! Each live aggregate has a mailbox (a bounded queue) and at most one task
+//! draining it, so its commands run strictly one at a time in arrival order.
+//! The task exists only while there is work; between commands an aggregate
+//! costs its cached state and a slot in the directory. Idle aggregates are
+//! passivated after `idle_timeout`, and the resident set is capped at
+//! `max_resident` (least recently used go first). A command for an aggregate
+//! that is not resident rehydrates it from the store.
+//!
+//! - this file: the directory of aggregates, the mailbox, passivation;
+//! - [`aggregate`]: what happens to one command inside an actor.
+
+mod aggregate;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+use crate::command::{AggregateState, CommandOutcome, CommandRequest, validate_id};
+use crate::error::CommandError;
+use crate::plugin::{PluginRegistry, StateBytes};
+use crate::store::EventStore;
+
+/// Limits and timings of the actor layer.
+#[derive(Debug, Clone)]
+pub struct ActorConfig {
+    /// Commands that may wait in one aggregate's mailbox; past it, callers
+    /// get `overloaded`.
+    pub mailbox_capacity: usize,
+    /// An aggregate with no command for this long is passivated.
+    pub idle_timeout: Duration,
+    /// The most aggregates kept in memory at once.
+    pub max_resident: usize,
+    /// How often a command is re-run after a conflict with another writer.
+    pub conflict_retries: u32,
+    /// How long a caller waits for its command's outcome.
+    pub command_timeout: Duration,
+    /// Events read (and passed to one `apply` call) per page on rehydration.
+    pub rehydrate_page: usize,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            mailbox_capacity: 512,
+            idle_timeout: Duration::from_secs(300),
+            max_resident: 100_000,
+            conflict_retries: 5,
+            command_timeout: Duration::from_secs(10),
+            rehydrate_page: 1000,
+        }
+    }
+}
+
+/// An aggregate's state as its actor holds it between commands.
+#[derive(Debug, Clone)]
+struct Live {
+    state: StateBytes,
+    version: u64,
+}
+
+/// Work waiting in a mailbox.
+enum Work {
+    Command(
+        Box<CommandRequest>,
+        oneshot::Sender<Result<CommandOutcome, CommandError>>,
+    ),
+    State(oneshot::Sender<Result<AggregateState, CommandError>>),
+}
+
+/// One aggregate's place in the directory.
+struct Slot {
+    aggregate_type: String,
+    id: String,
+    inner: Mutex<SlotInner>,
+}
+
+struct SlotInner {
+    queue: VecDeque<Work>,
+    /// A task is draining the queue.
+    running: bool,
+    /// Removed from the directory; a new slot must be made.
+    evicted: bool,
+    /// The cached state; taken by the draining task while it works.
+    live: Option<Live>,
+    last_used: Instant,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        // Nothing panics while holding this lock; recover rather than
+        // propagate if that ever changes.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_idle_since(&self, cutoff: Instant) -> bool {
+        let s = self.lock();
+        !s.running && s.queue.is_empty() && s.last_used <= cutoff
+    }
+}
+
+/// The directory of live aggregates and the entry point for commands.
+#[derive(Clone)]
+pub struct Aggregates {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    slots: DashMap<String, Arc<Slot>>,
+    store: Arc<dyn EventStore>,
+    plugins: Arc<PluginRegistry>,
+    config: ActorConfig,
+    evicting: AtomicBool,
+}
+
+impl Aggregates {
+    /// A directory over `store` and `plugins`. Starts the passivation
+    /// sweeper; call from within a tokio runtime.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        plugins: Arc<PluginRegistry>,
+        config: ActorConfig,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            slots: DashMap::new(),
+            store,
+            plugins,
+            config,
+            evicting: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        let period = (inner.config.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.passivate_idle();
+            }
+        });
+        Aggregates { inner }
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// The plugin registry.
+    pub fn plugins(&self) -> &Arc<PluginRegistry> {
+        &self.inner.plugins
+    }
+
+    /// How many aggregates are in memory.
+    pub fn resident(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Runs a command on its aggregate and waits for the outcome.
+    pub async fn execute(&self, req: CommandRequest) -> Result<CommandOutcome, CommandError> {
+        validate_id("aggregate id", &req.aggregate_id)?;
+        let plugin = self
+            .inner
+            .plugins
+            .get(&req.aggregate_type)
+            .ok_or_else(|| CommandError::UnknownAggregateType(req.aggregate_type.clone()))?;
+        if plugin.info.command(&req.command).is_none() {
+            return Err(unknown_command(
+                &plugin.info,
+                &req.aggregate_type,
+                &req.command,
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let (t, id) = (req.aggregate_type.clone(), req.aggregate_id.clone());
+        self.inner
+            .enqueue(&t, &id, Work::Command(Box::new(req), tx))?;
+        self.wait(rx).await
+    }
+
+    /// The aggregate's current state (loading it if needed).
+    pub async fn state(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+    ) -> Result<AggregateState, CommandError> {
+        validate_id("aggregate id", id)?;
+        if self.inner.plugins.get(aggregate_type).is_none() {
+            return Err(CommandError::UnknownAggregateType(
+                aggregate_type.to_string(),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.enqueue(aggregate_type, id, Work::State(tx))?;
+        self.wait(rx).await
+    }
+
+    async fn wait<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, CommandError>>,
+    ) -> Result<T, CommandError> {
+        let limit = self.inner.config.command_timeout;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CommandError::Internal(
+                "the aggregate's actor stopped unexpectedly".into(),
+            )),
+            Err(_) => Err(CommandError::Timeout(limit)),
+        }
+    }
+}
+
+pub(crate) fn unknown_command(
+    info: &crate::plugin::PluginInfo,
+    aggregate_type: &str,
+    command: &str,
+) -> CommandError {
+    CommandError::UnknownCommand {
+        aggregate_type: aggregate_type.to_string(),
+        command: command.to_string(),
+        known: info
+            .commands
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+impl Inner {
+    fn enqueue(
+        self: &Arc<Self>,
+        aggregate_type: &str,
+        id: &str,
+        work: Work,
+    ) -> Result<(), CommandError> {
+        let key = format!("{aggregate_type}/{id}");
+        let mut work = Some(work);
+        loop {
+            let mut created = false;
+            let slot = self
+                .slots
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    created = true;
+                    Arc::new(Slot {
+                        aggregate_type: aggregate_type.to_string(),
+                        id: id.to_string(),
+                        inner: Mutex::new(SlotInner {
+                            queue: VecDeque::new(),
+                            running: false,
+                            evicted: false,
+                            live: None,
+                            last_used: Instant::now(),
+                        }),
+                    })
+                })
+                .clone();
+            if created && self.slots.len() > self.config.max_resident {
+                self.evict_least_recently_used();
+            }
+            let mut s = slot.lock();
+            if s.evicted {
+                // Passivated between the look-up and the lock: look again.
+                continue;
+            }
+            if s.queue.len() >= self.config.mailbox_capacity {
+                return Err(CommandError::Overloaded(format!(
+                    "the mailbox of {aggregate_type} {id:?} is full ({} commands waiting)",
+                    self.config.mailbox_capacity
+                )));
+            }
+            if let Some(w) = work.take() {
+                s.queue.push_back(w);
+            }
+            if !s.running {
+                s.running = true;
+                drop(s);
+                tokio::spawn(self.clone().drain(slot));
+            }
+            return Ok(());
+        }
+    }
+
+    /// The actor: runs the slot's queued work one item at a time, then ends.
+    async fn drain(self: Arc<Self>, slot: Arc<Slot>) {
+        let mut guard = DrainGuard {
+            slot: &slot,
+            finished: false,
+        };
+        loop {
+            let (work, live) = {
+                let mut s = slot.lock();
+                match s.queue.pop_front() {
+                    Some(w) => {
+                        let live = s.live.take();
+                        (w, live)
+                    }
+                    None => {
+                        s.running = false;
+                        s.last_used = Instant::now();
+                        guard.finished = true;
+                        return;
+                    }
+                }
+            };
+            let live = match work {
+                Work::Command(req, reply) => {
+                    let (result, live) = self.run_command(&req, live).await;
+                    let _ = reply.send(result);
+                    live
+                }
+                Work::State(reply) => {
+                    let (result, live) =
+                        self.read_state(&slot.aggregate_type, &slot.id, live).await;
+                    let _ = reply.send(result);
+                    live
+                }
+            };
+            slot.lock().live = live;
+        }
+    }
+
+    fn passivate_idle(&self) {
+        let cutoff = Instant::now()
+            .checked_sub(self.config.idle_timeout)
+            .unwrap_or_else(Instant::now);
+        self.slots.retain(|_, slot| !try_evict(slot, cutoff));
+    }
+
+    /// Evicts the least recently used idle aggregates, down to 90% of the
+    /// cap, in the background. One eviction pass runs at a time.
+    fn evict_least_recently_used(self: &Arc<Self>) {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let target = this.config.max_resident - this.config.max_resident / 10;
+            let excess = this.slots.len().saturating_sub(target);
+            let mut candidates: Vec<(Instant, String)> = this
+                .slots
+                .iter()
+                .filter_map(|e| {
+                    let s = e.value().lock();
+                    (!s.running && s.queue.is_empty()).then(|| (s.last_used, e.key().clone()))
+                })
+                .collect();
+            let excess = excess.min(candidates.len());
+            if excess > 0 {
+                candidates.select_nth_unstable(excess - 1);
+                let now = Instant::now();
+                for (_, key) in candidates.into_iter().take(excess) {
+                    this.slots.remove_if(&key, |_, slot| try_evict(slot, now));
+                }
+            }
+            this.evicting.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Marks `slot` evicted if it has been idle since `cutoff`.
+fn try_evict(slot: &Slot, cutoff: Instant) -> bool {
+    if !slot.is_idle_since(cutoff) {
+        return false;
+    }
+    let mut s = slot.lock();
+    // Re-check under the same lock that marks it.
+    if s.running || !s.queue.is_empty() {
+        return false;
+    }
+    s.evicted = true;
+    true
+}
+
+/// Keeps an aggregate usable if its actor task panics: the slot stops
+/// counting as running, the cached state (possibly half-updated) is dropped,
+/// and waiting callers are answered (their reply channels close).
+struct DrainGuard<'a> {
+    slot: &'a Slot,
+    finished: bool,
+}
+
+impl Drop for DrainGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut s = self.slot.lock();
+            s.running = false;
+            s.live = None;
+            s.queue.clear();
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The command line: `rehydra run` starts the host; `send`, `state`,
+//! `stream` and `plugins` are clients of a running host's HTTP API. Client
+//! commands print JSON on stdout; on failure they print the error body and
+//! exit non-zero (1: the server refused, 3: the server is unreachable).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::actor::ActorConfig;
+use crate::api::http::HttpConfig;
+use crate::client::{Client, ClientError};
+use crate::plugin::engine::SandboxLimits;
+use crate::server::{self, ServerConfig};
+
+/// Rehydra: a host for event-sourced aggregates written as WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "rehydra", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the host: load plugins, open the store, serve the API.
+    Run(Box<RunArgs>),
+    /// Send a command to an aggregate.
+    Send {
+        /// The aggregate type, e.g. bank-account.
+        aggregate_type: String,
+        /// The aggregate's id.
+        id: String,
+        /// The command's name, e.g. deposit.
+        command: String,
+        /// The command's fields as a JSON object.
+        #[arg(long)]
+        data: Option<String>,
+        /// Fail unless the aggregate is at this version (HTTP If-Match).
+        #[arg(long)]
+        expect_version: Option<u64>,
+        /// Makes retries safe: the same key returns the original outcome.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show an aggregate's state and version.
+    State {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate's id.
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Read a stream's events, e.g. bank_account-acc-1.
+    Stream {
+        /// The stream's name: <stream-prefix>-<aggregate id>.
+        name: String,
+        /// The first version to read.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// The most events to read (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the loaded plugins and any that failed to load.
+    Plugins {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServerArg {
+    /// The server's base URL.
+    #[arg(long, env = "REHYDRA_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The directory of plugin .wasm files.
+    #[arg(long, env = "REHYDRA_PLUGINS", default_value = "./plugins")]
+    plugins: PathBuf,
+    /// The event store: embedded://PATH (SQLite, durable) or memory:// (tests).
+    #[arg(
+        long,
+        env = "REHYDRA_STORE",
+        default_value = "embedded://./rehydra-data"
+    )]
+    store: String,
+    /// The address to serve HTTP on.
+    #[arg(long, env = "REHYDRA_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// The compile cache directory (private to this user: it holds native code).
+    #[arg(long, env = "REHYDRA_CACHE_DIR", default_value = "./.rehydra-cache")]
+    cache_dir: PathBuf,
+    /// Compile every plugin at start, without the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Passivate an aggregate after this long without a command.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// The most aggregates kept in memory.
+    #[arg(long, default_value_t = 100_000)]
+    max_resident: usize,
+    /// Commands that may wait per aggregate before `overloaded`.
+    #[arg(long, default_value_t = 512)]
+    mailbox_capacity: usize,
+    /// How long a client waits for a command before `timeout`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    command_timeout: Duration,
+    /// Re-runs of a command after a conflict with another writer.
+    #[arg(long, default_value_t = 5)]
+    conflict_retries: u32,
+    /// The largest command body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_command_bytes: usize,
+    /// Each plugin instance's memory cap, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_memory_mib: usize,
+    /// CPU time allowed for one handle call.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    handle_deadline: Duration,
+    /// CPU time allowed for one rehydration apply batch.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    apply_deadline: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rehydra: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run(args) => run(*args).await,
+        Command::Send {
+            aggregate_type,
+            id,
+            command,
+            data,
+            expect_version,
+            idempotency_key,
+            server,
+        } => {
+            let client = Client::new(&server.server);
+            print_result(
+                client
+                    .send(
+                        &aggregate_type,
+                        &id,
+                        &command,
+                        data.as_deref(),
+                        expect_version,
+                        idempotency_key.as_deref(),
+                    )
+                    .await,
+            )
+        }
+        Command::State {
+            aggregate_type,
+            id,
+            server,
+        } => print_result(
+            Client::new(&server.server)
+                .state(&aggregate_type, &id)
+                .await,
+        ),
+        Command::Stream {
+            name,
+            from,
+            limit,
+            server,
+        } => print_result(Client::new(&server.server).stream(&name, from, limit).await),
+        Command::Plugins { server } => print_result(Client::new(&server.server).plugins().await),
+    }
+}
+
+fn print_result(result: Result<serde_json::Value, ClientError>) -> ExitCode {
+    let pretty =
+        |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    match result {
+        Ok(body) => {
+            println!("{}", pretty(&body));
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Api {
+            code,
+            message,
+            body,
+            ..
+        }) => {
+            println!("{}", pretty(&body));
+            eprintln!("rehydra: {code}: {message}");
+            ExitCode::from(1)
+        }
+        Err(e @ ClientError::Unreachable { .. }) => {
+            eprintln!("rehydra: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    init_logging(&args.log_format);
+    let config = ServerConfig {
+        plugins: args.plugins,
+        store: args.store,
+        http: args.http,
+        cache_dir: (!args.no_cache).then_some(args.cache_dir),
+        sandbox: SandboxLimits {
+            max_memory_bytes: args.max_memory_mib << 20,
+            handle_deadline: args.handle_deadline,
+            apply_deadline: args.apply_deadline,
+            ..SandboxLimits::default()
+        },
+        actors: ActorConfig {
+            mailbox_capacity: args.mailbox_capacity.max(1),
+            idle_timeout: args.idle_timeout,
+            max_resident: args.max_resident.max(1),
+            conflict_retries: args.conflict_retries,
+            command_timeout: args.command_timeout,
+            ..ActorConfig::default()
+        },
+        http_config: HttpConfig {
+            max_command_bytes: args.max_command_bytes,
+        },
+    };
+    match server::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("rehydra: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,wasmtime=warn,cranelift_codegen=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

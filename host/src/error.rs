@@ -1,0 +1,236 @@
+//! The error model: every way a command or query can fail, with the stable
+//! machine-readable code clients rely on (see DESIGN.md, "Error model").
+//!
+//! The core returns [`CommandError`]; each API (HTTP, CLI, later gRPC) maps
+//! it to its own status codes, but the code string is the same everywhere.
+
+use serde::Serialize;
+
+/// One invalid field of a command, as reported by the plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The field's name.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Why a plugin call failed outright (as opposed to refusing a command).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The guest trapped (a panic, `unreachable`, a bad memory access).
+    Trap,
+    /// The guest ran past its CPU deadline.
+    DeadlineExceeded,
+    /// The guest tried to grow its memory past the cap.
+    MemoryLimit,
+    /// The guest returned something the host refuses to store.
+    BadOutput,
+    /// The guest's `apply` refused stored events.
+    ApplyRefused,
+}
+
+impl FailureKind {
+    /// The reason string used in error details.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Trap => "trap",
+            FailureKind::DeadlineExceeded => "deadline_exceeded",
+            FailureKind::MemoryLimit => "memory_limit",
+            FailureKind::BadOutput => "bad_output",
+            FailureKind::ApplyRefused => "apply_refused",
+        }
+    }
+}
+
+/// Every way a command or query can fail. Each variant has a stable code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommandError {
+    /// The request is not well formed (bad JSON, header or id).
+    #[error("{0}")]
+    MalformedRequest(String),
+    /// No plugin handles this aggregate type.
+    #[error("no plugin handles aggregate type {0:?}; see GET /v1/plugins for the loaded ones")]
+    UnknownAggregateType(String),
+    /// The plugin has no command of this name.
+    #[error("aggregate type {aggregate_type:?} has no command {command:?}; it accepts: {known}")]
+    UnknownCommand {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The command asked for.
+        command: String,
+        /// The commands it does accept, comma separated.
+        known: String,
+    },
+    /// An `update` command (or a query) for an aggregate with no events.
+    #[error("{aggregate_type} {id:?} does not exist")]
+    AggregateNotFound {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        id: String,
+    },
+    /// A `create` command for an aggregate that already has events.
+    #[error("{aggregate_type} {id:?} already exists (version {version})")]
+    AlreadyExists {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate id.
+        id: String,
+        /// Its current version.
+        version: u64,
+    },
+    /// The client's expected version (`If-Match`) differs from the actual
+    /// one, or a conflict with another writer persisted through every retry.
+    #[error("expected version {expected}, but the aggregate is at version {actual}")]
+    WrongExpectedVersion {
+        /// The version the command expected.
+        expected: u64,
+        /// The aggregate's actual version.
+        actual: u64,
+    },
+    /// The plugin found invalid fields in the command.
+    #[error("the command is invalid: {}", describe_fields(.0))]
+    InvalidCommand(Vec<FieldError>),
+    /// The plugin refused the command under a domain rule.
+    #[error("{0}")]
+    Rejected(String),
+    /// The plugin (or the API's auth) refused the caller.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The command's body is over the configured limit.
+    #[error(
+        "the command is over the limit of {limit} bytes; raise --max-command-bytes if this is intended"
+    )]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The aggregate's mailbox (or an in-flight limit) is full.
+    #[error("{0}; retry shortly")]
+    Overloaded(String),
+    /// The event store cannot be reached or cannot write.
+    #[error("the event store is unavailable: {0}")]
+    StoreUnavailable(String),
+    /// The command did not finish in time. It may still complete: retry with
+    /// the same `Idempotency-Key` to learn its outcome safely.
+    #[error(
+        "the command did not finish within {0:?}; retry with the same Idempotency-Key to learn its outcome"
+    )]
+    Timeout(std::time::Duration),
+    /// The plugin trapped, ran out of time or memory, or produced output the
+    /// host refuses. Nothing was stored.
+    #[error("plugin {plugin} failed ({}): {message}", kind.as_str())]
+    PluginFailed {
+        /// The plugin's name.
+        plugin: String,
+        /// The kind of failure.
+        kind: FailureKind,
+        /// What happened, including the guest's panic message when known.
+        message: String,
+    },
+    /// A route that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A bug or unexpected condition in the host.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe_fields(fields: &[FieldError]) -> String {
+    fields
+        .iter()
+        .map(|f| format!("{}: {}", f.field, f.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl CommandError {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::MalformedRequest(_) => "malformed_request",
+            CommandError::UnknownAggregateType(_) => "unknown_aggregate_type",
+            CommandError::UnknownCommand { .. } => "unknown_command",
+            CommandError::AggregateNotFound { .. } => "aggregate_not_found",
+            CommandError::AlreadyExists { .. } => "already_exists",
+            CommandError::WrongExpectedVersion { .. } => "wrong_expected_version",
+            CommandError::InvalidCommand(_) => "invalid_command",
+            CommandError::Rejected(_) => "rejected",
+            CommandError::Forbidden(_) => "forbidden",
+            CommandError::PayloadTooLarge { .. } => "payload_too_large",
+            CommandError::Overloaded(_) => "overloaded",
+            CommandError::StoreUnavailable(_) => "store_unavailable",
+            CommandError::Timeout(_) => "timeout",
+            CommandError::PluginFailed { .. } => "plugin_failed",
+            CommandError::NotFound(_) => "not_found",
+            CommandError::Internal(_) => "internal",
+        }
+    }
+
+    /// Structured details for the error body, where the variant has any.
+    pub fn details(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        match self {
+            CommandError::WrongExpectedVersion { expected, actual } => {
+                Some(json!({ "expected": expected, "actual": actual }))
+            }
+            CommandError::AlreadyExists { version, .. } => Some(json!({ "version": version })),
+            CommandError::InvalidCommand(fields) => Some(json!({ "fields": fields })),
+            CommandError::PluginFailed { plugin, kind, .. } => {
+                Some(json!({ "plugin": plugin, "reason": kind.as_str() }))
+            }
+            CommandError::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            _ => None,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CommandError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::WrongExpectedVersion {
+                actual, expected, ..
+            } => {
+                let expected = match expected {
+                    crate::store::ExpectedVersion::Exact(v) => v,
+                    _ => 0,
+                };
+                CommandError::WrongExpectedVersion { expected, actual }
+            }
+            other => CommandError::StoreUnavailable(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable() {
+        assert_eq!(
+            CommandError::WrongExpectedVersion {
+                expected: 1,
+                actual: 2
+            }
+            .code(),
+            "wrong_expected_version"
+        );
+        assert_eq!(
+            CommandError::PayloadTooLarge { limit: 1 }.code(),
+            "payload_too_large"
+        );
+        let e = CommandError::InvalidCommand(vec![FieldError {
+            field: "amount".into(),
+            message: "must be > 0".into(),
+        }]);
+        assert_eq!(e.code(), "invalid_command");
+        assert_eq!(e.to_string(), "the command is invalid: amount: must be > 0");
+        assert_eq!(
+            e.details(),
+            Some(serde_json::json!({"fields": [{"field": "amount", "message": "must be > 0"}]}))
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! Rehydra: a host for event-sourced aggregates whose domain logic is a
+//! sandboxed WebAssembly component.
+//!
+//! A request flows `api` → `actor` → `plugin` and `store`:
+//!
+//! - [`api`]: HTTP/JSON; maps the error model to statuses.
+//! - [`actor`]: one mailbox per live aggregate; concurrency, idempotency,
+//!   rehydration, passivation.
+//! - [`plugin`]: wasmtime, the sandbox, the WIT bindings, the registry.
+//! - [`store`]: the event store trait and its backends.
+//! - [`command`], [`error`]: the domain's requests, outcomes and errors.
+//! - [`server`], [`cli`], [`client`]: the binary's entry points.
+//!
+//! See ARCHITECTURE.md at the repository root for the invariants.
+
+pub mod actor;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod command;
+pub mod error;
+pub mod plugin;
+pub mod server;
+pub mod store;

@@ -1,0 +1,88 @@
+//! The on-disk compile cache: compiled components keyed by the content hash
+//! of the `.wasm` file and by the engine's compatibility hash, so a restart
+//! (or a reload of a file seen before) skips compilation.
+//!
+//! Cache files are native code that wasmtime maps and runs without
+//! validation: the cache directory must be writable only by the host's user.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// Where compiled components are kept, if anywhere.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: Option<PathBuf>,
+}
+
+/// How a component was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Loaded from the cache.
+    Hit,
+    /// Compiled (and stored, if the cache is enabled).
+    Compiled,
+}
+
+impl CompileCache {
+    /// A cache in `dir` (created when first written), or none.
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        CompileCache { dir }
+    }
+
+    fn entry_path(&self, engine: &Engine, content_hash: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        Some(dir.join(format!("{content_hash}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Returns the compiled component for `bytes` (whose SHA-256 is
+    /// `content_hash`), from the cache when possible. Blocking: call it off
+    /// the async runtime.
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        content_hash: &str,
+    ) -> anyhow::Result<(Component, CacheOutcome)> {
+        let entry = self.entry_path(engine, content_hash);
+        if let Some(path) = entry.as_deref().filter(|p| p.exists()) {
+            // SAFETY: the cache holds only files this host wrote with
+            // `Component::serialize` for this engine configuration (the file
+            // name carries the engine's compatibility hash), and the
+            // directory is documented as private to the host's user.
+            match unsafe { Component::deserialize_file(engine, path) } {
+                Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "ignoring an unreadable compile cache entry; recompiling"
+                ),
+            }
+        }
+        let component = Component::new(engine, bytes)?;
+        if let Some(path) = entry {
+            if let Err(e) = store_entry(&component, &path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
+            }
+        }
+        Ok((component, CacheOutcome::Compiled))
+    }
+}
+
+/// Writes atomically (temporary file, then rename) so a crash never leaves a
+/// truncated entry that a later start would map.
+fn store_entry(component: &Component, path: &Path) -> anyhow::Result<()> {
+    let dir = path.parent().context("cache entry has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bytes = component.serialize()?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

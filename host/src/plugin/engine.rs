@@ -1,0 +1,114 @@
+//! The wasmtime engine shared by every plugin, and the sandbox limits it
+//! enforces: CPU deadlines (epoch interruption), memory caps (pooling
+//! allocator and a per-store limiter).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch ticker advances the engine's epoch. Deadlines are
+/// whole ticks, so this is their resolution.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The limits every plugin instance runs under.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    /// The cap on each instance's linear memory, in bytes.
+    pub max_memory_bytes: usize,
+    /// CPU time allowed for one `handle` (or `describe`, `initial-state`) call.
+    pub handle_deadline: Duration,
+    /// CPU time allowed for one rehydration `apply` batch.
+    pub apply_deadline: Duration,
+    /// Idle instances kept warm per plugin version.
+    pub pool_size: usize,
+    /// Instances of all plugins that may exist at once (pooling allocator
+    /// slots).
+    pub total_instances: u32,
+    /// Guest stdout/stderr kept per call for the log, in bytes; the rest is
+    /// dropped.
+    pub max_output_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            max_memory_bytes: 64 << 20,
+            handle_deadline: Duration::from_millis(500),
+            apply_deadline: Duration::from_secs(5),
+            pool_size: 4,
+            total_instances: 256,
+            max_output_bytes: 16 << 10,
+        }
+    }
+}
+
+impl SandboxLimits {
+    /// A deadline as a number of epoch ticks (at least one).
+    pub fn ticks(deadline: Duration) -> u64 {
+        (deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+    }
+}
+
+/// Builds the engine: component model, epoch interruption, no concurrency
+/// support (exports are called synchronously), and a pooling allocator sized
+/// from `limits` rather than wasmtime's 4 GiB-per-memory defaults.
+pub fn new_engine(limits: &SandboxLimits) -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.concurrency_support(false);
+
+    // Reserve only what a memory may grow to, plus a guard region, so that
+    // many instances fit in the address space.
+    let reservation = (limits.max_memory_bytes as u64).next_power_of_two();
+    config.memory_reservation(reservation);
+    config.memory_guard_size(32 << 20);
+
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(limits.total_instances);
+    // A Rust guest component holds a few core instances (the program, the
+    // WASI adapter's shims); leave room for more in larger guests.
+    pool.total_core_instances(limits.total_instances * 8);
+    pool.total_memories(limits.total_instances * 2);
+    pool.total_tables(limits.total_instances * 4);
+    pool.max_memory_size(limits.max_memory_bytes);
+    pool.max_memories_per_component(4);
+    pool.max_tables_per_component(8);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+    Engine::new(&config).map_err(|e| anyhow::anyhow!("creating the WebAssembly engine: {e:#}"))
+}
+
+/// Advances the engine's epoch on a background thread so that guest calls
+/// past their deadline are interrupted. Stops when dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts ticking `engine`'s epoch every [`EPOCH_TICK`].
+    pub fn start(engine: &Engine) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.clone();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("rehydra-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .context("starting the epoch ticker thread")?;
+        Ok(EpochTicker { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

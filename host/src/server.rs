@@ -1,0 +1,108 @@
+//! `rehydra run`: opens the store, loads the plugins, and serves the API
+//! until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+
+use crate::actor::{ActorConfig, Aggregates};
+use crate::api::http::{self, HttpConfig};
+use crate::plugin::PluginRegistry;
+use crate::plugin::engine::SandboxLimits;
+
+/// Everything `rehydra run` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The plugin directory.
+    pub plugins: PathBuf,
+    /// The store URL (`embedded://PATH` or `memory://`).
+    pub store: String,
+    /// Where to serve HTTP.
+    pub http: SocketAddr,
+    /// The compile cache directory, if any.
+    pub cache_dir: Option<PathBuf>,
+    /// Sandbox limits.
+    pub sandbox: SandboxLimits,
+    /// Actor limits.
+    pub actors: ActorConfig,
+    /// HTTP limits.
+    pub http_config: HttpConfig,
+}
+
+/// Runs the host until it is told to stop.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let store = crate::store::open(&config.store)
+        .await
+        .with_context(|| format!("opening the event store {}", config.store))?;
+    tracing::info!(store = %store.describe(), "event store open");
+
+    let registry = Arc::new(PluginRegistry::new(
+        config.sandbox.clone(),
+        config.cache_dir.clone(),
+    )?);
+    let loaded = registry.load_dir(&config.plugins).await?;
+    if loaded.is_empty() {
+        tracing::warn!(
+            dir = %config.plugins.display(),
+            "no plugin loaded: put plugin .wasm files in this directory (make plugins builds the examples into target/plugins)"
+        );
+    }
+    let aggregates = Aggregates::new(store, registry, config.actors.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}: is another process using it? pass --http ADDR",
+                config.http
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let mut types: Vec<String> = loaded
+        .iter()
+        .map(|p| p.info.aggregate_type.clone())
+        .collect();
+    types.sort();
+    tracing::info!(
+        http = %addr,
+        plugins = %types.join(", "),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "rehydra is ready"
+    );
+    // One plain line on stdout, for scripts and tests that wait for it.
+    println!("listening on http://{addr}");
+
+    let app = http::router(aggregates, config.http_config.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

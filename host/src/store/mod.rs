@@ -1,0 +1,185 @@
+//! The event store: where aggregates' events live.
+//!
+//! Every backend implements [`EventStore`]; the rest of the host never knows
+//! which one it talks to. Versions follow DESIGN.md: an aggregate's version is
+//! the number of events in its stream (0 = the stream does not exist), and the
+//! first event of a stream has version 1. Backends map that to their own
+//! numbering.
+//!
+//! Backends:
+//! - [`embedded`]: SQLite in WAL mode, durable, group commit (`embedded://PATH`).
+//! - [`memory`]: in process, for tests and benchmarks (`memory://`).
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod embedded;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// What an append expects of the stream's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version.
+    Any,
+    /// The stream must not exist (version 0).
+    NoStream,
+    /// The stream must exist (version > 0).
+    StreamExists,
+    /// The stream must be at exactly this version (0 = must not exist).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `actual` satisfies this expectation.
+    pub fn matches(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::StreamExists => actual > 0,
+            ExpectedVersion::Exact(v) => v == actual,
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventData {
+    /// Unique id; derived deterministically from the command's message id so
+    /// a retried append is recognised as a duplicate.
+    pub event_id: Uuid,
+    /// The event's type name.
+    pub event_type: String,
+    /// The payload (JSON bytes).
+    pub data: Vec<u8>,
+    /// Metadata (a JSON object, as bytes). Holds `messageId` among others.
+    pub metadata: Vec<u8>,
+    /// The id of the command that produced it, indexed for idempotency
+    /// look-ups (also inside `metadata`).
+    pub message_id: String,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// The stream it belongs to.
+    pub stream: String,
+    /// The stream's version once this event is applied (1-based).
+    pub version: u64,
+    /// Position in the store's global order (1-based, strictly increasing in
+    /// commit order; gaps are allowed).
+    pub position: u64,
+    /// The event's unique id.
+    pub event_id: Uuid,
+    /// The event's type name.
+    pub event_type: String,
+    /// The payload (JSON bytes).
+    pub data: Vec<u8>,
+    /// Metadata (JSON object bytes).
+    pub metadata: Vec<u8>,
+    /// The id of the command that produced it.
+    pub message_id: String,
+}
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The stream's version after the append.
+    pub version: u64,
+    /// The global position of the last event appended.
+    pub position: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream's version did not match what the append expected. Nothing
+    /// was written.
+    #[error("stream {stream} is at version {actual}, expected {expected:?}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: String,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version.
+        actual: u64,
+    },
+    /// The store cannot be reached or cannot write right now; the caller may
+    /// retry later.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// The store's data is not what this host can read.
+    #[error("event store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A backend that stores events in streams, with optimistic concurrency.
+///
+/// All methods are cancel-safe in the sense that dropping the future never
+/// leaves a half-written append: an append is atomic, all events or none.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically if its version matches
+    /// `expected`. Acknowledges only once the events are durable (for
+    /// durable backends). Appending an empty batch checks the expectation and
+    /// returns the current version.
+    ///
+    /// Idempotency: if the first event's id is already stored in `stream`,
+    /// the append is a retry of one that succeeded; the backend appends
+    /// nothing and returns the version and position that append produced.
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `limit` events of `stream` with version >= `from_version`
+    /// (1-based), in version order. A missing stream reads as empty.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The stream's current version (0 if it does not exist).
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
+
+    /// Reads up to `limit` events of all streams with global position >=
+    /// `from_position`, in global order.
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The events of `stream` produced by the command `message_id`, in version
+    /// order; empty if there are none. Used to answer a repeated idempotency
+    /// key with the original outcome.
+    async fn find_by_message_id(
+        &self,
+        stream: &str,
+        message_id: &str,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// A short human-readable description (backend and location) for logs.
+    fn describe(&self) -> String;
+}
+
+/// Opens the store named by `url`: `embedded://PATH` or `memory://`.
+pub async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
+    if let Some(path) = url.strip_prefix("embedded://") {
+        let store = embedded::EmbeddedStore::open(std::path::Path::new(path)).await?;
+        Ok(Arc::new(store))
+    } else if url == "memory://" || url == "memory:" {
+        Ok(Arc::new(memory::MemoryStore::new()))
+    } else {
+        anyhow::bail!(
+            "unsupported store URL {url:?}: use embedded://PATH (for example embedded://./rehydra-data) or memory://"
+        )
+    }
+}

@@ -1,0 +1,229 @@
+//! Test harness for the end-to-end tests: starts the real `rehydra` binary
+//! on a temporary directory and a free port, with the real example plugins,
+//! and talks to it over HTTP like a user would.
+//!
+//! Build first (`make test` does): `cargo build -p rehydra` and
+//! `make plugins` (the plugins land in `target/plugins/`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target"),
+    }
+}
+
+/// The `rehydra` binary under test (`REHYDRA_BIN` overrides).
+pub fn binary() -> PathBuf {
+    let path = match std::env::var_os("REHYDRA_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_dir().join("debug").join("rehydra"),
+    };
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p rehydra` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A built example plugin, `target/plugins/<name>.wasm`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = target_dir().join("plugins").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make plugins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running host and the directory it owns.
+pub struct Host {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The temporary directory: `plugins/`, `data/`, `cache/`, `host.log`.
+    pub dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Host {
+    /// Starts a host with the given example plugins on an embedded store.
+    pub fn start(plugins: &[&str]) -> Host {
+        Host::start_with(plugins, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra `rehydra run` arguments.
+    pub fn start_with(plugins: &[&str], extra_args: &[&str]) -> Host {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugin_dir).expect("the plugin directory");
+        for name in plugins {
+            std::fs::copy(plugin(name), plugin_dir.join(format!("{name}.wasm")))
+                .expect("copying a plugin");
+        }
+        let mut host = Host {
+            child: None,
+            base: String::new(),
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::new(),
+        };
+        host.spawn();
+        host
+    }
+
+    /// The arguments of `rehydra run` for this host's directory.
+    fn run_args(&self) -> Vec<String> {
+        let d = self.dir.path();
+        let mut args = vec![
+            "run".to_string(),
+            "--plugins".into(),
+            d.join("plugins").display().to_string(),
+            "--store".into(),
+            format!("embedded://{}", d.join("data").display()),
+            "--cache-dir".into(),
+            d.join("cache").display().to_string(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("host.log"))
+            .expect("the host log");
+        let mut child = Command::new(binary())
+            .args(self.run_args())
+            .env("RUST_LOG", "info,rehydra=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting rehydra");
+        let stdout = child.stdout.take().expect("the host's stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => self.base = url,
+            Err(_) => panic!("rehydra did not become ready; its log:\n{}", self.log()),
+        }
+    }
+
+    /// The host's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("host.log")).unwrap_or_default()
+    }
+
+    /// Kills the host with SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL on Unix
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the host again on the same directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// `POST /v1/aggregates/{type}/{id}/commands/{command}` with a JSON body.
+    pub async fn command(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+        command: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        self.command_raw(aggregate_type, id, command, &body.to_string(), &[])
+            .await
+    }
+
+    /// A command with a raw body and extra headers.
+    pub async fn command_raw(
+        &self,
+        aggregate_type: &str,
+        id: &str,
+        command: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let url = format!(
+            "{}/v1/aggregates/{aggregate_type}/{id}/commands/{command}",
+            self.base
+        );
+        let mut req = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::finish(req).await
+    }
+
+    /// `GET` a path, e.g. `/v1/plugins`.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Self::finish(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn finish(req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = req.send().await.expect("the host answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("a body");
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    /// Runs the `rehydra` CLI against this host; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(binary())
+            .args(args)
+            .env("REHYDRA_SERVER", &self.base)
+            .output()
+            .expect("running the rehydra CLI");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The error code of an error body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
