@@ -229,7 +229,17 @@ async fn bad_requests_get_their_codes() {
     host.command("bank-account", "acc-1", "open", json!({"owner": "Ada"}))
         .await;
 
-    let cases: Vec<(&str, &str, &str, &str, Vec<(&str, &str)>, u16, &str)> = vec![
+    // (type, id, command, body, headers, status, code)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "bank-account",
             "acc-1",

@@ -119,16 +119,16 @@ impl Inner {
         let mut rebuilt_for_schema = false;
         let mut attempt = 0;
         loop {
-            if let Some(expected) = req.expected_version {
+            if let Some(expected) = req.expected_version
+                && expected != live.version
+            {
+                // Our cache may be behind another writer: look first.
+                self.catch_up(plugin, stream, live).await?;
                 if expected != live.version {
-                    // Our cache may be behind another writer: look first.
-                    self.catch_up(plugin, stream, live).await?;
-                    if expected != live.version {
-                        return Err(CommandError::WrongExpectedVersion {
-                            expected,
-                            actual: live.version,
-                        });
-                    }
+                    return Err(CommandError::WrongExpectedVersion {
+                        expected,
+                        actual: live.version,
+                    });
                 }
             }
             match spec.mode {
@@ -273,12 +273,11 @@ impl Inner {
             }
             // The reply rides on the last event so that a repeated
             // idempotency key can return the original outcome.
-            if i == last {
-                if let Some(reply) = &decision.reply {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(reply) {
-                        metadata["reply"] = v;
-                    }
-                }
+            if i == last
+                && let Some(reply) = &decision.reply
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(reply)
+            {
+                metadata["reply"] = v;
             }
             stored.push(EventData {
                 event_id: event_id(stream, &ids.message_id, i),
@@ -412,10 +411,10 @@ fn replayed_outcome(
             version: e.version,
             data,
         });
-        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&e.metadata) {
-            if let Some(r) = m.remove("reply") {
-                reply = Some(r);
-            }
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&e.metadata)
+            && let Some(r) = m.remove("reply")
+        {
+            reply = Some(r);
         }
     }
     Ok(CommandOutcome {

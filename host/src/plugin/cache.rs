@@ -66,10 +66,10 @@ impl CompileCache {
             }
         }
         let component = Component::new(engine, bytes)?;
-        if let Some(path) = entry {
-            if let Err(e) = store_entry(&component, &path) {
-                tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
-            }
+        if let Some(path) = entry
+            && let Err(e) = store_entry(&component, &path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the compile cache");
         }
         Ok((component, CacheOutcome::Compiled))
     }

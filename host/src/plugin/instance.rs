@@ -368,12 +368,11 @@ impl InstancePool {
             None => self.instantiate()?,
         };
         let result = f(&mut instance);
-        if result.is_ok() {
-            if let Ok(mut idle) = self.idle.lock() {
-                if idle.len() < self.limits.pool_size {
-                    idle.push(instance);
-                }
-            }
+        if result.is_ok()
+            && let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.limits.pool_size
+        {
+            idle.push(instance);
         }
         result
     }
