@@ -131,47 +131,59 @@ impl Inner {
                     });
                 }
             }
-            match spec.mode {
-                CommandMode::Create if live.version > 0 => {
-                    return Err(CommandError::AlreadyExists {
-                        aggregate_type: req.aggregate_type.clone(),
-                        id: req.aggregate_id.clone(),
-                        version: live.version,
-                    });
-                }
-                CommandMode::Update if live.version == 0 => {
-                    return Err(CommandError::AggregateNotFound {
-                        aggregate_type: req.aggregate_type.clone(),
-                        id: req.aggregate_id.clone(),
-                    });
-                }
-                _ => {}
-            }
-
-            let decision = match plugin.handle(&live.state, live.version, &input)? {
+            let refusal = match spec.mode {
+                CommandMode::Create if live.version > 0 => Some(CommandError::AlreadyExists {
+                    aggregate_type: req.aggregate_type.clone(),
+                    id: req.aggregate_id.clone(),
+                    version: live.version,
+                }),
+                CommandMode::Update if live.version == 0 => Some(CommandError::AggregateNotFound {
+                    aggregate_type: req.aggregate_type.clone(),
+                    id: req.aggregate_id.clone(),
+                }),
+                _ => None,
+            };
+            let decision = match refusal {
+                Some(e) => Err(e),
+                None => match plugin.handle(&live.state, live.version, &input)? {
+                    Ok(d) => Ok(d),
+                    Err(Rejection::Invalid(fields)) => Err(CommandError::InvalidCommand(fields)),
+                    Err(Rejection::Rejected(m)) => Err(CommandError::Rejected(m)),
+                    Err(Rejection::Forbidden(m)) => Err(CommandError::Forbidden(m)),
+                    Err(Rejection::IncompatibleState(schema)) if !rebuilt_for_schema => {
+                        tracing::info!(
+                            schema,
+                            "plugin cannot read the cached state; rebuilding from events"
+                        );
+                        rebuilt_for_schema = true;
+                        *live = self.rehydrate(plugin, stream).await?;
+                        continue;
+                    }
+                    Err(Rejection::IncompatibleState(schema)) => {
+                        return Err(CommandError::PluginFailed {
+                            plugin: plugin.name.clone(),
+                            kind: FailureKind::BadOutput,
+                            message: format!(
+                                "handle() reports state schema {schema} as incompatible even after a rebuild with its own apply()"
+                            ),
+                        });
+                    }
+                },
+            };
+            let decision = match decision {
                 Ok(d) => d,
-                Err(Rejection::Invalid(fields)) => {
-                    return Err(CommandError::InvalidCommand(fields));
-                }
-                Err(Rejection::Rejected(m)) => return Err(CommandError::Rejected(m)),
-                Err(Rejection::Forbidden(m)) => return Err(CommandError::Forbidden(m)),
-                Err(Rejection::IncompatibleState(schema)) if !rebuilt_for_schema => {
-                    tracing::info!(
-                        schema,
-                        "plugin cannot read the cached state; rebuilding from events"
-                    );
-                    rebuilt_for_schema = true;
-                    *live = self.rehydrate(plugin, stream).await?;
-                    continue;
-                }
-                Err(Rejection::IncompatibleState(schema)) => {
-                    return Err(CommandError::PluginFailed {
-                        plugin: plugin.name.clone(),
-                        kind: FailureKind::BadOutput,
-                        message: format!(
-                            "handle() reports state schema {schema} as incompatible even after a rebuild with its own apply()"
-                        ),
-                    });
+                Err(refused) => {
+                    // A refusal may rest on a cache that another writer has
+                    // overtaken; confirm it against the store before
+                    // reporting it. This costs a read only on this path.
+                    if attempt < self.config.conflict_retries
+                        && self.store.stream_version(stream).await? > live.version
+                    {
+                        attempt += 1;
+                        self.catch_up(plugin, stream, live).await?;
+                        continue;
+                    }
+                    return Err(refused);
                 }
             };
             let reply = parse_reply(plugin, decision.reply.as_deref())?;

@@ -1,0 +1,317 @@
+//! The actor layer in process, with the real bank-account plugin (built by
+//! `make plugins`) on the real in-memory store: conflicts with another
+//! writer, expected versions, the bounded mailbox, passivation, the
+//! resident cap and paged rehydration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rehydra::actor::{ActorConfig, Aggregates};
+use rehydra::command::CommandRequest;
+use rehydra::plugin::PluginRegistry;
+use rehydra::plugin::engine::SandboxLimits;
+use rehydra::store::memory::MemoryStore;
+use rehydra::store::{
+    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError,
+};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+fn plugin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("plugins").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make plugins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+async fn registry() -> (Arc<PluginRegistry>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        plugin_path("bank-account"),
+        dir.path().join("bank-account.wasm"),
+    )
+    .unwrap();
+    let registry = Arc::new(PluginRegistry::new(SandboxLimits::default(), None).unwrap());
+    let loaded = registry.load_dir(dir.path()).await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    (registry, dir)
+}
+
+fn cmd(id: &str, command: &str, data: serde_json::Value) -> CommandRequest {
+    CommandRequest {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: id.into(),
+        command: command.into(),
+        data: data.to_string().into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// An event as another writer (another host process) would append it.
+fn foreign_deposit(amount: u64) -> EventData {
+    EventData {
+        event_id: Uuid::new_v4(),
+        event_type: "Deposited".into(),
+        data: json!({ "amount": amount }).to_string().into_bytes(),
+        metadata: b"{}".to_vec(),
+        message_id: Uuid::new_v4().to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_conflict_with_another_writer_is_caught_up_and_retried() {
+    let (registry, _dir) = registry().await;
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let aggregates = Aggregates::new(store.clone(), registry, ActorConfig::default());
+    aggregates
+        .execute(cmd("a", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    // The actor now caches version 1. Another writer appends behind its back.
+    store
+        .append(
+            "bank_account-a",
+            ExpectedVersion::Exact(1),
+            vec![foreign_deposit(50)],
+        )
+        .await
+        .unwrap();
+
+    let outcome = aggregates
+        .execute(cmd("a", "withdraw", json!({"amount": 40})))
+        .await
+        .unwrap();
+    assert_eq!(outcome.version, 3, "re-run on top of the foreign event");
+    let state = aggregates.state("bank-account", "a").await.unwrap();
+    assert_eq!(state.state["balance"], 10);
+
+    // A version the client asked for is never retried: the stale cache is
+    // caught up and the mismatch reported with the actual version.
+    store
+        .append(
+            "bank_account-a",
+            ExpectedVersion::Exact(3),
+            vec![foreign_deposit(5)],
+        )
+        .await
+        .unwrap();
+    let mut req = cmd("a", "deposit", json!({"amount": 1}));
+    req.expected_version = Some(3);
+    let err = aggregates.execute(req).await.unwrap_err();
+    assert_eq!(err.code(), "wrong_expected_version");
+    assert_eq!(err.details(), Some(json!({"expected": 3, "actual": 4})));
+    assert_eq!(
+        store.stream_version("bank_account-a").await.unwrap(),
+        4,
+        "nothing appended"
+    );
+}
+
+/// A test double around the real memory store whose appends wait for a
+/// permit, so a command can be held in flight deterministically.
+struct GatedStore {
+    inner: MemoryStore,
+    gate: Semaphore,
+}
+
+#[async_trait]
+impl EventStore for GatedStore {
+    async fn append(
+        &self,
+        s: &str,
+        e: ExpectedVersion,
+        ev: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        let permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        permit.forget();
+        self.inner.append(s, e, ev).await
+    }
+    async fn read_stream(
+        &self,
+        s: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(s, from, limit).await
+    }
+    async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(s).await
+    }
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(from, limit).await
+    }
+    async fn find_by_message_id(&self, s: &str, m: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.find_by_message_id(s, m).await
+    }
+    fn describe(&self) -> String {
+        "gated memory store (test double)".into()
+    }
+}
+
+#[tokio::test]
+async fn a_full_mailbox_answers_overloaded_and_loses_nothing_queued() {
+    let (registry, _dir) = registry().await;
+    let store = Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        gate: Semaphore::new(1),
+    });
+    let config = ActorConfig {
+        mailbox_capacity: 2,
+        ..ActorConfig::default()
+    };
+    let aggregates = Aggregates::new(store.clone(), registry, config);
+    aggregates
+        .execute(cmd("b", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+
+    // One command in flight (its append waits at the gate), two queued.
+    let mut waiting = Vec::new();
+    for amount in 1..=3u64 {
+        let a = aggregates.clone();
+        waiting.push(tokio::spawn(async move {
+            a.execute(cmd("b", "deposit", json!({"amount": amount})))
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = aggregates
+        .execute(cmd("b", "deposit", json!({"amount": 100})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "overloaded", "{err}");
+
+    store.gate.add_permits(10);
+    let mut versions = Vec::new();
+    for w in waiting {
+        versions.push(w.await.unwrap().unwrap().version);
+    }
+    assert_eq!(versions, [2, 3, 4], "queued commands ran in arrival order");
+    assert_eq!(
+        aggregates.state("bank-account", "b").await.unwrap().state["balance"],
+        6
+    );
+}
+
+#[tokio::test]
+async fn idle_aggregates_are_passivated_and_come_back() {
+    let (registry, _dir) = registry().await;
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let config = ActorConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ActorConfig::default()
+    };
+    let aggregates = Aggregates::new(store, registry, config);
+    aggregates
+        .execute(cmd("c", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    aggregates
+        .execute(cmd("c", "deposit", json!({"amount": 7})))
+        .await
+        .unwrap();
+    assert_eq!(aggregates.resident(), 1);
+
+    let mut waited = Duration::ZERO;
+    while aggregates.resident() > 0 && waited < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    assert_eq!(
+        aggregates.resident(),
+        0,
+        "passivated after the idle timeout"
+    );
+
+    let outcome = aggregates
+        .execute(cmd("c", "deposit", json!({"amount": 3})))
+        .await
+        .unwrap();
+    assert_eq!(outcome.version, 3, "rehydrated from the store");
+    assert_eq!(
+        aggregates.state("bank-account", "c").await.unwrap().state["balance"],
+        10
+    );
+}
+
+#[tokio::test]
+async fn the_resident_set_is_capped() {
+    let (registry, _dir) = registry().await;
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let config = ActorConfig {
+        max_resident: 10,
+        ..ActorConfig::default()
+    };
+    let aggregates = Aggregates::new(store, registry, config);
+    for i in 0..40 {
+        aggregates
+            .execute(cmd(&format!("r{i}"), "open", json!({"owner": "Ada"})))
+            .await
+            .unwrap();
+        aggregates
+            .execute(cmd(&format!("r{i}"), "deposit", json!({"amount": i + 1})))
+            .await
+            .unwrap();
+    }
+    let mut waited = Duration::ZERO;
+    while aggregates.resident() > 10 && waited < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    assert!(
+        aggregates.resident() <= 10,
+        "resident: {}",
+        aggregates.resident()
+    );
+    // Evicted aggregates load again with their full history.
+    for i in 0..40 {
+        let s = aggregates
+            .state("bank-account", &format!("r{i}"))
+            .await
+            .unwrap();
+        assert_eq!((s.version, s.state["balance"].as_u64()), (2, Some(i + 1)));
+    }
+}
+
+#[tokio::test]
+async fn rehydration_applies_events_in_pages() {
+    let (registry, _dir) = registry().await;
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let writer = Aggregates::new(store.clone(), registry.clone(), ActorConfig::default());
+    writer
+        .execute(cmd("p", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    for amount in 1..=20u64 {
+        writer
+            .execute(cmd("p", "deposit", json!({"amount": amount})))
+            .await
+            .unwrap();
+    }
+    // A fresh directory (as after a restart) with a page smaller than the
+    // stream and not dividing it.
+    let config = ActorConfig {
+        rehydrate_page: 7,
+        ..ActorConfig::default()
+    };
+    let reader = Aggregates::new(store, registry, config);
+    let s = reader.state("bank-account", "p").await.unwrap();
+    assert_eq!(s.version, 21);
+    assert_eq!(
+        s.state,
+        json!({"owner": "Ada", "balance": 210, "open": true})
+    );
+}
