@@ -23,7 +23,8 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! rehydra-guest = "0.1"
+//! # Not on crates.io yet: point at a checkout of the Rehydra repository.
+//! rehydra-guest = { path = "../rehydra/guest-sdk" }
 //! serde = { version = "1", features = ["derive"] }
 //! ```
 //!
