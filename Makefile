@@ -2,7 +2,7 @@
 
 # Example plugins: directory names under examples/, which are also their
 # cargo package names. Adding an example is adding one word here.
-EXAMPLES := bank-account users
+EXAMPLES := bank-account users faulty
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
@@ -12,7 +12,7 @@ WASM_OUT := $(TARGET_DIR)/$(WASM_TARGET)/release
 # Where the built plugins are collected, named after their example.
 PLUGIN_DIR := $(TARGET_DIR)/plugins
 
-.PHONY: all plugins run test lint host
+.PHONY: all plugins test-plugins run test lint host
 all: plugins host
 
 # Build every example as a component and copy it to
@@ -29,6 +29,18 @@ plugins:
 	  echo "  plugin $(PLUGIN_DIR)/$$ex.wasm ($$(wc -c < "$(PLUGIN_DIR)/$$ex.wasm") bytes)"; \
 	done
 
+# Hostile plugin files for the sandbox tests, kept out of $(PLUGIN_DIR):
+# `faulty` built with each feature that breaks it in another way.
+TEST_PLUGIN_DIR := $(TARGET_DIR)/test-plugins
+HOSTILE_VARIANTS := describe-traps other-world
+test-plugins: plugins
+	@mkdir -p $(TEST_PLUGIN_DIR)
+	@set -e; for f in $(HOSTILE_VARIANTS); do \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p faulty --features $$f; \
+	  cp "$(WASM_OUT)/faulty.wasm" "$(TEST_PLUGIN_DIR)/faulty-$$f.wasm"; \
+	  echo "  test plugin $(TEST_PLUGIN_DIR)/faulty-$$f.wasm"; \
+	done
+
 # The host binary, in the one profile the tests use too.
 host:
 	$(CARGO) build -p rehydra
@@ -42,8 +54,8 @@ run: plugins host
 # unit and doc tests, and the end-to-end tests against the built binary and
 # plugins. Test binaries run one at a time: the machine has two cores and
 # each end-to-end test starts its own host.
-test: plugins host
-	$(CARGO) test --workspace --exclude bank-account --exclude users -- --test-threads 2
+test: plugins test-plugins host
+	$(CARGO) test -- --test-threads 2
 
 # Formatting and lints, as CI checks them (the examples for their real target).
 lint:

@@ -132,6 +132,21 @@ struct RunArgs {
     /// CPU time allowed for one rehydration apply batch.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     apply_deadline: Duration,
+    /// The largest event a command may produce, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_event_bytes: usize,
+    /// The most events one command may produce.
+    #[arg(long, default_value_t = 1000)]
+    max_events_per_command: usize,
+    /// The largest state (or reply) a plugin may return, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_state_bytes: usize,
+    /// Quarantine a plugin after this many failed calls in a row (0: never).
+    #[arg(long, default_value_t = 10)]
+    quarantine_after: u32,
+    /// The first quarantine's length; it doubles while failures go on (up to 5m).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    quarantine_backoff: Duration,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -234,6 +249,11 @@ async fn run(args: RunArgs) -> ExitCode {
             max_memory_bytes: args.max_memory_mib << 20,
             handle_deadline: args.handle_deadline,
             apply_deadline: args.apply_deadline,
+            max_event_bytes: args.max_event_bytes,
+            max_events_per_command: args.max_events_per_command,
+            max_state_bytes: args.max_state_bytes,
+            quarantine_after: args.quarantine_after,
+            quarantine_backoff: args.quarantine_backoff,
             ..SandboxLimits::default()
         },
         actors: ActorConfig {

@@ -29,6 +29,8 @@ pub enum FailureKind {
     BadOutput,
     /// The guest's `apply` refused stored events.
     ApplyRefused,
+    /// The plugin failed too often in a row and is resting; nothing ran.
+    Quarantined,
 }
 
 impl FailureKind {
@@ -40,6 +42,7 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory_limit",
             FailureKind::BadOutput => "bad_output",
             FailureKind::ApplyRefused => "apply_refused",
+            FailureKind::Quarantined => "quarantined",
         }
     }
 }

@@ -48,6 +48,20 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// A hostile plugin file built by `make test-plugins`,
+/// `target/test-plugins/<name>.wasm`.
+pub fn test_plugin(name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("test-plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test-plugins` (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// A running host and the directory it owns.
 pub struct Host {
     child: Option<Child>,
@@ -67,12 +81,26 @@ impl Host {
 
     /// Like [`start`](Self::start), with extra `rehydra run` arguments.
     pub fn start_with(plugins: &[&str], extra_args: &[&str]) -> Host {
+        let files: Vec<(String, Vec<u8>)> = plugins
+            .iter()
+            .map(|name| {
+                (
+                    format!("{name}.wasm"),
+                    std::fs::read(plugin(name)).expect("reading a plugin"),
+                )
+            })
+            .collect();
+        Host::start_files(&files, extra_args)
+    }
+
+    /// Starts a host whose plugin directory holds exactly `files`
+    /// (file name, contents).
+    pub fn start_files(files: &[(String, Vec<u8>)], extra_args: &[&str]) -> Host {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let plugin_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugin_dir).expect("the plugin directory");
-        for name in plugins {
-            std::fs::copy(plugin(name), plugin_dir.join(format!("{name}.wasm")))
-                .expect("copying a plugin");
+        for (name, bytes) in files {
+            std::fs::write(plugin_dir.join(name), bytes).expect("writing a plugin file");
         }
         let mut host = Host {
             child: None,
@@ -131,6 +159,25 @@ impl Host {
             Ok(url) => self.base = url,
             Err(_) => panic!("rehydra did not become ready; its log:\n{}", self.log()),
         }
+    }
+
+    /// The host process's id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("the host is running")
+    }
+
+    /// The host's resident memory in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// The host's log so far.

@@ -13,7 +13,7 @@ use crate::command::{
     AggregateState, CommandIds, CommandOutcome, CommandRequest, OutcomeEvent, event_id,
 };
 use crate::error::{CommandError, FailureKind};
-use crate::plugin::{CommandInput, CommandMode, Decision, Plugin, Rejection};
+use crate::plugin::{CommandInput, CommandMode, Decision, PluginRef, Rejection};
 use crate::store::{EventData, ExpectedVersion, RecordedEvent, StoreError};
 
 impl Inner {
@@ -63,7 +63,7 @@ impl Inner {
 
     async fn run_on(
         &self,
-        plugin: &Plugin,
+        plugin: &PluginRef,
         stream: &str,
         req: &CommandRequest,
         live: Option<Live>,
@@ -88,7 +88,7 @@ impl Inner {
 
     async fn decide_and_append(
         &self,
-        plugin: &Plugin,
+        plugin: &PluginRef,
         stream: &str,
         req: &CommandRequest,
         live: &mut Live,
@@ -145,7 +145,7 @@ impl Inner {
             };
             let decision = match refusal {
                 Some(e) => Err(e),
-                None => match plugin.handle(&live.state, live.version, &input)? {
+                None => match plugin.handle(&live.state, live.version, &input).await? {
                     Ok(d) => Ok(d),
                     Err(Rejection::Invalid(fields)) => Err(CommandError::InvalidCommand(fields)),
                     Err(Rejection::Rejected(m)) => Err(CommandError::Rejected(m)),
@@ -243,7 +243,7 @@ impl Inner {
     /// keeps (with metadata) and what the client is told.
     fn prepare_events(
         &self,
-        plugin: &Plugin,
+        plugin: &PluginRef,
         stream: &str,
         req: &CommandRequest,
         ids: &CommandIds,
@@ -259,12 +259,6 @@ impl Inner {
         let mut told = Vec::with_capacity(decision.events.len());
         let last = decision.events.len() - 1;
         for (i, e) in decision.events.iter().enumerate() {
-            if !crate::plugin::is_valid_name(&e.event_type) {
-                return Err(bad(format!(
-                    "handle() emitted an event with an invalid type {:?}",
-                    e.event_type
-                )));
-            }
             let data: serde_json::Value = serde_json::from_slice(&e.data).map_err(|err| {
                 bad(format!(
                     "handle() emitted {} with data that is not JSON: {err}",
@@ -308,7 +302,7 @@ impl Inner {
     }
 
     /// Loads an aggregate from its events.
-    async fn rehydrate(&self, plugin: &Plugin, stream: &str) -> Result<Live, CommandError> {
+    async fn rehydrate(&self, plugin: &PluginRef, stream: &str) -> Result<Live, CommandError> {
         let mut live = Live {
             state: plugin.initial_state().clone(),
             version: 0,
@@ -320,7 +314,7 @@ impl Inner {
     /// Applies every stored event after `live.version`, a page per call.
     async fn catch_up(
         &self,
-        plugin: &Plugin,
+        plugin: &PluginRef,
         stream: &str,
         live: &mut Live,
     ) -> Result<(), CommandError> {
@@ -340,7 +334,7 @@ impl Inner {
                 )));
             }
             let last_version = last.version;
-            live.state = plugin.apply(&live.state, &batch)?;
+            live.state = plugin.apply(&live.state, &batch).await?;
             live.version = last_version;
             if batch.len() < page {
                 return Ok(());
@@ -392,7 +386,7 @@ impl Inner {
 }
 
 fn parse_reply(
-    plugin: &Plugin,
+    plugin: &PluginRef,
     reply: Option<&[u8]>,
 ) -> Result<Option<serde_json::Value>, CommandError> {
     reply

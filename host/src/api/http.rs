@@ -297,6 +297,7 @@ async fn plugins(State(app): State<AppState>) -> Response {
                 "size": p.size,
                 "path": p.path,
                 "loaded_at": p.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+                "health": p.quarantine_status(),
             })
         })
         .collect();

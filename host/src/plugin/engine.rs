@@ -30,7 +30,21 @@ pub struct SandboxLimits {
     /// Guest stdout/stderr kept per call for the log, in bytes; the rest is
     /// dropped.
     pub max_output_bytes: usize,
+    /// The largest event (its data) a command may produce, in bytes.
+    pub max_event_bytes: usize,
+    /// The most events one command may produce.
+    pub max_events_per_command: usize,
+    /// The largest state (or reply) a plugin may return, in bytes.
+    pub max_state_bytes: usize,
+    /// Consecutive failed calls after which a plugin is quarantined.
+    pub quarantine_after: u32,
+    /// The first quarantine's length; it doubles while failures go on, up
+    /// to [`MAX_QUARANTINE`].
+    pub quarantine_backoff: Duration,
 }
+
+/// The longest a plugin stays quarantined in one go.
+pub const MAX_QUARANTINE: Duration = Duration::from_secs(300);
 
 impl Default for SandboxLimits {
     fn default() -> Self {
@@ -41,6 +55,11 @@ impl Default for SandboxLimits {
             pool_size: 4,
             total_instances: 256,
             max_output_bytes: 16 << 10,
+            max_event_bytes: 1 << 20,
+            max_events_per_command: 1000,
+            max_state_bytes: 8 << 20,
+            quarantine_after: 10,
+            quarantine_backoff: Duration::from_secs(1),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod bindings;
 pub mod cache;
 pub mod engine;
 pub mod instance;
+pub mod quarantine;
 pub mod registry;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use serde::Serialize;
 use self::bindings::rehydra::aggregate::types as wit;
 use self::engine::SandboxLimits;
 use self::instance::{GuestFailure, InstancePool};
+use self::quarantine::{Quarantine, QuarantineStatus};
 use crate::error::{CommandError, FailureKind, FieldError};
 use crate::store::RecordedEvent;
 
@@ -150,6 +152,7 @@ pub struct Plugin {
     initial_state: StateBytes,
     pool: InstancePool,
     limits: SandboxLimits,
+    quarantine: Quarantine,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -173,20 +176,80 @@ impl Plugin {
         &self.initial_state
     }
 
-    fn failed(&self, f: GuestFailure) -> CommandError {
+    /// Whether the plugin is quarantined, and its failure counts.
+    pub fn quarantine_status(&self) -> QuarantineStatus {
+        self.quarantine.status()
+    }
+
+    fn failure(&self, kind: FailureKind, message: String) -> CommandError {
+        if let Some(rest) = self.quarantine.failed() {
+            tracing::warn!(
+                plugin = %self.name,
+                rest_ms = rest.as_millis() as u64,
+                "plugin quarantined after repeated failures"
+            );
+        }
         CommandError::PluginFailed {
             plugin: self.name.clone(),
-            kind: f.kind,
-            message: f.message,
+            kind,
+            message,
         }
     }
 
+    fn guest_failed(&self, f: GuestFailure) -> CommandError {
+        self.failure(f.kind, f.message)
+    }
+
+    fn check_quarantine(&self) -> Result<(), CommandError> {
+        match self.quarantine.remaining() {
+            None => Ok(()),
+            Some(rest) => Err(CommandError::PluginFailed {
+                plugin: self.name.clone(),
+                kind: FailureKind::Quarantined,
+                message: format!(
+                    "the plugin failed repeatedly and is quarantined for another {} ms; fix or replace it",
+                    rest.as_millis()
+                ),
+            }),
+        }
+    }
+
+    /// Runs a guest call on tokio's blocking pool. Guest calls are CPU work
+    /// bounded only by the deadline, and wasmtime-wasi's synchronous WASI
+    /// bindings (a guest writing to stderr, say) block on the runtime, which
+    /// is not allowed on an async worker thread.
+    async fn off_runtime<R: Send + 'static>(
+        self: &Arc<Self>,
+        deadline: std::time::Duration,
+        f: impl FnOnce(
+            &bindings::Aggregate,
+            &mut wasmtime::Store<instance::GuestState>,
+        ) -> wasmtime::Result<R>
+        + Send
+        + 'static,
+    ) -> Result<R, CommandError> {
+        let this = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            this.pool
+                .with_instance(|i| i.call(deadline, f))
+                .map_err(|f| this.guest_failed(f))
+        })
+        .await;
+        joined.unwrap_or_else(|e| {
+            Err(self.failure(
+                FailureKind::Trap,
+                format!("the host's call into the plugin panicked: {e}"),
+            ))
+        })
+    }
+
     /// Folds `events` into `state` with one guest call.
-    pub fn apply(
-        &self,
+    pub async fn apply(
+        self: &Arc<Self>,
         state: &StateBytes,
         events: &[RecordedEvent],
     ) -> Result<StateBytes, CommandError> {
+        self.check_quarantine()?;
         let s = wit::State {
             schema: state.schema,
             bytes: state.bytes.clone(),
@@ -194,32 +257,45 @@ impl Plugin {
         let batch: Vec<wit::RecordedEvent> = events.iter().map(to_wit_event).collect();
         let deadline = self.limits.apply_deadline;
         let result = self
-            .pool
-            .with_instance(|i| i.call(deadline, |agg, store| agg.call_apply(store, &s, &batch)))
-            .map_err(|f| self.failed(f))?;
+            .off_runtime(deadline, move |agg, store| {
+                agg.call_apply(store, &s, &batch)
+            })
+            .await?;
         match result {
-            Ok(s) => Ok(StateBytes {
-                schema: s.schema,
-                bytes: s.bytes,
-            }),
-            Err(message) => Err(CommandError::PluginFailed {
-                plugin: self.name.clone(),
-                kind: FailureKind::ApplyRefused,
-                message: format!(
+            Ok(s) if s.bytes.len() > self.limits.max_state_bytes => Err(self.failure(
+                FailureKind::BadOutput,
+                format!(
+                    "apply() returned {} bytes of state, over the limit of {}",
+                    s.bytes.len(),
+                    self.limits.max_state_bytes
+                ),
+            )),
+            Ok(s) => {
+                self.quarantine.succeeded();
+                Ok(StateBytes {
+                    schema: s.schema,
+                    bytes: s.bytes,
+                })
+            }
+            Err(message) => Err(self.failure(
+                FailureKind::ApplyRefused,
+                format!(
                     "apply refused the events from version {}: {message}",
                     events.first().map(|e| e.version).unwrap_or_default()
                 ),
-            }),
+            )),
         }
     }
 
     /// Decides what `command` does to an aggregate at `version` in `state`.
-    pub fn handle(
-        &self,
+    /// A decision that comes back has passed [`Plugin::check_decision`].
+    pub async fn handle(
+        self: &Arc<Self>,
         state: &StateBytes,
         version: u64,
         command: &CommandInput<'_>,
     ) -> Result<Result<Decision, Rejection>, CommandError> {
+        self.check_quarantine()?;
         let s = wit::State {
             schema: state.schema,
             bytes: state.bytes.clone(),
@@ -232,29 +308,32 @@ impl Plugin {
         };
         let deadline = self.limits.handle_deadline;
         let result = self
-            .pool
-            .with_instance(|i| {
-                i.call(deadline, |agg, store| {
-                    agg.call_handle(store, &s, version, &c)
-                })
+            .off_runtime(deadline, move |agg, store| {
+                agg.call_handle(store, &s, version, &c)
             })
-            .map_err(|f| self.failed(f))?;
-        Ok(match result {
-            Ok(d) => Ok(Decision {
-                events: d
-                    .events
-                    .into_iter()
-                    .map(|e| NewEvent {
-                        event_type: e.event_type,
-                        data: e.data,
-                    })
-                    .collect(),
-                state: StateBytes {
-                    schema: d.state.schema,
-                    bytes: d.state.bytes,
-                },
-                reply: d.reply,
-            }),
+            .await?;
+        let outcome = match result {
+            Ok(d) => {
+                let decision = Decision {
+                    events: d
+                        .events
+                        .into_iter()
+                        .map(|e| NewEvent {
+                            event_type: e.event_type,
+                            data: e.data,
+                        })
+                        .collect(),
+                    state: StateBytes {
+                        schema: d.state.schema,
+                        bytes: d.state.bytes,
+                    },
+                    reply: d.reply,
+                };
+                if let Err(message) = self.check_decision(&decision) {
+                    return Err(self.failure(FailureKind::BadOutput, message));
+                }
+                Ok(decision)
+            }
             Err(wit::Rejection::Invalid(fields)) => Err(Rejection::Invalid(
                 fields
                     .into_iter()
@@ -267,7 +346,79 @@ impl Plugin {
             Err(wit::Rejection::Rejected(m)) => Err(Rejection::Rejected(m)),
             Err(wit::Rejection::Forbidden(m)) => Err(Rejection::Forbidden(m)),
             Err(wit::Rejection::IncompatibleState(s)) => Err(Rejection::IncompatibleState(s)),
-        })
+        };
+        self.quarantine.succeeded();
+        Ok(outcome)
+    }
+
+    /// What the host refuses to store or send on: too many or too large
+    /// events, event types that are invalid or that `describe()` did not
+    /// declare, data that is not JSON, state of another schema or over the
+    /// cap, a reply that is not JSON.
+    pub fn check_decision(&self, d: &Decision) -> Result<(), String> {
+        let limits = &self.limits;
+        if d.events.len() > limits.max_events_per_command {
+            return Err(format!(
+                "handle() emitted {} events, over the limit of {} per command",
+                d.events.len(),
+                limits.max_events_per_command
+            ));
+        }
+        for e in &d.events {
+            if !is_valid_name(&e.event_type) {
+                return Err(format!(
+                    "handle() emitted an event with an invalid type {:?}",
+                    e.event_type
+                ));
+            }
+            if !self.info.event_types.contains(&e.event_type) {
+                return Err(format!(
+                    "handle() emitted {:?}, an event type describe() does not declare ({})",
+                    e.event_type,
+                    self.info.event_types.join(", ")
+                ));
+            }
+            if e.data.len() > limits.max_event_bytes {
+                return Err(format!(
+                    "handle() emitted a {} event of {} bytes, over the limit of {}",
+                    e.event_type,
+                    e.data.len(),
+                    limits.max_event_bytes
+                ));
+            }
+            if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&e.data) {
+                return Err(format!(
+                    "handle() emitted a {} event whose data is not JSON: {err}",
+                    e.event_type
+                ));
+            }
+        }
+        if d.state.schema != self.info.state_schema {
+            return Err(format!(
+                "handle() returned state of schema {}, but describe() declares {}",
+                d.state.schema, self.info.state_schema
+            ));
+        }
+        if d.state.bytes.len() > limits.max_state_bytes {
+            return Err(format!(
+                "handle() returned {} bytes of state, over the limit of {}",
+                d.state.bytes.len(),
+                limits.max_state_bytes
+            ));
+        }
+        if let Some(reply) = &d.reply {
+            if reply.len() > limits.max_state_bytes {
+                return Err(format!(
+                    "handle() returned a reply of {} bytes, over the limit of {}",
+                    reply.len(),
+                    limits.max_state_bytes
+                ));
+            }
+            if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(reply) {
+                return Err(format!("handle() returned a reply that is not JSON: {err}"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -22,6 +22,7 @@ use super::bindings::{AggregatePre, WIT_PACKAGE};
 use super::cache::{CacheOutcome, CompileCache};
 use super::engine::{EpochTicker, SandboxLimits, new_engine};
 use super::instance::{GuestState, InstancePool, add_to_linker};
+use super::quarantine::Quarantine;
 use super::{
     CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
     is_valid_stream_prefix,
@@ -200,6 +201,10 @@ impl PluginRegistry {
                 bytes: initial.bytes,
             },
             pool,
+            quarantine: Quarantine::new(
+                self.limits.quarantine_after,
+                self.limits.quarantine_backoff,
+            ),
             limits: self.limits.clone(),
         })
     }

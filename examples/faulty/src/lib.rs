@@ -1,0 +1,242 @@
+//! `faulty`: a plugin that misbehaves on purpose, one command per
+//! misbehaviour, so the host's sandbox can be tested against a real
+//! component. It uses the raw WIT bindings rather than the SDK, because the
+//! SDK would refuse to produce most of this output.
+//!
+//! Every command is `upsert`. `ok` behaves: one `Happened` event and a
+//! counter in the state. The others, and what the host must answer:
+//!
+//! | command | does | host answers |
+//! |---|---|---|
+//! | `spin` | loops forever | `plugin_failed` / `deadline_exceeded` |
+//! | `hog` | allocates without bound | `plugin_failed` / `memory_limit` |
+//! | `panic` | panics | `plugin_failed` / `trap`, with the panic message |
+//! | `read-file` | opens `/etc/passwd` | `rejected` with the error it got (no files) |
+//! | `read-env` | reads the environment | `rejected` (it is empty) |
+//! | `connect` | opens TCP to `127.0.0.1:{port}` | `rejected` with the error it got |
+//! | `clock` | reads the wall clock | replies the seconds since 1970 (frozen: 0) |
+//! | `huge-event` | one event of `{bytes}` bytes (default 2 MiB) | `plugin_failed` / `bad_output` |
+//! | `many-events` | `{count}` events (default 100 000) | `plugin_failed` / `bad_output` |
+//! | `bad-event-type` | an event type with a space | `plugin_failed` / `bad_output` |
+//! | `undeclared-event` | an event type `describe()` did not list | `plugin_failed` / `bad_output` |
+//! | `bad-json` | event data that is not JSON | `plugin_failed` / `bad_output` |
+//! | `big-state` | state of `{bytes}` bytes (default 10 MiB) | `plugin_failed` / `bad_output` |
+//!
+//! Feature `describe-traps` builds a variant whose `describe()` panics;
+//! feature `other-world` builds a component of another WIT package version.
+
+#[cfg(not(feature = "other-world"))]
+// The generated export glue takes one argument per flattened WIT value.
+#[allow(clippy::too_many_arguments)]
+mod faulty {
+    wit_bindgen::generate!({ path: "../../wit", world: "aggregate" });
+
+    use rehydra::aggregate::types::{CommandInfo, CommandMode, NewEvent};
+
+    const COMMANDS: &[&str] = &[
+        "ok",
+        "spin",
+        "hog",
+        "panic",
+        "read-file",
+        "read-env",
+        "connect",
+        "clock",
+        "huge-event",
+        "many-events",
+        "bad-event-type",
+        "undeclared-event",
+        "bad-json",
+        "big-state",
+    ];
+
+    struct Faulty;
+
+    fn count(state: &State) -> u64 {
+        std::str::from_utf8(&state.bytes)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn state_of(count: u64) -> State {
+        State {
+            schema: 1,
+            bytes: count.to_string().into_bytes(),
+        }
+    }
+
+    /// A number from the command's JSON data, without a JSON parser: the
+    /// plugin keeps its dependencies to wit-bindgen alone.
+    fn field(data: &[u8], name: &str) -> Option<u64> {
+        let text = std::str::from_utf8(data).ok()?;
+        let at = text.find(&format!("\"{name}\""))? + name.len() + 2;
+        let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    fn event(event_type: &str, data: Vec<u8>) -> NewEvent {
+        NewEvent {
+            event_type: event_type.to_string(),
+            data,
+        }
+    }
+
+    fn decided(
+        events: Vec<NewEvent>,
+        state: State,
+        reply: Option<String>,
+    ) -> Result<Decision, Rejection> {
+        Ok(Decision {
+            events,
+            state,
+            reply: reply.map(String::into_bytes),
+        })
+    }
+
+    impl Guest for Faulty {
+        fn describe() -> Info {
+            if cfg!(feature = "describe-traps") {
+                panic!("describe() traps on purpose");
+            }
+            Info {
+                aggregate_type: "faulty".into(),
+                stream_prefix: "faulty".into(),
+                state_schema: 1,
+                commands: COMMANDS
+                    .iter()
+                    .map(|c| CommandInfo {
+                        name: c.to_string(),
+                        mode: CommandMode::Upsert,
+                    })
+                    .collect(),
+                event_types: vec!["Happened".into(), "Big".into()],
+            }
+        }
+
+        fn initial_state() -> State {
+            state_of(0)
+        }
+
+        fn apply(s: State, events: Vec<RecordedEvent>) -> Result<State, String> {
+            Ok(state_of(count(&s) + events.len() as u64))
+        }
+
+        fn handle(s: State, version: u64, c: Command) -> Result<Decision, Rejection> {
+            let n = count(&s);
+            let next = state_of(n + 1);
+            let happened = || {
+                event(
+                    "Happened",
+                    format!("{{\"n\":{}}}", version + 1).into_bytes(),
+                )
+            };
+            match c.command_type.as_str() {
+                "ok" => decided(vec![happened()], next, None),
+                "spin" => {
+                    let mut i: u64 = 0;
+                    loop {
+                        i = std::hint::black_box(i.wrapping_add(1));
+                    }
+                }
+                "hog" => {
+                    // Reserve without touching: grows linear memory as fast
+                    // as the allocator can ask for it.
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        let mut block = Vec::with_capacity(1 << 20);
+                        block.push(1u8);
+                        hoard.push(std::hint::black_box(block));
+                    }
+                }
+                "panic" => panic!("faulty plugin panicked on purpose"),
+                "read-file" => match std::fs::read_to_string("/etc/passwd") {
+                    Ok(text) => decided(vec![happened()], next, Some(format!("{:?}", text))),
+                    Err(e) => Err(Rejection::Rejected(format!("read-file failed: {e}"))),
+                },
+                "read-env" => {
+                    let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                    let args = std::env::args().count();
+                    if vars.is_empty() && args == 0 {
+                        Err(Rejection::Rejected(
+                            "read-env found no environment variables and no arguments".into(),
+                        ))
+                    } else {
+                        decided(
+                            vec![happened()],
+                            next,
+                            Some(format!("\"{} vars, {args} args\"", vars.len())),
+                        )
+                    }
+                }
+                "connect" => {
+                    let port = field(&c.data, "port").unwrap_or(9);
+                    match std::net::TcpStream::connect(("127.0.0.1", port as u16)) {
+                        Ok(_) => decided(vec![happened()], next, Some("\"connected\"".into())),
+                        Err(e) => Err(Rejection::Rejected(format!("connect failed: {e}"))),
+                    }
+                }
+                "clock" => {
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(u64::MAX);
+                    decided(vec![], s, Some(secs.to_string()))
+                }
+                "huge-event" => {
+                    let bytes = field(&c.data, "bytes").unwrap_or(2 << 20) as usize;
+                    let mut data = b"{\"x\":\"".to_vec();
+                    data.resize(bytes.saturating_sub(2).max(6), b'x');
+                    data.extend_from_slice(b"\"}");
+                    decided(vec![event("Big", data)], next, None)
+                }
+                "many-events" => {
+                    let count = field(&c.data, "count").unwrap_or(100_000);
+                    decided(
+                        (0..count).map(|_| happened()).collect(),
+                        state_of(n + count),
+                        None,
+                    )
+                }
+                "bad-event-type" => decided(vec![event("has space", b"{}".to_vec())], next, None),
+                "undeclared-event" => decided(vec![event("Ghost", b"{}".to_vec())], next, None),
+                "bad-json" => decided(vec![event("Happened", b"not json".to_vec())], next, None),
+                "big-state" => {
+                    let bytes = field(&c.data, "bytes").unwrap_or(10 << 20) as usize;
+                    decided(
+                        vec![happened()],
+                        State {
+                            schema: 1,
+                            bytes: vec![b'7'; bytes],
+                        },
+                        None,
+                    )
+                }
+                other => Err(Rejection::Rejected(format!("unknown command {other}"))),
+            }
+        }
+    }
+
+    export!(Faulty);
+}
+
+#[cfg(feature = "other-world")]
+mod other_world {
+    // A component of a WIT package version this host does not speak.
+    wit_bindgen::generate!({
+        inline: "package rehydra:aggregate@9.0.0;
+                 world aggregate { export describe: func() -> string; }",
+        world: "aggregate",
+    });
+
+    struct Other;
+
+    impl Guest for Other {
+        fn describe() -> String {
+            "from the future".into()
+        }
+    }
+
+    export!(Other);
+}
