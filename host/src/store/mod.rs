@@ -9,10 +9,15 @@
 //! Backends:
 //! - [`embedded`]: SQLite in WAL mode, durable, group commit (`embedded://PATH`).
 //! - [`memory`]: in process, for tests and benchmarks (`memory://`).
+//! - [`kurrentdb`]: a KurrentDB / EventStoreDB cluster over gRPC
+//!   (`kurrentdb://`, `esdb://`, `kurrentdb+discover://`, `esdb+discover://`).
 
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod embedded;
+pub mod kurrentdb;
+#[cfg(test)]
+mod kurrentdb_tests;
 pub mod memory;
 
 use std::sync::Arc;
@@ -168,18 +173,29 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// A short human-readable description (backend and location) for logs.
     fn describe(&self) -> String;
+
+    /// Checks quickly, without long retries, that the store answers (for
+    /// `/healthz`). The default reads one stream's version.
+    async fn health(&self) -> Result<(), StoreError> {
+        self.stream_version("$healthz").await.map(|_| ())
+    }
 }
 
-/// Opens the store named by `url`: `embedded://PATH` or `memory://`.
+/// Opens the store named by `url`: `embedded://PATH`, `memory://`, or a
+/// KurrentDB connection string (`kurrentdb://`, `esdb://`,
+/// `kurrentdb+discover://`, `esdb+discover://`).
 pub async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
     if let Some(path) = url.strip_prefix("embedded://") {
         let store = embedded::EmbeddedStore::open(std::path::Path::new(path)).await?;
         Ok(Arc::new(store))
     } else if url == "memory://" || url == "memory:" {
         Ok(Arc::new(memory::MemoryStore::new()))
+    } else if kurrentdb::is_kurrentdb_url(url) {
+        Ok(Arc::new(kurrentdb::KurrentDbStore::open(url).await?))
     } else {
         anyhow::bail!(
-            "unsupported store URL {url:?}: use embedded://PATH (for example embedded://./rehydra-data) or memory://"
+            "unsupported store URL {url:?}: use embedded://PATH (for example embedded://./rehydra-data), memory://, \
+             or a KurrentDB connection string such as kurrentdb://localhost:2113?tls=false"
         )
     }
 }

@@ -1,0 +1,1080 @@
+//! The KurrentDB / EventStoreDB backend (`kurrentdb://`, `esdb://`,
+//! `kurrentdb+discover://`, `esdb+discover://`), over gRPC with the official
+//! `kurrentdb` client.
+//!
+//! **Mapping.** A Rehydra stream is a KurrentDB stream of the same name
+//! (`<prefix>-<id>`, so `$ce-<prefix>` category streams work). Version `v`
+//! is revision `v - 1`; expected version 0 is `NoStream`. A global position
+//! is KurrentDB's commit position + 1 (Rehydra positions are 1-based). Data
+//! goes as-is, marked `application/json` when it is JSON without surrounding
+//! whitespace (so it reads back byte for byte). The event's metadata is the
+//! KurrentDB *custom metadata*, written as-is when it is a JSON object
+//! carrying the event's `messageId`; otherwise it is wrapped in one that
+//! does, so that the message id and the original bytes both come back.
+//!
+//! **Resilience the client lacks.** The `kurrentdb` client does not retry a
+//! failed call, and after a node dies it keeps dialling the same endpoint
+//! (only `NotLeader` moves it); once its discovery fails it is closed for
+//! good. So every operation here runs under [`Resilience`]: transient
+//! failures (unavailable, deadline, not-leader, a reset connection) are
+//! retried with exponential backoff and jitter, appends always with the
+//! same event ids and expected revision, so the server recognises a retry
+//! of an append that did commit; after a closed connection, a timeout, or
+//! repeated failures on one connection the client is rebuilt, which runs a
+//! fresh gossip discovery. When the time budget is spent the operation
+//! fails with [`StoreError::Unavailable`] — it never hangs.
+//!
+//! **Idempotency.** KurrentDB recognises a retried append by its event ids
+//! when the expectation is the original one (or `Any`, from its bounded
+//! id cache). An append whose expected version is *ahead* of the stream
+//! is also looked up here by its first event id, so a retry with a stale
+//! expectation gets the original result as the [`EventStore`] contract
+//! says. A retry whose expected version is *behind* the stream and does not
+//! point at its own events is a conflict, as in KurrentDB.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kurrentdb::{
+    AppendToStreamOptions, Client, ClientSettings, CurrentRevision, Position, ReadAllOptions,
+    ReadStreamOptions, StreamPosition, StreamState, SubscribeToAllOptions, SubscriptionEvent,
+    SubscriptionFilter,
+};
+use tokio::sync::mpsc;
+
+use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
+
+/// How long and how hard the backend keeps trying.
+#[derive(Debug, Clone)]
+pub struct Resilience {
+    /// Total time one operation may take, retries included, before it fails
+    /// with `store_unavailable`.
+    pub budget: Duration,
+    /// Time one attempt may take before it is abandoned (and the connection
+    /// rebuilt).
+    pub attempt_timeout: Duration,
+    /// The first pause between attempts; it doubles up to `max_backoff`.
+    pub first_backoff: Duration,
+    /// The longest pause between attempts.
+    pub max_backoff: Duration,
+    /// Consecutive transient failures on one connection after which the
+    /// client is rebuilt (fresh discovery).
+    pub rebuild_after: u32,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Resilience {
+            budget: Duration::from_secs(8),
+            attempt_timeout: Duration::from_secs(4),
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(800),
+            rebuild_after: 2,
+        }
+    }
+}
+
+/// Events per page when the backend reads a stream or `$all` in pages.
+const PAGE: usize = 1000;
+
+/// Keys of the wrapper used when an event's metadata cannot carry its
+/// message id itself.
+const WRAPPED_UTF8: &str = "$rehydraMetadata";
+const WRAPPED_HEX: &str = "$rehydraMetadataHex";
+
+/// The current client and how it has been doing.
+#[derive(Clone)]
+struct Conn {
+    client: Client,
+    generation: u64,
+    failures: u32,
+}
+
+/// The store's last known state, for `/healthz`.
+#[derive(Debug, Clone, Default)]
+struct Health {
+    last_error: Option<String>,
+    rebuilds: u64,
+}
+
+/// The KurrentDB backend. See the module docs.
+pub struct KurrentDbStore {
+    settings: ClientSettings,
+    described: String,
+    resilience: Resilience,
+    conn: Mutex<Conn>,
+    health: Mutex<Health>,
+}
+
+impl std::fmt::Debug for KurrentDbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KurrentDbStore")
+            .field("at", &self.described)
+            .finish()
+    }
+}
+
+/// Why one attempt failed.
+enum Failure {
+    /// Worth another attempt; `rebuild` asks for a fresh connection first.
+    Transient { message: String, rebuild: bool },
+    /// Retrying will not help.
+    Fatal(StoreError),
+}
+
+/// Whether `url` names a KurrentDB store.
+pub fn is_kurrentdb_url(url: &str) -> bool {
+    [
+        "kurrentdb://",
+        "kurrentdb+discover://",
+        "esdb://",
+        "esdb+discover://",
+        "kurrent://",
+        "kurrent+discover://",
+    ]
+    .iter()
+    .any(|scheme| url.starts_with(scheme))
+}
+
+/// `url` without the password, for logs and `/healthz`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, hosts)) if !userinfo.contains('/') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl KurrentDbStore {
+    /// Connects to the store named by `url` (a KurrentDB connection string)
+    /// with the default [`Resilience`]. Fails if the string is malformed;
+    /// the cluster itself is dialled on first use.
+    pub async fn open(url: &str) -> anyhow::Result<Self> {
+        Self::open_with(url, Resilience::default()).await
+    }
+
+    /// Like [`KurrentDbStore::open`], with explicit retry settings.
+    pub async fn open_with(url: &str, resilience: Resilience) -> anyhow::Result<Self> {
+        let settings: ClientSettings = url.parse().map_err(|e: kurrentdb::ClientSettingsParseError| {
+            anyhow::anyhow!(
+                "cannot parse the KurrentDB connection string {}: {}; write it as \
+                 kurrentdb://[user:password@]host:port[,host:port...][?tls=false&nodePreference=leader] \
+                 or kurrentdb+discover://host:port",
+                redact(url),
+                e.message()
+            )
+        })?;
+        let client = Client::new(settings.clone()).map_err(|e| {
+            anyhow::anyhow!("cannot create a KurrentDB client for {}: {e}", redact(url))
+        })?;
+        Ok(KurrentDbStore {
+            settings,
+            described: format!("kurrentdb {}", redact(url)),
+            resilience,
+            conn: Mutex::new(Conn {
+                client,
+                generation: 0,
+                failures: 0,
+            }),
+            health: Mutex::new(Health::default()),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn health_state(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times the client has been rebuilt (fresh discovery).
+    pub fn rebuilds(&self) -> u64 {
+        self.health_state().rebuilds
+    }
+
+    /// Notes a transient failure on connection `generation`; rebuilds the
+    /// client if asked to or if that connection keeps failing. Concurrent
+    /// callers that saw the same connection fail rebuild it only once.
+    fn note_failure(&self, generation: u64, message: &str, rebuild: bool) {
+        let mut conn = self.conn();
+        if conn.generation != generation {
+            return; // Someone already replaced it.
+        }
+        conn.failures += 1;
+        if !(rebuild || conn.failures >= self.resilience.rebuild_after) {
+            return;
+        }
+        match Client::new(self.settings.clone()) {
+            Ok(client) => {
+                tracing::info!(
+                    store = %self.described,
+                    "reconnecting to KurrentDB with a fresh discovery after: {message}"
+                );
+                *conn = Conn {
+                    client,
+                    generation: generation + 1,
+                    failures: 0,
+                };
+                drop(conn);
+                self.health_state().rebuilds += 1;
+            }
+            Err(e) => {
+                tracing::warn!(store = %self.described, "cannot rebuild the KurrentDB client: {e}")
+            }
+        }
+    }
+
+    fn note_success(&self, generation: u64) {
+        let mut conn = self.conn();
+        if conn.generation == generation {
+            conn.failures = 0;
+        }
+        drop(conn);
+        self.health_state().last_error = None;
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or the budget is spent.
+    async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.resilience.budget;
+        let mut backoff = self.resilience.first_backoff;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let (client, generation) = {
+                let conn = self.conn();
+                (conn.client.clone(), conn.generation)
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let limit = self.resilience.attempt_timeout.min(left);
+            let (message, rebuild) = match tokio::time::timeout(limit, op(client)).await {
+                Ok(Ok(value)) => {
+                    self.note_success(generation);
+                    return Ok(value);
+                }
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+                Ok(Err(Failure::Transient { message, rebuild })) => (message, rebuild),
+                Err(_) => (format!("no answer within {limit:?}"), true),
+            };
+            tracing::debug!(store = %self.described, attempts, "{what} failed, will retry: {message}");
+            self.note_failure(generation, &message, rebuild);
+            // Full jitter keeps a crowd of retrying actors from moving in step.
+            let pause = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            backoff = (backoff * 2).min(self.resilience.max_backoff);
+            if Instant::now() + pause >= deadline {
+                let text = format!(
+                    "KurrentDB ({}) did not complete {what} within {:?} ({attempts} attempts; last error: {message}). \
+                     Check that the cluster is running and reachable from this host; a command that failed this way \
+                     can be retried safely with the same Idempotency-Key",
+                    self.described, self.resilience.budget
+                );
+                self.health_state().last_error = Some(text.clone());
+                return Err(StoreError::Unavailable(text));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Checks, with one quick call and no retries, that the cluster answers.
+    /// Used by `/healthz`.
+    pub async fn check_health(&self) -> Result<(), StoreError> {
+        let client = self.conn().client.clone();
+        let options = ReadAllOptions::default()
+            .backwards()
+            .position(StreamPosition::End)
+            .max_count(1)
+            .requires_leader(true)
+            .deadline(Duration::from_secs(2));
+        let attempt = async {
+            let mut page = client.read_all(&options).await?;
+            page.next().await.map(|_| ())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "KurrentDB ({}) does not answer: {e}",
+                self.described
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "KurrentDB ({}) did not answer within 3s",
+                self.described
+            ))),
+        }
+    }
+
+    /// The stream's events from `revision` on (at most `count`), in order.
+    async fn read_revisions(
+        &self,
+        stream: &str,
+        revision: u64,
+        count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let deadline = self.resilience.attempt_timeout;
+        self.run("a stream read", |client| async move {
+            let options = ReadStreamOptions::default()
+                .forwards()
+                .position(StreamPosition::Position(revision))
+                .max_count(count)
+                .requires_leader(true)
+                .deadline(deadline);
+            let mut read = match client.read_stream(stream, &options).await {
+                Ok(read) => read,
+                Err(kurrentdb::Error::ResourceNotFound) => return Ok(Vec::new()),
+                Err(e) => return Err(classify(e)),
+            };
+            let mut out = Vec::new();
+            loop {
+                match read.next().await {
+                    Ok(Some(e)) => out.push(convert(e.get_original_event())?),
+                    Ok(None) => return Ok(out),
+                    Err(kurrentdb::Error::ResourceNotFound) => return Ok(Vec::new()),
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The last event of `stream`, if any.
+    async fn last_event(&self, stream: &str) -> Result<Option<RecordedEvent>, StoreError> {
+        let deadline = self.resilience.attempt_timeout;
+        self.run("a stream read", |client| async move {
+            let options = ReadStreamOptions::default()
+                .backwards()
+                .position(StreamPosition::End)
+                .max_count(1)
+                .requires_leader(true)
+                .deadline(deadline);
+            let mut read = match client.read_stream(stream, &options).await {
+                Ok(read) => read,
+                Err(kurrentdb::Error::ResourceNotFound) => return Ok(None),
+                Err(e) => return Err(classify(e)),
+            };
+            match read.next().await {
+                Ok(Some(e)) => Ok(Some(convert(e.get_original_event())?)),
+                Ok(None) | Err(kurrentdb::Error::ResourceNotFound) => Ok(None),
+                Err(e) => Err(classify(e)),
+            }
+        })
+        .await
+    }
+
+    /// One page of `$all` from KurrentDB position `from` (inclusive), with an
+    /// optional stream-prefix filter. Returns the events and whether the
+    /// read reached the end of the log.
+    async fn read_all_page(
+        &self,
+        from: StreamPosition<Position>,
+        count: usize,
+        prefixes: &[String],
+    ) -> Result<Result<Vec<AllRecord>, InvalidPosition>, StoreError> {
+        let deadline = self.resilience.attempt_timeout;
+        self.run("a read of $all", |client| async move {
+            let mut options = ReadAllOptions::default()
+                .forwards()
+                .position(from)
+                .max_count(count)
+                .requires_leader(true)
+                .deadline(deadline);
+            if !prefixes.is_empty() {
+                let mut filter = SubscriptionFilter::on_stream_name();
+                for p in prefixes {
+                    filter = filter.add_prefix(p);
+                }
+                options = options.filter(filter);
+            }
+            let mut read = match client.read_all(&options).await {
+                Ok(read) => read,
+                Err(e) if is_invalid_position(&e) => return Ok(Err(InvalidPosition)),
+                Err(e) => return Err(classify(e)),
+            };
+            let mut out = Vec::new();
+            loop {
+                match read.next().await {
+                    Ok(Some(e)) => {
+                        let e = e.get_original_event();
+                        let event = if e.stream_id().starts_with('$') {
+                            None
+                        } else {
+                            Some(convert(e)?)
+                        };
+                        out.push(AllRecord {
+                            position: e.position,
+                            event,
+                        });
+                    }
+                    Ok(None) => return Ok(Ok(out)),
+                    Err(e) if is_invalid_position(&e) => return Ok(Err(InvalidPosition)),
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads `$all` from Rehydra position `from` (inclusive): up to `limit`
+    /// events of streams that are not system streams (`$…`) and, if
+    /// `prefixes` is not empty, whose names start with one of them. Also
+    /// returns the KurrentDB position of the last record looked at.
+    async fn read_all_from(
+        &self,
+        from: u64,
+        limit: usize,
+        prefixes: &[String],
+    ) -> Result<(Vec<RecordedEvent>, Option<Position>), StoreError> {
+        let mut out = Vec::new();
+        let mut last_seen = None;
+        if limit == 0 {
+            return Ok((out, last_seen));
+        }
+        // A Rehydra position p is KurrentDB position p - 1. KurrentDB reads
+        // only from the start of a record: p - 1 is one when p came from an
+        // event; p - 2 is one when p is an event's position + 1 (the usual
+        // "resume after" value). Try the first, then the second.
+        let mut start = if from <= 1 {
+            StreamPosition::Start
+        } else {
+            at(from - 1)
+        };
+        let mut fell_back = false;
+        loop {
+            let want = (limit - out.len()).saturating_add(1).min(PAGE);
+            let page = match self.read_all_page(start, want, prefixes).await? {
+                Ok(page) => page,
+                Err(InvalidPosition) if !fell_back && from > 2 => {
+                    fell_back = true;
+                    start = at(from - 2);
+                    continue;
+                }
+                Err(InvalidPosition) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "KurrentDB refuses to read $all from position {from}: it is neither the position of an \
+                         event nor one past it; resume from a position Rehydra returned"
+                    )));
+                }
+            };
+            let reached_end = page.len() < want;
+            for record in page {
+                if rehydra_position(record.position) < from
+                    || last_seen.is_some_and(|p: Position| record.position <= p)
+                {
+                    continue;
+                }
+                last_seen = Some(record.position);
+                let Some(event) = record.event else {
+                    continue;
+                };
+                out.push(event);
+                if out.len() == limit {
+                    return Ok((out, last_seen));
+                }
+            }
+            match (reached_end, last_seen) {
+                (false, Some(p)) => start = StreamPosition::Position(p),
+                _ => return Ok((out, last_seen)),
+            }
+        }
+    }
+
+    /// Where the append that stored `first` at `revision` left the stream,
+    /// if the `count` events from there are `events`.
+    async fn original_result(
+        &self,
+        stream: &str,
+        revision: u64,
+        events: &[EventData],
+    ) -> Result<AppendResult, StoreError> {
+        let stored = self.read_revisions(stream, revision, events.len()).await?;
+        let same = stored.len() == events.len()
+            && stored
+                .iter()
+                .zip(events)
+                .all(|(s, e)| s.event_id == e.event_id);
+        match stored.last() {
+            Some(last) if same => Ok(AppendResult {
+                version: last.version,
+                position: last.position,
+            }),
+            _ => Err(StoreError::Corrupt(format!(
+                "the append to {stream} repeats the id of a stored event ({}) but not the events stored with it; \
+                 a message id was reused for different events",
+                events[0].event_id
+            ))),
+        }
+    }
+
+    /// Looks for `id` in `stream` (up to `version`); its revision if found.
+    async fn find_event_id(
+        &self,
+        stream: &str,
+        id: uuid::Uuid,
+        version: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut revision = 0;
+        while revision < version {
+            let page = self.read_revisions(stream, revision, PAGE).await?;
+            if let Some(hit) = page.iter().find(|e| e.event_id == id) {
+                return Ok(Some(hit.version - 1));
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => revision = last.version,
+                _ => break,
+            }
+        }
+        Ok(None)
+    }
+
+    async fn empty_append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+    ) -> Result<AppendResult, StoreError> {
+        let (version, position) = match self.last_event(stream).await? {
+            Some(e) => (e.version, e.position),
+            None => (0, 0),
+        };
+        if expected.matches(version) {
+            Ok(AppendResult { version, position })
+        } else {
+            Err(StoreError::WrongExpectedVersion {
+                stream: stream.to_owned(),
+                expected,
+                actual: version,
+            })
+        }
+    }
+
+    /// Follows `$all` from Rehydra position `from` (inclusive): first the
+    /// stored events, then new ones as they are committed, for streams whose
+    /// names start with one of `prefixes` (all non-system streams if empty).
+    ///
+    /// Uses KurrentDB's `subscribe_to_all` with a stream-prefix filter. When
+    /// the connection drops it resubscribes from the last position it
+    /// delivered, so no event is lost or repeated. The receiver gets an
+    /// error, and nothing more, if the store stays unreachable for longer
+    /// than the retry budget. Dropping the receiver ends the subscription.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        from: u64,
+        prefixes: Vec<String>,
+    ) -> mpsc::Receiver<Result<RecordedEvent, StoreError>> {
+        let (tx, rx) = mpsc::channel(256);
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = store.follow(from, &prefixes, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn follow(
+        &self,
+        from: u64,
+        prefixes: &[String],
+        tx: &mpsc::Sender<Result<RecordedEvent, StoreError>>,
+    ) -> Result<(), StoreError> {
+        // Catch up by reading, to learn a record position to subscribe from.
+        let mut next = from.max(1);
+        let mut resume: Option<Position> = None;
+        loop {
+            let (page, last) = self.read_all_from(next, PAGE, prefixes).await?;
+            if let Some(p) = last {
+                resume = Some(p);
+                next = rehydra_position(p) + 1;
+            }
+            let done = page.len() < PAGE;
+            for e in page {
+                if tx.send(Ok(e)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        if resume.is_none() {
+            resume = self.last_position().await?;
+        }
+        // Then live, resubscribing after every drop.
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let client = self.conn().client.clone();
+            let mut options = SubscribeToAllOptions::default().position(match resume {
+                Some(p) => StreamPosition::Position(p),
+                None => StreamPosition::Start,
+            });
+            let mut filter = SubscriptionFilter::on_stream_name();
+            for p in prefixes {
+                filter = filter.add_prefix(p);
+            }
+            if !prefixes.is_empty() {
+                options = options.filter(filter);
+            }
+            let mut sub = client.subscribe_to_all(&options).await;
+            let error = loop {
+                match sub.next_subscription_event().await {
+                    Ok(SubscriptionEvent::EventAppeared(e)) => {
+                        failing_since = None;
+                        let e = e.get_original_event();
+                        resume = Some(e.position);
+                        if rehydra_position(e.position) < next || e.stream_id().starts_with('$') {
+                            continue;
+                        }
+                        if tx.send(Ok(convert(e)?)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(SubscriptionEvent::Checkpoint(p)) => resume = Some(p),
+                    Ok(_) => failing_since = None,
+                    Err(e) => break e,
+                }
+            };
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            let generation = self.conn().generation;
+            let message = error.to_string();
+            self.note_failure(generation, &message, true);
+            if since.elapsed() > self.resilience.budget {
+                return Err(StoreError::Unavailable(format!(
+                    "the subscription to KurrentDB ({}) could not be resumed within {:?}: {message}",
+                    self.described, self.resilience.budget
+                )));
+            }
+            tokio::time::sleep(self.resilience.first_backoff * 5).await;
+        }
+    }
+
+    /// The position of the last record in `$all`, if any.
+    async fn last_position(&self) -> Result<Option<Position>, StoreError> {
+        let deadline = self.resilience.attempt_timeout;
+        self.run("a read of $all", |client| async move {
+            let options = ReadAllOptions::default()
+                .backwards()
+                .position(StreamPosition::End)
+                .max_count(1)
+                .requires_leader(true)
+                .deadline(deadline);
+            let mut read = client.read_all(&options).await.map_err(classify)?;
+            match read.next().await {
+                Ok(Some(e)) => Ok(Some(e.get_original_event().position)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(classify(e)),
+            }
+        })
+        .await
+    }
+}
+
+/// A `$all` read was refused because the position is not a record start.
+struct InvalidPosition;
+
+fn at(position: u64) -> StreamPosition<Position> {
+    StreamPosition::Position(Position {
+        commit: position,
+        prepare: position,
+    })
+}
+
+/// KurrentDB's position as a Rehydra position (commit position + 1). Old
+/// servers give no position on stream reads (all ones); that reads as 0.
+fn rehydra_position(p: Position) -> u64 {
+    if p.commit == u64::MAX {
+        0
+    } else {
+        p.commit + 1
+    }
+}
+
+fn is_invalid_position(e: &kurrentdb::Error) -> bool {
+    match e {
+        kurrentdb::Error::Grpc { code, message } => {
+            !matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) && message.to_ascii_lowercase().contains("position")
+        }
+        _ => false,
+    }
+}
+
+/// Sorts a client error into "retry" and "give up".
+fn classify(e: kurrentdb::Error) -> Failure {
+    use kurrentdb::Error as E;
+    let message = e.to_string();
+    match e {
+        E::NotLeaderException(_) | E::ServerError(_) | E::DeadlineExceeded => Failure::Transient {
+            message,
+            rebuild: false,
+        },
+        E::ConnectionClosed | E::GrpcConnectionError(_) => Failure::Transient {
+            message,
+            rebuild: true,
+        },
+        E::Grpc {
+            code:
+                tonic::Code::Unavailable
+                | tonic::Code::Cancelled
+                | tonic::Code::Aborted
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Unknown,
+            ..
+        } => Failure::Transient {
+            message,
+            rebuild: false,
+        },
+        E::Grpc { message: m, .. } if m.contains("Maximum Append Size") => {
+            Failure::Fatal(StoreError::Unavailable(format!(
+                "KurrentDB refused the append: {m} Make the command's events smaller, or raise the server's \
+                 MaxAppendSize (KURRENTDB_MAX_APPEND_SIZE)"
+            )))
+        }
+        E::AccessDenied => Failure::Fatal(StoreError::Unavailable(
+            "KurrentDB denied access; check the user and password in the --store connection string \
+             (kurrentdb://user:password@host:port)"
+                .into(),
+        )),
+        E::ResourceDeleted => Failure::Fatal(StoreError::Corrupt(
+            "the stream was deleted (tombstoned) in KurrentDB; its aggregate cannot be written again".into(),
+        )),
+        other => Failure::Fatal(StoreError::Unavailable(format!("KurrentDB failed: {other}"))),
+    }
+}
+
+/// `ExpectedVersion` in KurrentDB's terms.
+fn stream_state(expected: ExpectedVersion) -> StreamState {
+    match expected {
+        ExpectedVersion::Any => StreamState::Any,
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => StreamState::NoStream,
+        ExpectedVersion::StreamExists => StreamState::StreamExists,
+        ExpectedVersion::Exact(v) => StreamState::StreamRevision(v - 1),
+    }
+}
+
+/// The bytes as a JSON value, if they are JSON with nothing around it (so
+/// that writing the value gives back the same bytes).
+fn verbatim_json(data: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+    let text = std::str::from_utf8(data).ok()?;
+    let raw = serde_json::value::RawValue::from_string(text.to_owned()).ok()?;
+    (raw.get().len() == text.len()).then_some(raw)
+}
+
+/// What Rehydra sends to KurrentDB for one event.
+fn to_wire(e: &EventData) -> kurrentdb::EventData {
+    let base = match verbatim_json(&e.data) {
+        Some(raw) => kurrentdb::EventData::json(&e.event_type, &raw).ok(),
+        None => None,
+    };
+    base.unwrap_or_else(|| kurrentdb::EventData::binary(&e.event_type, Bytes::from(e.data.clone())))
+        .id(e.event_id)
+        .metadata(Bytes::from(encode_metadata(&e.metadata, &e.message_id)))
+}
+
+/// The custom metadata stored for an event: `metadata` itself when it is a
+/// JSON object with this `messageId`; otherwise a JSON object with the
+/// message id and the original bytes.
+fn encode_metadata(metadata: &[u8], message_id: &str) -> Vec<u8> {
+    if let Ok(serde_json::Value::Object(map)) =
+        serde_json::from_slice::<serde_json::Value>(metadata)
+        && map.get("messageId").and_then(|v| v.as_str()) == Some(message_id)
+        && !map.contains_key(WRAPPED_UTF8)
+        && !map.contains_key(WRAPPED_HEX)
+    {
+        return metadata.to_vec();
+    }
+    let mut wrapper = serde_json::Map::new();
+    wrapper.insert("messageId".into(), message_id.into());
+    match std::str::from_utf8(metadata) {
+        Ok(text) => wrapper.insert(WRAPPED_UTF8.into(), text.into()),
+        Err(_) => wrapper.insert(WRAPPED_HEX.into(), hex::encode(metadata).into()),
+    };
+    serde_json::Value::Object(wrapper).to_string().into_bytes()
+}
+
+/// The event's metadata bytes and message id, from its custom metadata.
+fn decode_metadata(stored: &[u8]) -> Result<(Vec<u8>, String), StoreError> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(stored)
+    else {
+        // Not written by Rehydra: no message id.
+        return Ok((stored.to_vec(), String::new()));
+    };
+    let message_id = map
+        .get("messageId")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(text) = map.get(WRAPPED_UTF8).and_then(|v| v.as_str()) {
+        return Ok((text.as_bytes().to_vec(), message_id));
+    }
+    if let Some(hex_text) = map.get(WRAPPED_HEX).and_then(|v| v.as_str()) {
+        let bytes = hex::decode(hex_text)
+            .map_err(|e| StoreError::Corrupt(format!("unreadable wrapped event metadata: {e}")))?;
+        return Ok((bytes, message_id));
+    }
+    Ok((stored.to_vec(), message_id))
+}
+
+/// A KurrentDB event as Rehydra's.
+fn convert(e: &kurrentdb::RecordedEvent) -> Result<RecordedEvent, Failure> {
+    let (metadata, message_id) = decode_metadata(&e.custom_metadata).map_err(Failure::Fatal)?;
+    Ok(RecordedEvent {
+        stream: e.stream_id().to_owned(),
+        version: e.revision + 1,
+        position: rehydra_position(e.position),
+        event_id: e.id,
+        event_type: e.event_type.clone(),
+        data: e.data.to_vec(),
+        metadata,
+        message_id,
+    })
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Fatal(e) => e,
+            Failure::Transient { message, .. } => StoreError::Unavailable(message),
+        }
+    }
+}
+
+/// One record of a `$all` page: its position, and the event unless it
+/// belongs to a system stream (`$…`).
+struct AllRecord {
+    position: Position,
+    event: Option<RecordedEvent>,
+}
+
+/// What one append attempt ended with.
+enum Appended {
+    Written(kurrentdb::WriteResult),
+    Conflict(CurrentRevision),
+}
+
+#[async_trait]
+impl EventStore for KurrentDbStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        if events.is_empty() {
+            return self.empty_append(stream, expected).await;
+        }
+        let state = stream_state(expected);
+        let wire: Vec<kurrentdb::EventData> = events.iter().map(to_wire).collect();
+        let deadline = self.resilience.attempt_timeout;
+        let outcome = self
+            .run("an append", |client| {
+                let wire = wire.clone();
+                async move {
+                    let options = AppendToStreamOptions::default()
+                        .stream_state(state)
+                        .deadline(deadline);
+                    match client.append_to_stream(stream, &options, wire).await {
+                        Ok(w) => Ok(Appended::Written(w)),
+                        Err(kurrentdb::Error::WrongExpectedVersion { current, .. }) => {
+                            Ok(Appended::Conflict(current))
+                        }
+                        Err(e) => Err(classify(e)),
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            Appended::Written(w) if w.position == Position::start() => {
+                // KurrentDB answers a recognised retry with the original
+                // revisions but no position; read it.
+                let first = (w.next_expected_version + 1).saturating_sub(events.len() as u64);
+                self.original_result(stream, first, &events).await
+            }
+            Appended::Written(w) => Ok(AppendResult {
+                version: w.next_expected_version + 1,
+                position: rehydra_position(w.position),
+            }),
+            Appended::Conflict(current) => {
+                let actual = match current {
+                    CurrentRevision::Current(r) => r + 1,
+                    CurrentRevision::NoStream => 0,
+                };
+                // An expectation ahead of the stream cannot be a live writer's
+                // view: it may be a retry with a stale expectation. Look for
+                // the append's first event.
+                if let ExpectedVersion::Exact(v) = expected
+                    && v > actual
+                    && let Some(revision) = self
+                        .find_event_id(stream, events[0].event_id, actual)
+                        .await?
+                {
+                    return self.original_result(stream, revision, &events).await;
+                }
+                Err(StoreError::WrongExpectedVersion {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual,
+                })
+            }
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // Revisions are signed 64-bit on the server; nothing lives that far.
+        if limit == 0 || from_version > i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
+        self.read_revisions(stream, from_version.saturating_sub(1), limit)
+            .await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        Ok(self.last_event(stream).await?.map_or(0, |e| e.version))
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        Ok(self.read_all_from(from_position, limit, &[]).await?.0)
+    }
+
+    async fn find_by_message_id(
+        &self,
+        stream: &str,
+        message_id: &str,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // KurrentDB has no index on metadata: scan the stream.
+        let mut found = Vec::new();
+        let mut revision = 0;
+        loop {
+            let page = self.read_revisions(stream, revision, PAGE).await?;
+            let full = page.len() == PAGE;
+            if let Some(last) = page.last() {
+                revision = last.version;
+            }
+            found.extend(page.into_iter().filter(|e| e.message_id == message_id));
+            if !full {
+                return Ok(found);
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.check_health().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_recognised_and_redacted() {
+        assert!(is_kurrentdb_url("esdb://localhost:2113?tls=false"));
+        assert!(is_kurrentdb_url(
+            "kurrentdb+discover://cluster.example:2113"
+        ));
+        assert!(!is_kurrentdb_url("embedded://x"));
+        assert_eq!(
+            redact("kurrentdb://admin:changeit@h1:2113,h2:2113?tls=true"),
+            "kurrentdb://admin:***@h1:2113,h2:2113?tls=true"
+        );
+        assert_eq!(redact("esdb://h:2113"), "esdb://h:2113");
+    }
+
+    #[test]
+    fn versions_map_to_revisions() {
+        assert!(matches!(
+            stream_state(ExpectedVersion::Exact(0)),
+            StreamState::NoStream
+        ));
+        assert!(matches!(
+            stream_state(ExpectedVersion::Exact(5)),
+            StreamState::StreamRevision(4)
+        ));
+        assert!(matches!(
+            stream_state(ExpectedVersion::Any),
+            StreamState::Any
+        ));
+        assert!(matches!(
+            stream_state(ExpectedVersion::StreamExists),
+            StreamState::StreamExists
+        ));
+    }
+
+    #[test]
+    fn metadata_round_trips_with_its_message_id() {
+        let plain = br#"{"$correlationId":"c","messageId":"m-1"}"#;
+        assert_eq!(encode_metadata(plain, "m-1"), plain.to_vec());
+        assert_eq!(
+            decode_metadata(plain).expect("decode"),
+            (plain.to_vec(), "m-1".into())
+        );
+        for (bytes, id) in [
+            (&b""[..], "m-2"),
+            (&br#"{"messageId":"other"}"#[..], "m-3"),
+            (&b"\xff\x00 not utf8"[..], "m-4"),
+            (&b"[1,2]"[..], "m-5"),
+        ] {
+            let stored = encode_metadata(bytes, id);
+            assert_eq!(
+                decode_metadata(&stored).expect("decode"),
+                (bytes.to_vec(), id.into())
+            );
+        }
+        assert_eq!(
+            decode_metadata(b"not json").expect("decode"),
+            (b"not json".to_vec(), String::new())
+        );
+    }
+
+    #[test]
+    fn only_verbatim_json_is_marked_json() {
+        assert!(verbatim_json(br#"{"a":1}"#).is_some());
+        assert!(verbatim_json(b"{ \"a\" : 1 }").is_some());
+        assert!(verbatim_json(b"{\"a\":1}\n").is_none());
+        assert!(verbatim_json(b"").is_none());
+        assert!(verbatim_json(b"\xff").is_none());
+    }
+
+    #[test]
+    fn positions_are_one_based() {
+        assert_eq!(
+            rehydra_position(Position {
+                commit: 0,
+                prepare: 0
+            }),
+            1
+        );
+        assert_eq!(
+            rehydra_position(Position {
+                commit: 41,
+                prepare: 41
+            }),
+            42
+        );
+        assert_eq!(rehydra_position(Position::end()), 0);
+    }
+}
