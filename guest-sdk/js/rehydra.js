@@ -1,0 +1,973 @@
+/**
+ * Rehydra guest SDK for JavaScript.
+ *
+ * Write an event-sourced aggregate as plain JavaScript: declare what the
+ * plugin is (aggregate type, stream prefix, state schema), the fields of
+ * its state, one handler per command and one `apply` per event. The SDK does
+ * the rest of the `aggregate` world of `rehydra:aggregate@0.1.0`: JSON in and
+ * out, field errors, rejections, and computing the new state from the
+ * events exactly as a rebuild from the store would.
+ *
+ * ```js
+ * import { aggregate, t, rejected } from './rehydra.js';
+ *
+ * export const { describe, initialState, apply, handle } = aggregate({
+ *   type: 'counter',
+ *   streamPrefix: 'counter',
+ *   state: { total: t.u64 },
+ *   commands: {
+ *     add: { mode: 'upsert', fields: { by: t.u64 },
+ *            handle: (state, { by }) => ({ type: 'Added', data: { by } }) },
+ *   },
+ *   events: {
+ *     Added: { fields: { by: t.u64 }, apply: (s, { by }) => ({ total: s.total + by }) },
+ *   },
+ * });
+ * ```
+ *
+ * Numbers follow the component model's JavaScript conventions: 64-bit
+ * integer fields (`t.u64`, `t.i64`) are `BigInt`s, so no amount ever loses
+ * precision; 32-bit integers and `t.f64` are ordinary numbers.
+ *
+ * The behaviour mirrors the Rust SDK (`rehydra-guest`) message for message:
+ * a missing field "is required", a value of the wrong type gets serde's
+ * wording ("invalid type: string \"ten\", expected u64"), and so on, so that
+ * the same plugin written in either language answers alike.
+ *
+ * Build a component with `build.mjs` beside this file (componentize-js).
+ * The component imports nothing but the world's `log` function: console
+ * output goes to the host's log through it.
+ *
+ * @module rehydra
+ */
+
+import hostLog from 'log';
+
+import { ESCAPED_RANGES } from './printable.js';
+
+// ---------------------------------------------------------------------------
+// Logging
+
+const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
+
+/** Renders console arguments the way people expect to read them. */
+function render(args) {
+  return args
+    .map((a) => {
+      if (typeof a === 'string') return a;
+      if (a instanceof Error) return a.stack ? `${a}\n${a.stack}` : String(a);
+      try {
+        return stringifyJson(a);
+      } catch {
+        return String(a);
+      }
+    })
+    .join(' ');
+}
+
+/**
+ * Writes to the host's log, tagged with the plugin's name. `level` is one of
+ * `trace`, `debug`, `info`, `warn`, `error`.
+ *
+ * @param {'trace'|'debug'|'info'|'warn'|'error'} level
+ * @param {...unknown} args what to write; non-strings are shown as JSON
+ */
+export function log(level, ...args) {
+  if (!LEVELS.includes(level)) level = 'info';
+  hostLog(level, render(args));
+}
+
+for (const level of LEVELS) {
+  log[level] = (...args) => log(level, ...args);
+}
+
+// A plugin has no stdout or stderr: inside the component, console output
+// goes to the host's log. (Under Node, for tests, the console stays.)
+if (typeof globalThis.process === 'undefined') globalThis.console = {
+  trace: log.trace,
+  debug: log.debug,
+  log: log.info,
+  info: log.info,
+  warn: log.warn,
+  error: log.error,
+};
+
+// ---------------------------------------------------------------------------
+// JSON with lossless integers
+
+const U64_MAX = (1n << 64n) - 1n;
+const I64_MIN = -(1n << 63n);
+const I64_MAX = (1n << 63n) - 1n;
+
+const NUMBER = /-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/y;
+const STRING = /"(?:[^"\\\u0000-\u001f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"/y;
+const WHITESPACE = /[ \t\n\r]*/y;
+
+/**
+ * Parses JSON text the way the host (serde_json) reads it: an integer
+ * literal that fits a u64 or an i64 becomes a `BigInt`; any other number
+ * (with a fraction or exponent, or too large) becomes a `Number`. So
+ * `1` and `1.0` stay distinguishable, and no integer is rounded.
+ *
+ * @param {string} text
+ * @returns {unknown}
+ */
+export function parseJson(text) {
+  let pos = 0;
+  const fail = (what) => {
+    throw new SyntaxError(`${what} at offset ${pos}`);
+  };
+  const skip = () => {
+    WHITESPACE.lastIndex = pos;
+    WHITESPACE.exec(text);
+    pos = WHITESPACE.lastIndex;
+  };
+  const expect = (ch) => {
+    skip();
+    if (text[pos] !== ch) fail(`expected \`${ch}\``);
+    pos += 1;
+  };
+  const string = () => {
+    STRING.lastIndex = pos;
+    const m = STRING.exec(text);
+    if (!m) fail('invalid string');
+    pos = STRING.lastIndex;
+    return JSON.parse(m[0]);
+  };
+  const value = (depth) => {
+    if (depth > 128) fail('nested too deeply');
+    skip();
+    const ch = text[pos];
+    if (ch === '{') {
+      pos += 1;
+      const obj = {};
+      skip();
+      if (text[pos] === '}') {
+        pos += 1;
+        return obj;
+      }
+      for (;;) {
+        skip();
+        const key = string();
+        expect(':');
+        setKey(obj, key, value(depth + 1));
+        skip();
+        if (text[pos] === ',') {
+          pos += 1;
+        } else if (text[pos] === '}') {
+          pos += 1;
+          return obj;
+        } else {
+          fail('expected `,` or `}`');
+        }
+      }
+    }
+    if (ch === '[') {
+      pos += 1;
+      const arr = [];
+      skip();
+      if (text[pos] === ']') {
+        pos += 1;
+        return arr;
+      }
+      for (;;) {
+        arr.push(value(depth + 1));
+        skip();
+        if (text[pos] === ',') {
+          pos += 1;
+        } else if (text[pos] === ']') {
+          pos += 1;
+          return arr;
+        } else {
+          fail('expected `,` or `]`');
+        }
+      }
+    }
+    if (ch === '"') return string();
+    for (const [word, v] of [
+      ['true', true],
+      ['false', false],
+      ['null', null],
+    ]) {
+      if (text.startsWith(word, pos)) {
+        pos += word.length;
+        return v;
+      }
+    }
+    NUMBER.lastIndex = pos;
+    const m = NUMBER.exec(text);
+    if (!m) fail('expected a JSON value');
+    pos = NUMBER.lastIndex;
+    return numberFromLiteral(m[0], m[1] === undefined && m[2] === undefined);
+  };
+  const result = value(0);
+  skip();
+  if (pos !== text.length) fail('trailing characters');
+  return result;
+}
+
+/** A number literal as serde_json reads it (see {@link parseJson}). */
+function numberFromLiteral(literal, integral) {
+  if (integral && literal !== '-0') {
+    const n = BigInt(literal);
+    if (n >= 0n ? n <= U64_MAX : n >= I64_MIN) return n;
+  }
+  return Number(literal);
+}
+
+/** Sets `obj[key]` even for the key `__proto__`. */
+function setKey(obj, key, v) {
+  if (key === '__proto__') {
+    Object.defineProperty(obj, key, { value: v, enumerable: true, writable: true, configurable: true });
+  } else {
+    obj[key] = v;
+  }
+}
+
+/**
+ * Writes a value as compact JSON: `BigInt`s as integers, integral numbers as
+ * integers, other finite numbers in the host's float notation (`1.5`,
+ * `1e+20`), non-finite numbers as `null`. Keys keep their insertion order;
+ * `undefined` members are left out. Throws on values JSON cannot hold
+ * (functions, symbols, cycles).
+ *
+ * @param {unknown} v
+ * @returns {string}
+ */
+export function stringifyJson(v) {
+  return writeValue(v, new Set());
+}
+
+function writeValue(v, seen) {
+  switch (typeof v) {
+    case 'bigint':
+      return v.toString();
+    case 'number':
+      if (Number.isSafeInteger(v)) return String(v === 0 ? 0 : v);
+      return Number.isFinite(v) ? formatFloat(v) : 'null';
+    case 'string':
+      return JSON.stringify(v);
+    case 'boolean':
+      return v ? 'true' : 'false';
+    case 'undefined':
+      return 'null';
+    case 'object': {
+      if (v === null) return 'null';
+      if (seen.has(v)) throw new TypeError('a value refers to itself and cannot be JSON');
+      seen.add(v);
+      let out;
+      if (Array.isArray(v)) {
+        out = `[${v.map((x) => writeValue(x, seen)).join(',')}]`;
+      } else {
+        const parts = [];
+        for (const [k, x] of Object.entries(v)) {
+          if (x !== undefined) parts.push(`${JSON.stringify(k)}:${writeValue(x, seen)}`);
+        }
+        out = `{${parts.join(',')}}`;
+      }
+      seen.delete(v);
+      return out;
+    }
+    default:
+      throw new TypeError(`a ${typeof v} cannot be JSON`);
+  }
+}
+
+/**
+ * Formats a float as the host does in messages and JSON: the shortest
+ * digits that read back as the same number, in plain notation with at least
+ * one decimal (`100.0`, `0.00001`) when the decimal exponent is within
+ * -5..=15, otherwise in exponent notation (`1e+16`, `1.5e-7`).
+ *
+ * @param {number} x
+ * @returns {string}
+ */
+export function formatFloat(x) {
+  if (Number.isNaN(x)) return 'NaN';
+  if (!Number.isFinite(x)) return x > 0 ? 'inf' : '-inf';
+  const sign = x < 0 || Object.is(x, -0) ? '-' : '';
+  if (x === 0) return `${sign}0.0`;
+  const [mantissa, exponent] = Math.abs(x).toExponential().split('e');
+  const digits = mantissa.replace('.', '');
+  const e = Number(exponent);
+  if (e >= -5 && e <= 15) {
+    if (e < 0) return `${sign}0.${'0'.repeat(-e - 1)}${digits}`;
+    const whole = e + 1;
+    if (digits.length <= whole) return `${sign}${digits}${'0'.repeat(whole - digits.length)}.0`;
+    return `${sign}${digits.slice(0, whole)}.${digits.slice(whole)}`;
+  }
+  const m = digits.length > 1 ? `${digits[0]}.${digits.slice(1)}` : digits;
+  return `${sign}${m}e${e < 0 ? '-' : '+'}${Math.abs(e)}`;
+}
+
+// ---------------------------------------------------------------------------
+// Field types
+
+/** A field of a command or event that does not fit its declared type. */
+class FieldProblem extends Error {
+  constructor(field, message) {
+    super(message);
+    this.field = field;
+  }
+}
+
+/**
+ * Whether Rust's `Debug` for `str` writes code point `c` as `\u{..}`:
+ * everything not printable (control, format, private use, unassigned,
+ * separators other than the space) and every grapheme extender. The table
+ * is generated (guest-sdk/tools/gen-printable.mjs), so that the answer does
+ * not depend on the engine's Unicode data — SpiderMonkey in a component
+ * has none.
+ */
+function isEscaped(c) {
+  let lo = 0;
+  let hi = ESCAPED_RANGES.length - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    const [first, last] = ESCAPED_RANGES[mid];
+    if (c < first) hi = mid - 1;
+    else if (c > last) lo = mid + 1;
+    else return true;
+  }
+  return false;
+}
+
+/** A string as Rust's `{:?}` shows it, quotes included. */
+function debugString(s) {
+  let out = '"';
+  for (const ch of s) {
+    switch (ch) {
+      case '\0':
+        out += '\\0';
+        break;
+      case '\t':
+        out += '\\t';
+        break;
+      case '\r':
+        out += '\\r';
+        break;
+      case '\n':
+        out += '\\n';
+        break;
+      case '\\':
+        out += '\\\\';
+        break;
+      case '"':
+        out += '\\"';
+        break;
+      default:
+        if (isEscaped(ch.codePointAt(0))) {
+          out += `\\u{${ch.codePointAt(0).toString(16)}}`;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return `${out}"`;
+}
+
+/** What serde calls the value it did not expect. */
+function unexpected(v) {
+  switch (typeof v) {
+    case 'bigint':
+      return `integer \`${v}\``;
+    case 'number':
+      return `floating point \`${formatFloat(v)}\``;
+    case 'string':
+      return `string ${debugString(v)}`;
+    case 'boolean':
+      return `boolean \`${v}\``;
+    default:
+      if (v === null || v === undefined) return 'null';
+      return Array.isArray(v) ? 'sequence' : 'map';
+  }
+}
+
+function invalidType(path, v, expected) {
+  return new FieldProblem(path, `invalid type: ${unexpected(v)}, expected ${expected}`);
+}
+
+/** Compares strings by code point, the order of the host's JSON maps. */
+function byCodePoint(a, b) {
+  const x = [...a];
+  const y = [...b];
+  for (let i = 0; i < Math.min(x.length, y.length); i += 1) {
+    const d = x[i].codePointAt(0) - y[i].codePointAt(0);
+    if (d !== 0) return d;
+  }
+  return x.length - y.length;
+}
+
+function isObject(v) {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+const join = (path, name) => (path ? `${path}.${name}` : name);
+
+/**
+ * Decodes the declared `fields` of `obj` as a Rust struct deserializes:
+ * present fields in key order (the first bad one wins), then missing ones
+ * in declaration order ("is required", unless optional). Other keys are
+ * ignored.
+ */
+function decodeFields(fields, obj, path) {
+  const out = {};
+  const present = Object.keys(obj)
+    .filter((k) => Object.hasOwn(fields, k))
+    .sort(byCodePoint);
+  for (const key of present) {
+    out[key] = fields[key].decode(obj[key], join(path, key));
+  }
+  for (const [key, type] of Object.entries(fields)) {
+    if (Object.hasOwn(out, key)) continue;
+    if (!type.optional) throw new FieldProblem(join(path, key), 'is required');
+    out[key] = null;
+  }
+  return out;
+}
+
+/** Encodes the declared `fields` of `obj`, in declaration order. */
+function encodeFields(fields, obj, path) {
+  if (!isObject(obj)) throw new TypeError(`${path || 'the value'} must be an object`);
+  const parts = [];
+  for (const [key, type] of Object.entries(fields)) {
+    const v = obj[key];
+    if ((v === undefined || v === null) && !type.optional) {
+      throw new TypeError(`field \`${join(path, key)}\` is missing`);
+    }
+    parts.push(`${JSON.stringify(key)}:${type.encode(v, join(path, key))}`);
+  }
+  return `{${parts.join(',')}}`;
+}
+
+function integer(name, min, max, big) {
+  return {
+    expected: name,
+    zero: big ? 0n : 0,
+    decode(v, path) {
+      if (typeof v !== 'bigint') throw invalidType(path, v, name);
+      if (v < min || v > max) throw new FieldProblem(path, `invalid value: integer \`${v}\`, expected ${name}`);
+      return big ? v : Number(v);
+    },
+    encode(v, path) {
+      let n = v;
+      if (typeof v === 'number' && Number.isSafeInteger(v)) n = BigInt(v);
+      if (typeof n !== 'bigint' || n < min || n > max) {
+        throw new TypeError(`field \`${path}\` must be a ${name}, not ${stringifyJson(v)}`);
+      }
+      return n.toString();
+    },
+  };
+}
+
+/**
+ * Field types. Each one decodes a JSON value (with the host's error
+ * messages) and encodes one back.
+ */
+export const t = {
+  /** A string. */
+  string: {
+    expected: 'a string',
+    zero: '',
+    decode(v, path) {
+      if (typeof v !== 'string') throw invalidType(path, v, 'a string');
+      return v;
+    },
+    encode(v, path) {
+      if (typeof v !== 'string') throw new TypeError(`field \`${path}\` must be a string`);
+      return JSON.stringify(v);
+    },
+  },
+  /** `true` or `false`. */
+  bool: {
+    expected: 'a boolean',
+    zero: false,
+    decode(v, path) {
+      if (typeof v !== 'boolean') throw invalidType(path, v, 'a boolean');
+      return v;
+    },
+    encode(v, path) {
+      if (typeof v !== 'boolean') throw new TypeError(`field \`${path}\` must be a boolean`);
+      return v ? 'true' : 'false';
+    },
+  },
+  /** An unsigned 64-bit integer, as a `BigInt`. */
+  u64: integer('u64', 0n, U64_MAX, true),
+  /** A signed 64-bit integer, as a `BigInt`. */
+  i64: integer('i64', I64_MIN, I64_MAX, true),
+  /** An unsigned 32-bit integer, as a number. */
+  u32: integer('u32', 0n, 0xffff_ffffn, false),
+  /** A signed 32-bit integer, as a number. */
+  i32: integer('i32', -(2n ** 31n), 2n ** 31n - 1n, false),
+  /** A 64-bit float, as a number; integers are accepted too. */
+  f64: {
+    expected: 'f64',
+    zero: 0,
+    decode(v, path) {
+      if (typeof v === 'bigint') return Number(v);
+      if (typeof v !== 'number') throw invalidType(path, v, 'f64');
+      return v;
+    },
+    encode(v, path) {
+      const n = typeof v === 'bigint' ? Number(v) : v;
+      if (typeof n !== 'number') throw new TypeError(`field \`${path}\` must be a number`);
+      return Number.isFinite(n) ? formatFloat(n) : 'null';
+    },
+  },
+  /** Any JSON value, unchecked (integers as `BigInt`s). */
+  any: {
+    expected: 'any value',
+    zero: null,
+    decode: (v) => v,
+    encode: (v) => stringifyJson(v),
+  },
+  /**
+   * `null` or `type`; a missing field reads as `null`.
+   *
+   * @param {object} type
+   */
+  optional(type) {
+    return {
+      expected: type.expected,
+      optional: true,
+      zero: null,
+      decode: (v, path) => (v === null || v === undefined ? null : type.decode(v, path)),
+      encode: (v, path) => (v === null || v === undefined ? 'null' : type.encode(v, path)),
+    };
+  },
+  /**
+   * An array of `type`.
+   *
+   * @param {object} type
+   */
+  list(type) {
+    return {
+      expected: 'a sequence',
+      get zero() {
+        return [];
+      },
+      decode(v, path) {
+        if (!Array.isArray(v)) throw invalidType(path, v, 'a sequence');
+        return v.map((x, i) => type.decode(x, `${path}[${i}]`));
+      },
+      encode(v, path) {
+        if (!Array.isArray(v)) throw new TypeError(`field \`${path}\` must be an array`);
+        return `[${v.map((x, i) => type.encode(x, `${path}[${i}]`)).join(',')}]`;
+      },
+    };
+  },
+  /**
+   * An object with the given fields; `name` is used in messages
+   * ("expected struct Address").
+   *
+   * @param {string} name
+   * @param {Record<string, object>} fields
+   */
+  record(name, fields) {
+    return {
+      expected: `struct ${name}`,
+      fields,
+      get zero() {
+        return zeroOf(fields);
+      },
+      decode(v, path) {
+        if (!isObject(v)) throw invalidType(path, v, `struct ${name}`);
+        return decodeFields(fields, v, path);
+      },
+      encode: (v, path) => encodeFields(fields, v, path),
+    };
+  },
+};
+
+/** The zero value of each field, as Rust's `Default` would give it. */
+function zeroOf(fields) {
+  const out = {};
+  for (const [key, type] of Object.entries(fields)) out[key] = type.zero;
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Rejections
+
+/**
+ * Why a command was refused. Throw one from a handler (use
+ * {@link invalid}, {@link rejected}, {@link forbidden}); nothing is stored.
+ */
+export class Rejection extends Error {
+  /**
+   * @param {{tag: string, val: unknown}} variant the WIT `rejection`
+   */
+  constructor(variant) {
+    super(
+      variant.tag === 'invalid'
+        ? variant.val.map((f) => `${f.field}: ${f.message}`).join('; ')
+        : String(variant.val),
+    );
+    this.name = 'Rejection';
+    this.variant = variant;
+  }
+}
+
+/**
+ * The command's data is invalid (HTTP 422 `invalid_command`). Give one
+ * field and its message, or an object of `{field: message}`.
+ *
+ * @param {string | Record<string, string>} field
+ * @param {string} [message]
+ */
+export function invalid(field, message) {
+  const entries = typeof field === 'string' ? [[field, message]] : Object.entries(field);
+  return new Rejection({
+    tag: 'invalid',
+    val: entries.map(([f, m]) => ({ field: f, message: String(m) })),
+  });
+}
+
+/**
+ * A domain rule refused the command (HTTP 422 `rejected`).
+ *
+ * @param {string} message
+ */
+export function rejected(message) {
+  return new Rejection({ tag: 'rejected', val: String(message) });
+}
+
+/**
+ * The caller may not do this (HTTP 403 `forbidden`).
+ *
+ * @param {string} message
+ */
+export function forbidden(message) {
+  return new Rejection({ tag: 'forbidden', val: String(message) });
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for handlers
+
+const RUST_WHITESPACE =
+  '\t\n\u000b\u000c\r \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000';
+
+/**
+ * Removes leading and trailing Unicode White_Space, exactly like Rust's
+ * `str::trim` (JavaScript's own `trim` also removes U+FEFF and keeps U+0085).
+ *
+ * @param {string} s
+ * @returns {string}
+ */
+export function trim(s) {
+  let start = 0;
+  let end = s.length;
+  while (start < end && RUST_WHITESPACE.includes(s[start])) start += 1;
+  while (end > start && RUST_WHITESPACE.includes(s[end - 1])) end -= 1;
+  return s.slice(start, end);
+}
+
+/**
+ * What a handler knows about the command besides its data.
+ */
+export class Context {
+  /**
+   * @param {string} aggregateId
+   * @param {bigint} version the aggregate's version (0: it does not exist)
+   * @param {Array<[string, string]>} [metadata]
+   */
+  constructor(aggregateId, version, metadata = []) {
+    /** The id of the aggregate the command is for. */
+    this.aggregateId = aggregateId;
+    /** The aggregate's version before the command, a `BigInt`. */
+    this.version = BigInt(version);
+    /** The host's metadata, as an object. */
+    this.metadata = Object.fromEntries(metadata);
+  }
+
+  /** Whether the aggregate has no events yet. */
+  get isNew() {
+    return this.version === 0n;
+  }
+
+  /** When the host received the command (RFC 3339, UTC); plugins have no clock. */
+  get now() {
+    return this.metadata.now;
+  }
+
+  /** The command's message id (the client's idempotency key, or a UUID). */
+  get messageId() {
+    return this.metadata['message-id'];
+  }
+
+  /** The correlation id. */
+  get correlationId() {
+    return this.metadata['correlation-id'];
+  }
+
+  /** The causation id. */
+  get causationId() {
+    return this.metadata['causation-id'];
+  }
+
+  /** Who sent the command, when the host authenticated the caller. */
+  get principal() {
+    return this.metadata.principal;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The aggregate
+
+const MODES = ['create', 'update', 'upsert'];
+const NAME = /^[A-Za-z][A-Za-z0-9_.-]{0,63}$/;
+const PREFIX = /^[A-Za-z][A-Za-z0-9_.]{0,63}$/;
+const encoder = new TextEncoder();
+const decoder = new TextDecoder('utf-8', { fatal: true });
+
+/** A bug in the plugin rather than a refusal: the call traps. */
+class PluginBug extends Error {}
+
+/**
+ * Checks a definition and returns the four functions the `aggregate` world
+ * exports: `describe`, `initialState`, `apply` and `handle`. Export them
+ * from the plugin's main module under those names.
+ *
+ * @param {object} def
+ * @param {string} def.type the aggregate type, e.g. `bank-account`
+ * @param {string} def.streamPrefix streams are `<prefix>-<id>`; no `-`
+ * @param {number} [def.stateSchema] the state encoding's version (1)
+ * @param {Record<string, object> | object} def.state the state's fields
+ *   (or one field type, e.g. `t.any`)
+ * @param {object} [def.initialState] the state of a new aggregate (default:
+ *   each field's zero value: `''`, `0n`, `false`, `[]`, `null`)
+ * @param {Record<string, {mode: string, fields?: object, handle: Function}>} def.commands
+ * @param {Record<string, {fields?: object, apply: Function}>} def.events
+ * @returns {{describe: Function, initialState: Function, apply: Function, handle: Function}}
+ */
+export function aggregate(def) {
+  const problems = checkDefinition(def);
+  if (problems.length > 0) {
+    throw new Error(`the aggregate definition is wrong: ${problems.join('; ')}`);
+  }
+  const schema = def.stateSchema ?? 1;
+  const stateType = def.state.decode ? def.state : t.record('State', def.state);
+  const initial = def.initialState ?? stateType.zero;
+  const commandNames = Object.keys(def.commands);
+  const eventTypes = Object.keys(def.events);
+  const eventTypeOf = Object.fromEntries(
+    eventTypes.map((name) => [name, t.record(name, def.events[name].fields ?? {})]),
+  );
+
+  // A new aggregate's state is read back from its encoding, like any other
+  // state: handlers get a fresh copy with the decoded types.
+  const freshInitial = () => stateType.decode(parseJson(stateType.encode(initial, '')), '');
+  const encodeState = (state) => ({ schema, bytes: encoder.encode(stateType.encode(state, '')) });
+
+  /** State bytes to a state; `null` when they do not read as this plugin's state. */
+  const decodeState = (s) => {
+    if (s.bytes.length === 0) return freshInitial();
+    if (s.schema !== schema) return null;
+    try {
+      return stateType.decode(parseJson(decoder.decode(s.bytes)), '');
+    } catch (e) {
+      const why = e instanceof FieldProblem && e.field ? `field \`${e.field}\`: ${e.message}` : e.message;
+      log.warn(`state of schema ${s.schema} does not read as this plugin's state: ${why}`);
+      return null;
+    }
+  };
+
+  const decodeEvent = (eventType, bytes) => {
+    const type = eventTypeOf[eventType];
+    if (!type) throw new Error('unknown event type');
+    let data;
+    try {
+      data = bytes.length === 0 ? {} : parseJson(decoder.decode(bytes));
+    } catch (e) {
+      throw new Error(`data is not valid JSON: ${e.message}`);
+    }
+    if (data === null) data = {};
+    try {
+      return type.decode(data, '');
+    } catch (e) {
+      if (e instanceof FieldProblem) {
+        throw new Error(e.field ? `field \`${e.field}\`: ${e.message}` : e.message);
+      }
+      throw e;
+    }
+  };
+
+  const applyOne = (state, eventType, data) => {
+    const next = def.events[eventType].apply(state, data);
+    return next === undefined ? state : next;
+  };
+
+  return {
+    describe() {
+      return {
+        aggregateType: def.type,
+        streamPrefix: def.streamPrefix,
+        stateSchema: schema,
+        commands: commandNames.map((name) => ({ name, mode: def.commands[name].mode })),
+        eventTypes,
+      };
+    },
+
+    initialState() {
+      return trapOnBug(def.type, 'initial-state', () => encodeState(initial));
+    },
+
+    apply(s, events) {
+      let state = decodeState(s);
+      if (state === null) {
+        throw `cannot read state of schema ${s.schema} (this plugin reads schema ${schema})`;
+      }
+      for (const e of events) {
+        let data;
+        try {
+          data = decodeEvent(e.eventType, e.data);
+        } catch (err) {
+          throw `cannot read event ${e.version} (\`${e.eventType}\`): ${err.message}`;
+        }
+        state = trapOnBug(def.type, 'apply', () => applyOne(state, e.eventType, data));
+      }
+      return trapOnBug(def.type, 'apply', () => encodeState(state));
+    },
+
+    handle(s, version, c) {
+      let state = decodeState(s);
+      if (state === null) throw { tag: 'incompatible-state', val: s.schema };
+      const command = def.commands[c.commandType];
+      if (!command) throw { tag: 'rejected', val: `unknown command \`${c.commandType}\`` };
+      let data;
+      try {
+        data = decodeCommand(command, c.data);
+      } catch (e) {
+        if (e instanceof FieldProblem) {
+          throw { tag: 'invalid', val: [{ field: e.field, message: e.message }] };
+        }
+        throw e;
+      }
+      const ctx = new Context(c.aggregateId, version, c.metadata);
+      return trapOnBug(def.type, `command \`${c.commandType}\``, () => {
+        let decided;
+        try {
+          decided = command.handle(state, data, ctx);
+        } catch (e) {
+          if (e instanceof Rejection) throw e.variant;
+          throw e;
+        }
+        const { events, reply } = normalizeDecision(decided);
+        const out = [];
+        for (const event of events) {
+          const type = eventTypeOf[event.type];
+          if (!type) {
+            throw new PluginBug(
+              `it emitted the event type \`${event.type}\`, which is not declared in \`events\``,
+            );
+          }
+          const bytes = encoder.encode(type.encode(event.data ?? {}, ''));
+          // Read the event back from its JSON, as a rebuild from the store
+          // would, so the new state is exactly the rebuilt one.
+          let stored;
+          try {
+            stored = decodeEvent(event.type, bytes);
+          } catch (e) {
+            throw new PluginBug(`the event \`${event.type}\` it just produced does not read back: ${e.message}`);
+          }
+          state = applyOne(state, event.type, stored);
+          out.push({ eventType: event.type, data: bytes });
+        }
+        return {
+          events: out,
+          state: encodeState(state),
+          reply: reply === undefined ? undefined : encoder.encode(stringifyJson(reply)),
+        };
+      });
+    },
+  };
+}
+
+/** The command's data: blank reads as `{}`; then its declared fields. */
+function decodeCommand(command, bytes) {
+  let data;
+  const text = decoder.decode(bytes);
+  if (text.trim() === '') {
+    data = {};
+  } else {
+    try {
+      data = parseJson(text);
+    } catch (e) {
+      throw new FieldProblem('', `the command's data is not valid JSON: ${e.message}`);
+    }
+  }
+  if (!command.fields) {
+    if (data === null || isObject(data)) return {};
+    throw new FieldProblem('', "the command's data must be a JSON object");
+  }
+  if (!isObject(data)) throw new FieldProblem('', "the command's data must be a JSON object");
+  return decodeFields(command.fields, data, '');
+}
+
+/** A handler's result as events and a reply. */
+function normalizeDecision(decided) {
+  if (decided === undefined || decided === null) return { events: [], reply: undefined };
+  if (Array.isArray(decided)) return { events: decided, reply: undefined };
+  if (typeof decided.type === 'string') return { events: [decided], reply: undefined };
+  if (Array.isArray(decided.events) || 'reply' in decided) {
+    return { events: decided.events ?? [], reply: decided.reply };
+  }
+  throw new PluginBug(
+    'a handler must return an event `{type, data}`, an array of events, `{events, reply}`, or nothing',
+  );
+}
+
+/**
+ * Runs `f`; a rejection variant passes through, anything else is a bug in
+ * the plugin: it is logged and the call traps (the host answers
+ * `plugin_failed`).
+ */
+function trapOnBug(type, what, f) {
+  try {
+    return f();
+  } catch (e) {
+    if (e && typeof e === 'object' && typeof e.tag === 'string' && !(e instanceof Error)) throw e;
+    const detail = e instanceof Error ? `${e.message}${e.stack ? `\n${e.stack}` : ''}` : String(e);
+    hostLog('error', `plugin \`${type}\` failed in ${what}: ${detail}`);
+    // Not a rejection: the component model cannot lower it, so the call traps.
+    throw new Error(`plugin \`${type}\` failed in ${what}`);
+  }
+}
+
+/** Every mistake in a definition, for one clear message at build time. */
+function checkDefinition(def) {
+  const problems = [];
+  if (!def || typeof def !== 'object') return ['aggregate() takes an object'];
+  if (typeof def.type !== 'string' || !NAME.test(def.type)) {
+    problems.push('`type` must be 1-64 letters, digits, `-`, `_` or `.`, starting with a letter');
+  }
+  if (typeof def.streamPrefix !== 'string' || !PREFIX.test(def.streamPrefix)) {
+    problems.push('`streamPrefix` must be 1-64 letters, digits, `_` or `.`, starting with a letter (no `-`)');
+  }
+  if (def.stateSchema !== undefined && !(Number.isInteger(def.stateSchema) && def.stateSchema >= 0)) {
+    problems.push('`stateSchema` must be a whole number');
+  }
+  if (!def.state || typeof def.state !== 'object') {
+    problems.push('`state` must give the state\'s fields, e.g. `{ total: t.u64 }`');
+  }
+  if (!isObject(def.commands) || Object.keys(def.commands).length === 0) {
+    problems.push('`commands` must declare at least one command');
+  } else {
+    for (const [name, c] of Object.entries(def.commands)) {
+      if (!NAME.test(name)) problems.push(`command name \`${name}\` is not a valid name`);
+      if (!c || !MODES.includes(c.mode)) {
+        problems.push(`command \`${name}\` needs a \`mode\`: 'create', 'update' or 'upsert'`);
+      }
+      if (!c || typeof c.handle !== 'function') problems.push(`command \`${name}\` needs a \`handle\` function`);
+    }
+  }
+  if (!isObject(def.events) || Object.keys(def.events).length === 0) {
+    problems.push('`events` must declare at least one event type');
+  } else {
+    for (const [name, e] of Object.entries(def.events)) {
+      if (!NAME.test(name)) problems.push(`event type \`${name}\` is not a valid name`);
+      if (!e || typeof e.apply !== 'function') problems.push(`event \`${name}\` needs an \`apply\` function`);
+    }
+  }
+  return problems;
+}

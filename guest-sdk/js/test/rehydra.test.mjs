@@ -1,0 +1,334 @@
+// Unit tests of the JavaScript SDK, under Node (no component needed):
+//   npm test   (in guest-sdk/js)
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import {
+  Context,
+  aggregate,
+  forbidden,
+  formatFloat,
+  invalid,
+  parseJson,
+  rejected,
+  stringifyJson,
+  t,
+  trim,
+} from '../rehydra.js';
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+const bytes = (s) => enc.encode(s);
+const json = (b) => parseJson(dec.decode(b));
+
+test('parseJson keeps integers exact and tells them from floats', () => {
+  assert.deepEqual(parseJson('{"a":1,"b":1.0,"c":[18446744073709551615,-9223372036854775808]}'), {
+    a: 1n,
+    b: 1,
+    c: [18446744073709551615n, -9223372036854775808n],
+  });
+  // Beyond u64 / i64, and "-0", serde_json reads a float.
+  assert.equal(typeof parseJson('18446744073709551616'), 'number');
+  assert.equal(typeof parseJson('-9223372036854775809'), 'number');
+  assert.ok(Object.is(parseJson('-0'), -0));
+  assert.deepEqual(parseJson(' [ true , false , null , "x\\u00e9" ] '), [true, false, null, 'xé']);
+  const proto = parseJson('{"__proto__":{"x":1}}');
+  assert.deepEqual(Object.keys(proto), ['__proto__']);
+  assert.equal(Object.getPrototypeOf(proto), Object.prototype);
+  for (const bad of ['', '{', '[1,]', '01', '"\u0001"', '{"a" 1}', 'nul', '1 2']) {
+    assert.throws(() => parseJson(bad), SyntaxError, bad);
+  }
+});
+
+test('stringifyJson writes BigInts as integers and keeps key order', () => {
+  assert.equal(stringifyJson({ b: 1n, a: [1, 1.5, 'x', null, true], u: undefined }), '{"b":1,"a":[1,1.5,"x",null,true]}');
+  assert.equal(stringifyJson(1e20), '1e+20');
+  assert.equal(stringifyJson(Number.NaN), 'null');
+  const cyclic = {};
+  cyclic.self = cyclic;
+  assert.throws(() => stringifyJson(cyclic), TypeError);
+});
+
+test('formatFloat writes floats as the host does', () => {
+  const cases = [
+    [1, '1.0'],
+    [1.5, '1.5'],
+    [-0, '-0.0'],
+    [100, '100.0'],
+    [1e15, '1000000000000000.0'],
+    [1e16, '1e+16'],
+    [1.5e16, '1.5e+16'],
+    [1e20, '1e+20'],
+    [18446744073709551616, '1.8446744073709552e+19'],
+    [1e-5, '0.00001'],
+    [1.2345e-5, '0.000012345'],
+    [1e-6, '1e-6'],
+    [1e-7, '1e-7'],
+    [123e-20, '1.23e-18'],
+    [123456.789, '123456.789'],
+    [5e-324, '5e-324'],
+    [1.7976931348623157e308, '1.7976931348623157e+308'],
+    [-1e15, '-1000000000000000.0'],
+  ];
+  for (const [x, want] of cases) assert.equal(formatFloat(x), want, String(x));
+});
+
+test('field types give serde\'s messages', () => {
+  const err = (type, raw) => {
+    try {
+      type.decode(parseJson(raw), 'f');
+    } catch (e) {
+      return e.message;
+    }
+    return 'accepted';
+  };
+  assert.equal(err(t.u64, '"ten"'), 'invalid type: string "ten", expected u64');
+  assert.equal(err(t.u64, '-5'), 'invalid value: integer `-5`, expected u64');
+  assert.equal(err(t.u64, '1.0'), 'invalid type: floating point `1.0`, expected u64');
+  assert.equal(err(t.u64, 'true'), 'invalid type: boolean `true`, expected u64');
+  assert.equal(err(t.u64, 'null'), 'invalid type: null, expected u64');
+  assert.equal(err(t.u64, '[]'), 'invalid type: sequence, expected u64');
+  assert.equal(err(t.u64, '{}'), 'invalid type: map, expected u64');
+  assert.equal(err(t.u64, '18446744073709551615'), 'accepted');
+  assert.equal(err(t.u32, '4294967296'), 'invalid value: integer `4294967296`, expected u32');
+  assert.equal(err(t.i64, '9223372036854775808'), 'invalid value: integer `9223372036854775808`, expected i64');
+  assert.equal(err(t.string, '5'), 'invalid type: integer `5`, expected a string');
+  assert.equal(err(t.bool, '"yes"'), 'invalid type: string "yes", expected a boolean');
+  assert.equal(err(t.f64, '3'), 'accepted');
+  assert.equal(err(t.list(t.u32), '{}'), 'invalid type: map, expected a sequence');
+  assert.equal(err(t.optional(t.u32), 'null'), 'accepted');
+  assert.equal(err(t.record('Address', { city: t.string }), '"x"'), 'invalid type: string "x", expected struct Address');
+  // Strings are quoted as Rust's Debug quotes them.
+  assert.equal(
+    err(t.u64, '"a\\"b\\n\\u0001\\u0000\\u007f\\t\\r\\\\ é😀\'"'),
+    'invalid type: string "a\\"b\\n\\u{1}\\0\\u{7f}\\t\\r\\\\ é😀\'", expected u64',
+  );
+  assert.equal(err(t.u64, '"e\\u0301\\u00a0\\ufeff\\ue000\\u2028\\u0378\\u0903"'),
+    'invalid type: string "e\\u{301}\\u{a0}\\u{feff}\\u{e000}\\u{2028}\\u{378}ः", expected u64');
+});
+
+test('trim removes what Rust\'s str::trim removes', () => {
+  assert.equal(trim(' \u00a0Bob\ufeff '), 'Bob\ufeff');
+  assert.equal(trim('\u0085x\u0085'), 'x');
+  assert.equal(trim('  '), '');
+});
+
+// A small aggregate exercising every part of the SDK.
+const tab = aggregate({
+  type: 'tab',
+  streamPrefix: 'tab',
+  stateSchema: 3,
+  state: { table: t.u32, items: t.list(t.string), total: t.u64, paid: t.bool },
+  commands: {
+    open: {
+      mode: 'create',
+      fields: { table: t.u32 },
+      handle: (_, { table }) => ({ type: 'Opened', data: { table } }),
+    },
+    order: {
+      mode: 'update',
+      fields: { item: t.string, price: t.u64, note: t.optional(t.string) },
+      handle(state, { item, price }, ctx) {
+        if (price === 0n) throw invalid('price', 'must be greater than 0');
+        return {
+          events: [{ type: 'Ordered', data: { item, price } }],
+          reply: { total: state.total + price, version: ctx.version },
+        };
+      },
+    },
+    pay: {
+      mode: 'update',
+      handle(state, _, ctx) {
+        if (state.paid) return { events: [], reply: ctx.version };
+        if (!ctx.principal) throw forbidden('sign in to pay');
+        return [{ type: 'Paid' }];
+      },
+    },
+    refund: {
+      mode: 'update',
+      handle() {
+        throw rejected('no refunds');
+      },
+    },
+    broken: { mode: 'upsert', handle: () => ({ type: 'Exploded' }) },
+  },
+  events: {
+    Opened: { fields: { table: t.u32 }, apply: (s, { table }) => ({ ...s, table }) },
+    Ordered: {
+      fields: { item: t.string, price: t.u64 },
+      apply(s, { item, price }) {
+        s.items.push(item);
+        s.total += price;
+      },
+    },
+    Paid: { apply: (s) => ({ ...s, paid: true }) },
+    Refunded: { apply: (s) => s },
+  },
+});
+
+const cmd = (commandType, data, metadata = [['principal', 'ann']]) => ({
+  commandType,
+  aggregateId: 't1',
+  data: bytes(data),
+  metadata,
+});
+
+/** Opens table 4 and orders two items; every decision. */
+function session() {
+  const s0 = tab.initialState();
+  const open = tab.handle(s0, 0n, cmd('open', '{"table":4}'));
+  const tea = tab.handle(open.state, 1n, cmd('order', '{"item":"tea","price":3}'));
+  const cake = tab.handle(tea.state, 2n, cmd('order', '{"price":5,"item":"cake"}'));
+  return [open, tea, cake];
+}
+
+test('describe lists what was declared', () => {
+  assert.deepEqual(tab.describe(), {
+    aggregateType: 'tab',
+    streamPrefix: 'tab',
+    stateSchema: 3,
+    commands: [
+      { name: 'open', mode: 'create' },
+      { name: 'order', mode: 'update' },
+      { name: 'pay', mode: 'update' },
+      { name: 'refund', mode: 'update' },
+      { name: 'broken', mode: 'upsert' },
+    ],
+    eventTypes: ['Opened', 'Ordered', 'Paid', 'Refunded'],
+  });
+});
+
+test('the initial state is every field\'s zero value', () => {
+  const s = tab.initialState();
+  assert.equal(s.schema, 3);
+  assert.equal(dec.decode(s.bytes), '{"table":0,"items":[],"total":0,"paid":false}');
+});
+
+test('handle emits events in declaration order, with the new state and a reply', () => {
+  const [open, , cake] = session();
+  assert.deepEqual(open.events.map((e) => [e.eventType, dec.decode(e.data)]), [['Opened', '{"table":4}']]);
+  assert.equal(open.reply, undefined);
+  assert.equal(dec.decode(cake.events[0].data), '{"item":"cake","price":5}');
+  assert.equal(dec.decode(cake.state.bytes), '{"table":4,"items":["tea","cake"],"total":8,"paid":false}');
+  assert.equal(dec.decode(cake.reply), '{"total":8,"version":2}');
+});
+
+test('the state after handle equals the state rebuilt from the events', () => {
+  const decisions = session();
+  const events = decisions.flatMap((d) => d.events).map((e, i) => ({ ...e, version: BigInt(i + 1), metadata: [] }));
+  const rebuilt = tab.apply(tab.initialState(), events);
+  assert.deepEqual(rebuilt, decisions[2].state);
+});
+
+test('bad data is a field error naming the field', () => {
+  const s = session()[2].state;
+  const rejection = (c, data) => {
+    try {
+      tab.handle(s, 3n, cmd(c, data));
+    } catch (e) {
+      return e;
+    }
+    return assert.fail('accepted');
+  };
+  assert.deepEqual(rejection('order', '{"price":2}'), { tag: 'invalid', val: [{ field: 'item', message: 'is required' }] });
+  assert.deepEqual(rejection('order', '{"item":"x","price":0}'), {
+    tag: 'invalid',
+    val: [{ field: 'price', message: 'must be greater than 0' }],
+  });
+  // Present fields are checked in key order before missing ones.
+  assert.deepEqual(rejection('order', '{"price":"x","note":5}'), {
+    tag: 'invalid',
+    val: [{ field: 'note', message: 'invalid type: integer `5`, expected a string' }],
+  });
+  assert.deepEqual(rejection('order', '[1]'), {
+    tag: 'invalid',
+    val: [{ field: '', message: "the command's data must be a JSON object" }],
+  });
+  assert.deepEqual(rejection('refund', '{}'), { tag: 'rejected', val: 'no refunds' });
+  assert.deepEqual(rejection('tip', '{}'), { tag: 'rejected', val: 'unknown command `tip`' });
+});
+
+test('a command without fields takes a blank body, {} or null', () => {
+  const s = session()[2].state;
+  for (const body of ['', ' ', '{}', 'null', '{"extra":1}']) {
+    const paid = tab.handle(s, 3n, cmd('pay', body));
+    assert.equal(paid.events[0].eventType, 'Paid');
+    assert.equal(dec.decode(paid.events[0].data), '{}');
+  }
+});
+
+test('forbidden, and a no-op with a reply', () => {
+  const s = session()[2].state;
+  assert.deepEqual(
+    (() => {
+      try {
+        return tab.handle(s, 3n, cmd('pay', '', []));
+      } catch (e) {
+        return e;
+      }
+    })(),
+    { tag: 'forbidden', val: 'sign in to pay' },
+  );
+  const paid = tab.handle(s, 3n, cmd('pay', '')).state;
+  const again = tab.handle(paid, 4n, cmd('pay', ''));
+  assert.deepEqual(again.events, []);
+  assert.equal(dec.decode(again.reply), '4');
+  assert.deepEqual(again.state, paid);
+});
+
+test('state of another schema, or unreadable, is incompatible', () => {
+  const other = { schema: 2, bytes: bytes('{"table":1}') };
+  assert.throws(() => tab.handle(other, 1n, cmd('pay', '')), (e) => e.tag === 'incompatible-state' && e.val === 2);
+  assert.throws(() => tab.apply(other, []), /schema 2/);
+  const garbage = { schema: 3, bytes: bytes('{"tables":"many"}') };
+  assert.throws(() => tab.handle(garbage, 1n, cmd('pay', '')), (e) => e.tag === 'incompatible-state' && e.val === 3);
+  // Empty bytes are the initial state whatever the schema.
+  assert.equal(tab.handle({ schema: 0, bytes: new Uint8Array() }, 0n, cmd('open', '{"table":1}')).events.length, 1);
+});
+
+test('apply names the event it cannot read', () => {
+  const s = tab.initialState();
+  assert.throws(
+    () => tab.apply(s, [{ eventType: 'Spilled', data: bytes('{}'), version: 7n, metadata: [] }]),
+    (e) => e === 'cannot read event 7 (`Spilled`): unknown event type',
+  );
+  assert.throws(
+    () => tab.apply(s, [{ eventType: 'Ordered', data: bytes('{"item":"x"}'), version: 2n, metadata: [] }]),
+    (e) => e === 'cannot read event 2 (`Ordered`): field `price`: is required',
+  );
+});
+
+test('a bug in the plugin traps and is logged', () => {
+  globalThis.rehydraLog.length = 0;
+  assert.throws(() => tab.handle(tab.initialState(), 0n, cmd('broken', '{}')), Error);
+  const [[level, message]] = globalThis.rehydraLog;
+  assert.equal(level, 'error');
+  assert.match(message, /`Exploded`, which is not declared/);
+});
+
+test('a wrong definition fails at build time with every problem', () => {
+  assert.throws(
+    () => aggregate({ type: 'x', streamPrefix: 'a-b', state: {}, commands: { go: { mode: 'sometimes' } }, events: {} }),
+    (e) =>
+      /streamPrefix/.test(e.message) &&
+      /`go` needs a `mode`/.test(e.message) &&
+      /`go` needs a `handle`/.test(e.message) &&
+      /at least one event type/.test(e.message),
+  );
+});
+
+test('the context reads the host\'s metadata', () => {
+  const ctx = new Context('a1', 0n, [
+    ['now', '2026-01-01T00:00:00Z'],
+    ['message-id', 'm'],
+    ['correlation-id', 'c'],
+    ['causation-id', 'k'],
+  ]);
+  assert.equal(ctx.isNew, true);
+  assert.equal(ctx.now, '2026-01-01T00:00:00Z');
+  assert.deepEqual([ctx.messageId, ctx.correlationId, ctx.causationId, ctx.principal], ['m', 'c', 'k', undefined]);
+});
+
+test('json helper round trip', () => {
+  assert.deepEqual(json(bytes('{"a":[1]}')), { a: [1n] });
+});

@@ -1,0 +1,298 @@
+"""Unit tests of the Python SDK, under plain CPython (no component needed):
+
+    python3 -m unittest discover -s guest-sdk/python/tests
+"""
+
+import math
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from rehydra import (  # noqa: E402
+    Aggregate,
+    Context,
+    FieldProblem,
+    PluginBug,
+    Rejection,
+    Unreadable,
+    decision,
+    event,
+    forbidden,
+    format_float,
+    invalid,
+    parse_json,
+    rejected,
+    stringify_json,
+    t,
+    trim,
+)
+
+
+class JsonTest(unittest.TestCase):
+    def test_integers_are_exact_and_told_from_floats(self):
+        self.assertEqual(parse_json('{"a":1,"b":1.0}'), {"a": 1, "b": 1.0})
+        self.assertIsInstance(parse_json("1"), int)
+        self.assertIsInstance(parse_json("1.0"), float)
+        self.assertEqual(parse_json("18446744073709551615"), 18446744073709551615)
+        self.assertEqual(parse_json("-9223372036854775808"), -9223372036854775808)
+        # Beyond u64 / i64, and "-0", serde_json reads a float.
+        self.assertIsInstance(parse_json("18446744073709551616"), float)
+        self.assertIsInstance(parse_json("-9223372036854775809"), float)
+        self.assertEqual(math.copysign(1, parse_json("-0")), -1)
+        with self.assertRaises(ValueError):
+            parse_json("NaN")
+        with self.assertRaises(ValueError):
+            parse_json("{")
+
+    def test_stringify(self):
+        self.assertEqual(
+            stringify_json({"b": 1, "a": [1, 1.5, "é", None, True]}),
+            '{"b":1,"a":[1,1.5,"é",null,true]}',
+        )
+        self.assertEqual(stringify_json(1e20), "1e+20")
+        self.assertEqual(stringify_json(float("nan")), "null")
+        with self.assertRaises(TypeError):
+            stringify_json(object())
+
+    def test_floats_are_written_as_the_host_writes_them(self):
+        cases = [
+            (1.0, "1.0"),
+            (1.5, "1.5"),
+            (-0.0, "-0.0"),
+            (100.0, "100.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (1e20, "1e+20"),
+            (18446744073709551616.0, "1.8446744073709552e+19"),
+            (1e-5, "0.00001"),
+            (1.2345e-5, "0.000012345"),
+            (1e-6, "1e-6"),
+            (1e-7, "1e-7"),
+            (123e-20, "1.23e-18"),
+            (123456.789, "123456.789"),
+            (5e-324, "5e-324"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (-1e15, "-1000000000000000.0"),
+        ]
+        for x, want in cases:
+            self.assertEqual(format_float(x), want, x)
+
+
+def message(ftype, raw):
+    try:
+        ftype.decode(parse_json(raw), "f")
+    except FieldProblem as e:
+        return e.message
+    return "accepted"
+
+
+class FieldTypeTest(unittest.TestCase):
+    def test_serde_messages(self):
+        cases = [
+            (t.u64, '"ten"', 'invalid type: string "ten", expected u64'),
+            (t.u64, "-5", "invalid value: integer `-5`, expected u64"),
+            (t.u64, "1.0", "invalid type: floating point `1.0`, expected u64"),
+            (t.u64, "true", "invalid type: boolean `true`, expected u64"),
+            (t.u64, "null", "invalid type: null, expected u64"),
+            (t.u64, "[]", "invalid type: sequence, expected u64"),
+            (t.u64, "{}", "invalid type: map, expected u64"),
+            (t.u64, "18446744073709551615", "accepted"),
+            (t.u32, "4294967296", "invalid value: integer `4294967296`, expected u32"),
+            (t.i64, "9223372036854775808", "invalid value: integer `9223372036854775808`, expected i64"),
+            (t.string, "5", "invalid type: integer `5`, expected a string"),
+            (t.bool, '"yes"', 'invalid type: string "yes", expected a boolean'),
+            (t.bool, "1", "invalid type: integer `1`, expected a boolean"),
+            (t.f64, "3", "accepted"),
+            (t.list(t.u32), "{}", "invalid type: map, expected a sequence"),
+            (t.optional(t.u32), "null", "accepted"),
+            (t.record("Address", {"city": t.string}), '"x"', 'invalid type: string "x", expected struct Address'),
+        ]
+        for ftype, raw, want in cases:
+            self.assertEqual(message(ftype, raw), want, raw)
+
+    def test_strings_are_quoted_as_rust_debug_quotes_them(self):
+        self.assertEqual(
+            message(t.u64, '"a\\"b\\n\\u0001\\u0000\\u007f\\t\\r\\\\ é😀\'"'),
+            'invalid type: string "a\\"b\\n\\u{1}\\0\\u{7f}\\t\\r\\\\ é😀\'", expected u64',
+        )
+        self.assertEqual(
+            message(t.u64, '"e\\u0301\\u00a0\\ufeff\\ue000\\u2028\\u0378\\u0903"'),
+            'invalid type: string "e\\u{301}\\u{a0}\\u{feff}\\u{e000}\\u{2028}\\u{378}ः", expected u64',
+        )
+
+    def test_nested_paths(self):
+        lines = t.record("Order", {"lines": t.list(t.record("Line", {"qty": t.u32}))})
+        try:
+            lines.decode(parse_json('{"lines":[{"qty":1},{}]}'), "")
+        except FieldProblem as e:
+            self.assertEqual((e.field, e.message), ("lines[1].qty", "is required"))
+        else:
+            self.fail("accepted")
+
+    def test_trim_is_rusts(self):
+        self.assertEqual(trim(" \u00a0Bob\ufeff "), "Bob\ufeff")
+        self.assertEqual(trim("\x85x\x85"), "x")
+        self.assertEqual(trim("\x1cx"), "\x1cx")
+
+
+# A small aggregate exercising every part of the SDK.
+tab = Aggregate(
+    type="tab",
+    stream_prefix="tab",
+    state_schema=3,
+    state={"table": t.u32, "items": t.list(t.string), "total": t.u64, "paid": t.bool},
+)
+
+
+@tab.command("open", mode="create", fields={"table": t.u32})
+def open_tab(state, cmd, ctx):
+    return event("Opened", table=cmd["table"])
+
+
+@tab.command("order", mode="update", fields={"item": t.string, "price": t.u64, "note": t.optional(t.string)})
+def order(state, cmd, ctx):
+    if cmd["price"] == 0:
+        raise invalid("price", "must be greater than 0")
+    return decision(
+        event("Ordered", item=cmd["item"], price=cmd["price"]),
+        reply={"total": state["total"] + cmd["price"], "version": ctx.version},
+    )
+
+
+@tab.command("pay", mode="update")
+def pay(state, cmd, ctx):
+    if state["paid"]:
+        return decision(reply=ctx.version)
+    if ctx.principal is None:
+        raise forbidden("sign in to pay")
+    return [event("Paid")]
+
+
+@tab.command("refund", mode="update")
+def refund(state, cmd, ctx):
+    raise rejected("no refunds")
+
+
+@tab.command("broken", mode="upsert")
+def broken(state, cmd, ctx):
+    return event("Exploded")
+
+
+@tab.event("Opened", fields={"table": t.u32})
+def opened(state, data):
+    return {**state, "table": data["table"]}
+
+
+@tab.event("Ordered", fields={"item": t.string, "price": t.u64})
+def ordered(state, data):
+    state["items"].append(data["item"])
+    state["total"] += data["price"]
+
+
+@tab.event("Paid")
+def paid(state, data):
+    return {**state, "paid": True}
+
+
+def ctx(version, principal="ann"):
+    meta = [("principal", principal)] if principal else []
+    return Context("t1", version, meta)
+
+
+def session():
+    """Opens table 4 and orders two items; every outcome."""
+    s0 = tab.initial_state_bytes()
+    opened_ = tab.handle_bytes(*s0, "open", b'{"table":4}', ctx(0))
+    tea = tab.handle_bytes(*opened_.state, "order", b'{"item":"tea","price":3}', ctx(1))
+    cake = tab.handle_bytes(*tea.state, "order", b'{"price":5,"item":"cake"}', ctx(2))
+    return [opened_, tea, cake]
+
+
+class AggregateTest(unittest.TestCase):
+    def refusal(self, state, command, data, context=None):
+        with self.assertRaises(Rejection) as caught:
+            tab.handle_bytes(*state, command, data, context or ctx(3))
+        return caught.exception
+
+    def test_initial_state_is_each_fields_zero(self):
+        self.assertEqual(tab.initial_state_bytes(), (3, b'{"table":0,"items":[],"total":0,"paid":false}'))
+
+    def test_handle_emits_events_with_the_new_state_and_a_reply(self):
+        opened_, _, cake = session()
+        self.assertEqual(opened_.events, [("Opened", b'{"table":4}')])
+        self.assertIsNone(opened_.reply)
+        self.assertEqual(cake.events, [("Ordered", b'{"item":"cake","price":5}')])
+        self.assertEqual(cake.state, (3, b'{"table":4,"items":["tea","cake"],"total":8,"paid":false}'))
+        self.assertEqual(cake.reply, b'{"total":8,"version":2}')
+
+    def test_state_after_handle_equals_the_rebuilt_state(self):
+        outcomes = session()
+        events = [(name, data, i + 1) for i, (name, data) in enumerate(e for o in outcomes for e in o.events)]
+        self.assertEqual(tab.apply_bytes(*tab.initial_state_bytes(), events), outcomes[2].state)
+
+    def test_bad_data_is_a_field_error(self):
+        s = session()[2].state
+        self.assertEqual(self.refusal(s, "order", b'{"price":2}'), invalid("item", "is required"))
+        self.assertEqual(self.refusal(s, "order", b'{"item":"x","price":0}'), invalid("price", "must be greater than 0"))
+        self.assertEqual(
+            self.refusal(s, "order", b'{"price":"x","note":5}'),
+            invalid("note", "invalid type: integer `5`, expected a string"),
+        )
+        self.assertEqual(self.refusal(s, "order", b"[1]"), invalid("", "the command's data must be a JSON object"))
+        self.assertEqual(self.refusal(s, "refund", b"{}"), rejected("no refunds"))
+        self.assertEqual(self.refusal(s, "tip", b"{}"), rejected("unknown command `tip`"))
+
+    def test_a_command_without_fields_takes_blank_empty_or_null(self):
+        s = session()[2].state
+        for body in [b"", b" ", b"{}", b"null", b'{"extra":1}']:
+            out = tab.handle_bytes(*s, "pay", body, ctx(3))
+            self.assertEqual(out.events, [("Paid", b"{}")])
+
+    def test_forbidden_and_a_no_op_with_a_reply(self):
+        s = session()[2].state
+        self.assertEqual(self.refusal(s, "pay", b"", ctx(3, principal=None)), forbidden("sign in to pay"))
+        paid_state = tab.handle_bytes(*s, "pay", b"", ctx(3)).state
+        again = tab.handle_bytes(*paid_state, "pay", b"", ctx(4))
+        self.assertEqual((again.events, again.reply, again.state), ([], b"4", paid_state))
+
+    def test_incompatible_state(self):
+        self.assertEqual(self.refusal((2, b'{"table":1}'), "pay", b""), Rejection("incompatible-state", 2))
+        with self.assertRaisesRegex(Unreadable, "schema 2"):
+            tab.apply_bytes(2, b'{"table":1}', [])
+        self.assertEqual(self.refusal((3, b'{"tables":"many"}'), "pay", b""), Rejection("incompatible-state", 3))
+        # Empty bytes are the initial state whatever the schema.
+        self.assertEqual(len(tab.handle_bytes(0, b"", "open", b'{"table":1}', ctx(0)).events), 1)
+
+    def test_apply_names_the_event_it_cannot_read(self):
+        s = tab.initial_state_bytes()
+        with self.assertRaises(Unreadable) as caught:
+            tab.apply_bytes(*s, [("Spilled", b"{}", 7)])
+        self.assertEqual(str(caught.exception), "cannot read event 7 (`Spilled`): unknown event type")
+        with self.assertRaises(Unreadable) as caught:
+            tab.apply_bytes(*s, [("Ordered", b'{"item":"x"}', 2)])
+        self.assertEqual(str(caught.exception), "cannot read event 2 (`Ordered`): field `price`: is required")
+
+    def test_an_undeclared_event_is_a_plugin_bug(self):
+        with self.assertRaisesRegex(PluginBug, "`Exploded`"):
+            tab.handle_bytes(*tab.initial_state_bytes(), "broken", b"{}", ctx(0))
+
+    def test_wrong_definitions_fail_early(self):
+        with self.assertRaisesRegex(ValueError, "stream_prefix"):
+            Aggregate(type="x", stream_prefix="a-b", state={})
+        with self.assertRaisesRegex(ValueError, "mode"):
+            tab.command("go", mode="sometimes")
+        with self.assertRaisesRegex(ValueError, "twice"):
+            tab.event("Paid")
+
+    def test_context(self):
+        c = Context("a1", 0, [("now", "2026-01-01T00:00:00Z"), ("message-id", "m"), ("correlation-id", "c"), ("causation-id", "k")])
+        self.assertTrue(c.is_new)
+        self.assertEqual((c.now, c.message_id, c.correlation_id, c.causation_id, c.principal),
+                         ("2026-01-01T00:00:00Z", "m", "c", "k", None))
+
+
+if __name__ == "__main__":
+    unittest.main()
