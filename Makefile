@@ -12,7 +12,13 @@ WASM_OUT := $(TARGET_DIR)/$(WASM_TARGET)/release
 # Where the built plugins are collected, named after their example.
 PLUGIN_DIR := $(TARGET_DIR)/plugins
 
-.PHONY: all plugins test-plugins run test lint host
+# Example plugins in JavaScript and Python: directory names under examples/.
+# A JS example's main module is aggregate.js, a Python example's is app.py;
+# each builds to $(PLUGIN_DIR)/<example>.wasm.
+JS_EXAMPLES := bank-account-js
+PY_EXAMPLES := bank-account-py
+
+.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test
 all: plugins host
 
 # Build every example as a component and copy it to
@@ -29,10 +35,59 @@ plugins:
 	  echo "  plugin $(PLUGIN_DIR)/$$ex.wasm ($$(wc -c < "$(PLUGIN_DIR)/$$ex.wasm") bytes)"; \
 	done
 
+plugins: js-plugins py-plugins
+
+# The build tools come from the project's own files: componentize-js at the
+# version pinned in guest-sdk/js/package-lock.json (npm ci), componentize-py
+# at the version in guest-sdk/python/requirements.txt, in a virtualenv under
+# $(TARGET_DIR). Each is installed again only when its pin changes.
+JS_SDK := guest-sdk/js
+JS_TOOLS := $(JS_SDK)/node_modules/.package-lock.json
+PY_SDK := guest-sdk/python
+PY_VENV := $(TARGET_DIR)/py-venv
+PY_TOOLS := $(PY_VENV)/.installed
+PYTHON ?= python3
+
+$(JS_TOOLS): $(JS_SDK)/package.json $(JS_SDK)/package-lock.json
+	cd $(JS_SDK) && npm ci --no-audit --no-fund
+	@touch $@
+
+$(PY_TOOLS): $(PY_SDK)/requirements.txt
+	$(PYTHON) -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PY_SDK)/requirements.txt
+	@touch $@
+
+js-plugins: $(JS_EXAMPLES:%=$(PLUGIN_DIR)/%.wasm)
+py-plugins: $(PY_EXAMPLES:%=$(PLUGIN_DIR)/%.wasm)
+
+# Rebuild when any source file of the example changes.
+.SECONDEXPANSION:
+
+# componentize-js with every WASI feature off (see guest-sdk/js/build.mjs);
+# the script writes beside the target and renames.
+$(PLUGIN_DIR)/%.wasm: examples/%/aggregate.js $$(wildcard examples/$$*/*.js) $(JS_SDK)/rehydra.js $(JS_SDK)/printable.js $(JS_SDK)/build.mjs wit/aggregate.wit $(JS_TOOLS)
+	node $(JS_SDK)/build.mjs $< $@
+
+# componentize-py with WASI stubbed out: the component imports only `log`.
+$(PLUGIN_DIR)/%.wasm: examples/%/app.py $$(wildcard examples/$$*/*.py) $(PY_SDK)/rehydra.py $(PY_SDK)/rehydra_printable.py wit/aggregate.wit $(PY_TOOLS)
+	@mkdir -p $(PLUGIN_DIR)
+	$(PY_VENV)/bin/componentize-py -d wit -w aggregate componentize --stub-wasi \
+	  -p $(PY_SDK) -p examples/$* app -o $@.tmp
+	@mv -f $@.tmp $@
+	@echo "  plugin $@ ($$(wc -c < $@) bytes)"
+
+# The JavaScript and Python SDKs' own unit tests (Node and CPython, no
+# component needed).
+sdk-test:
+	cd $(JS_SDK) && node --import ./test/register.mjs --test test/
+	$(PYTHON) -m unittest discover -s $(PY_SDK)/tests
+
 # Hostile plugin files for the sandbox tests, kept out of $(PLUGIN_DIR):
 # `faulty` built with each feature that breaks it in another way.
 TEST_PLUGIN_DIR := $(TARGET_DIR)/test-plugins
 HOSTILE_VARIANTS := describe-traps other-world
+# Later versions of bank-account, for the hot-reload tests.
+BANK_VERSIONS := withdrawal-fee schema-2
 test-plugins: plugins
 	@mkdir -p $(TEST_PLUGIN_DIR)
 	@set -e; for f in $(HOSTILE_VARIANTS); do \
@@ -54,7 +109,7 @@ run: plugins host
 # unit and doc tests, and the end-to-end tests against the built binary and
 # plugins. Test binaries run one at a time: the machine has two cores and
 # each end-to-end test starts its own host.
-test: plugins test-plugins host
+test: plugins test-plugins host sdk-test
 	$(CARGO) test -- --test-threads 2
 
 # Formatting and lints, as CI checks them (the examples for their real target).
