@@ -95,6 +95,11 @@ test-plugins: plugins
 	  cp "$(WASM_OUT)/faulty.wasm" "$(TEST_PLUGIN_DIR)/faulty-$$f.wasm"; \
 	  echo "  test plugin $(TEST_PLUGIN_DIR)/faulty-$$f.wasm"; \
 	done
+	@set -e; for f in $(BANK_VERSIONS); do \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p bank-account --features $$f; \
+	  cp "$(WASM_OUT)/bank_account.wasm" "$(TEST_PLUGIN_DIR)/bank-account-$$f.wasm"; \
+	  echo "  test plugin $(TEST_PLUGIN_DIR)/bank-account-$$f.wasm"; \
+	done
 
 # The host binary, in the one profile the tests use too.
 host:

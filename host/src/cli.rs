@@ -105,6 +105,10 @@ struct RunArgs {
     /// Compile every plugin at start, without the cache.
     #[arg(long)]
     no_cache: bool,
+    /// Do not reload plugins when the plugin directory changes (SIGHUP and
+    /// POST /v1/plugins/reload still do).
+    #[arg(long)]
+    no_watch: bool,
     /// Passivate an aggregate after this long without a command.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -267,6 +271,7 @@ async fn run(args: RunArgs) -> ExitCode {
         http_config: HttpConfig {
             max_command_bytes: args.max_command_bytes,
         },
+        watch: !args.no_watch,
     };
     match server::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

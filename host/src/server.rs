@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub actors: ActorConfig,
     /// HTTP limits.
     pub http_config: HttpConfig,
+    /// Reload plugins when files in the plugin directory change.
+    pub watch: bool,
 }
 
 /// Runs the host until it is told to stop.
@@ -51,6 +53,15 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             "no plugin loaded: put plugin .wasm files in this directory (make plugins builds the examples into target/plugins)"
         );
     }
+    let _watch = if config.watch {
+        Some(crate::plugin::watch::watch(
+            registry.clone(),
+            &config.plugins,
+        )?)
+    } else {
+        None
+    };
+    reload_on_sighup(registry.clone());
     let aggregates = Aggregates::new(store, registry, config.actors.clone());
 
     let listener = tokio::net::TcpListener::bind(config.http)
@@ -83,6 +94,26 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP rescans the plugin directory, as the watch and
+/// `POST /v1/plugins/reload` do.
+fn reload_on_sighup(registry: Arc<PluginRegistry>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: rescanning the plugin directory");
+            if let Err(e) = registry.rescan().await {
+                tracing::error!("rescanning the plugin directory failed: {e:#}");
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = registry;
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -48,6 +48,53 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// The bank-account example in each language it is written in: Rust,
+/// JavaScript and Python. They must answer every request alike; the
+/// bank-account tests run against each ([`for_each_bank_account!`]).
+pub const BANK_ACCOUNTS: [&str; 3] = ["bank-account", "bank-account-js", "bank-account-py"];
+
+/// The stream prefix of an example: its name with `-` turned into `_`
+/// (`bank_account_js-<id>`).
+pub fn stream_prefix(plugin: &str) -> String {
+    plugin.replace('-', "_")
+}
+
+/// Defines, for a scenario `async fn NAME(plugin: &str)`, a module `NAME`
+/// with one test per bank-account implementation (`NAME::rust`,
+/// `NAME::js`, `NAME::python`), so that each language passes or fails on
+/// its own.
+#[macro_export]
+macro_rules! for_each_bank_account {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn rust() {
+                super::$scenario($crate::BANK_ACCOUNTS[0]).await
+            }
+            #[tokio::test]
+            async fn js() {
+                super::$scenario($crate::BANK_ACCOUNTS[1]).await
+            }
+            #[tokio::test]
+            async fn python() {
+                super::$scenario($crate::BANK_ACCOUNTS[2]).await
+            }
+        }
+    )+};
+}
+
+/// Where test hosts keep compiled plugins: one cache shared by every test
+/// (entries are keyed by content and engine, and written atomically), so
+/// that a JS or Python plugin — seconds to compile — is compiled once per
+/// build, not once per test.
+pub fn compile_cache_dir() -> PathBuf {
+    target_dir().join("e2e-compile-cache")
+}
+
+/// Held while a host starts: a cold compile then happens in one host only,
+/// and the hosts that wait for it find it in the cache.
+static STARTING: Mutex<()> = Mutex::new(());
+
 /// A hostile plugin file built by `make test-plugins`,
 /// `target/test-plugins/<name>.wasm`.
 pub fn test_plugin(name: &str) -> PathBuf {
@@ -67,7 +114,7 @@ pub struct Host {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// The temporary directory: `plugins/`, `data/`, `cache/`, `host.log`.
+    /// The temporary directory: `plugins/`, `data/`, `host.log`.
     pub dir: tempfile::TempDir,
     extra_args: Vec<String>,
     http: reqwest::Client,
@@ -123,7 +170,7 @@ impl Host {
             "--store".into(),
             format!("embedded://{}", d.join("data").display()),
             "--cache-dir".into(),
-            d.join("cache").display().to_string(),
+            compile_cache_dir().display().to_string(),
             "--http".into(),
             "127.0.0.1:0".into(),
         ];
@@ -132,6 +179,9 @@ impl Host {
     }
 
     fn spawn(&mut self) {
+        let _starting = STARTING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -155,7 +205,9 @@ impl Host {
             }
         });
         self.child = Some(child);
-        match rx.recv_timeout(Duration::from_secs(120)) {
+        // A cold compile of a JS or Python plugin takes up to a minute on a
+        // busy two-core machine.
+        match rx.recv_timeout(Duration::from_secs(300)) {
             Ok(url) => self.base = url,
             Err(_) => panic!("rehydra did not become ready; its log:\n{}", self.log()),
         }
@@ -233,6 +285,11 @@ impl Host {
             req = req.header(*k, *v);
         }
         Self::finish(req).await
+    }
+
+    /// `POST` to a path with no body, e.g. `/v1/plugins/reload`.
+    pub async fn command_raw_post(&self, path: &str) -> (u16, Value) {
+        Self::finish(self.http.post(format!("{}{path}", self.base))).await
     }
 
     /// `GET` a path, e.g. `/v1/plugins`.

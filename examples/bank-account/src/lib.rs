@@ -25,7 +25,17 @@ pub struct Account {
     owner: String,
     balance: u64,
     open: bool,
+    /// Deposits and withdrawals so far (the `schema-2` test version only).
+    #[cfg(feature = "schema-2")]
+    transactions: u64,
 }
+
+/// The fee on a withdrawal (the `withdrawal-fee` test version only).
+const FEE: u64 = if cfg!(feature = "withdrawal-fee") {
+    1
+} else {
+    0
+};
 
 /// What a client can ask of an account.
 #[derive(Debug, Deserialize)]
@@ -40,15 +50,27 @@ pub enum Command {
 /// What happened to an account.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Event {
-    Opened { owner: String },
-    Deposited { amount: u64 },
-    Withdrawn { amount: u64 },
+    Opened {
+        owner: String,
+    },
+    Deposited {
+        amount: u64,
+    },
+    Withdrawn {
+        amount: u64,
+    },
     Closed,
+    /// A fee taken from the balance (the `withdrawal-fee` test version only).
+    #[cfg(feature = "withdrawal-fee")]
+    FeeCharged {
+        amount: u64,
+    },
 }
 
 impl Aggregate for BankAccount {
     const TYPE: &'static str = "bank-account";
     const STREAM_PREFIX: &'static str = "bank_account";
+    const STATE_SCHEMA: u32 = if cfg!(feature = "schema-2") { 2 } else { 1 };
     const COMMANDS: &'static [CommandSpec] = &[
         CommandSpec::create("open"),
         CommandSpec::update("deposit"),
@@ -86,9 +108,16 @@ impl Aggregate for BankAccount {
             Command::Withdraw { amount } => {
                 positive(amount)?;
                 ensure_open(account)?;
-                if amount > account.balance {
+                if amount.saturating_add(FEE) > account.balance {
                     return Err(Rejection::rejected("insufficient funds"));
                 }
+                #[cfg(feature = "withdrawal-fee")]
+                return Ok(vec![
+                    Event::Withdrawn { amount },
+                    Event::FeeCharged { amount: FEE },
+                ]
+                .into());
+                #[cfg(not(feature = "withdrawal-fee"))]
                 Ok(Event::Withdrawn { amount }.into())
             }
             Command::Close => {
@@ -101,6 +130,10 @@ impl Aggregate for BankAccount {
     }
 
     fn apply(account: &mut Account, event: Event) {
+        #[cfg(feature = "schema-2")]
+        if matches!(event, Event::Deposited { .. } | Event::Withdrawn { .. }) {
+            account.transactions += 1;
+        }
         match event {
             Event::Opened { owner } => {
                 account.owner = owner;
@@ -109,6 +142,8 @@ impl Aggregate for BankAccount {
             Event::Deposited { amount } => account.balance += amount,
             Event::Withdrawn { amount } => account.balance -= amount,
             Event::Closed => account.open = false,
+            #[cfg(feature = "withdrawal-fee")]
+            Event::FeeCharged { amount } => account.balance -= amount,
         }
     }
 }

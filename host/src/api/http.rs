@@ -6,13 +6,12 @@
 //! | `GET /v1/aggregates/{type}/{id}` | an aggregate's state and version |
 //! | `GET /v1/streams/{stream}?from=&limit=` | read a stream |
 //! | `GET /v1/plugins` | loaded plugins and load failures |
+//! | `POST /v1/plugins/reload` | rescan the plugin directory now |
 //! | `GET /healthz` | liveness and store reachability |
 //!
 //! Every response body is JSON; errors are
 //! `{"error":{"code":…,"message":…,"details":…}}` with the codes of the
 //! error model in DESIGN.md.
-
-use std::time::UNIX_EPOCH;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -60,6 +59,7 @@ pub fn router(aggregates: Aggregates, config: HttpConfig) -> Router {
         .route("/v1/aggregates/{aggregate_type}/{id}", get(aggregate_state))
         .route("/v1/streams/{stream}", get(read_stream))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/plugins/reload", post(reload_plugins))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -282,10 +282,16 @@ fn json_or_text(bytes: &[u8]) -> serde_json::Value {
 
 async fn plugins(State(app): State<AppState>) -> Response {
     let registry = app.aggregates.plugins();
+    let failures = registry.failures();
     let plugins: Vec<serde_json::Value> = registry
         .list()
         .iter()
         .map(|p| {
+            // A failed reload of this plugin's file leaves this version serving.
+            let last_error = failures
+                .iter()
+                .find(|f| f.path == p.path)
+                .map(|f| f.error.clone());
             json!({
                 "name": p.name,
                 "aggregate_type": p.info.aggregate_type,
@@ -294,14 +300,26 @@ async fn plugins(State(app): State<AppState>) -> Response {
                 "commands": p.info.commands,
                 "event_types": p.info.event_types,
                 "hash": p.hash,
+                "previous_hash": p.previous_hash,
                 "size": p.size,
                 "path": p.path,
-                "loaded_at": p.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+                "loaded_at": humantime::format_rfc3339_millis(p.loaded_at).to_string(),
+                "last_error": last_error,
                 "health": p.quarantine_status(),
             })
         })
         .collect();
-    axum::Json(json!({ "plugins": plugins, "failed": registry.failures() })).into_response()
+    axum::Json(json!({ "plugins": plugins, "failed": failures })).into_response()
+}
+
+async fn reload_plugins(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let report = app
+        .aggregates
+        .plugins()
+        .rescan()
+        .await
+        .map_err(|e| ApiError(CommandError::Internal(format!("{e:#}"))))?;
+    Ok(axum::Json(report).into_response())
 }
 
 async fn healthz(State(app): State<AppState>) -> Response {

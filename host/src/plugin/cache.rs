@@ -41,6 +41,14 @@ impl CompileCache {
         Some(dir.join(format!("{content_hash}-{:016x}.cwasm", h.finish())))
     }
 
+    /// Whether a compiled entry for `content_hash` is already on disk, so
+    /// that [`load_or_compile`](Self::load_or_compile) will most likely not
+    /// compile (an unreadable entry is still recompiled).
+    pub fn contains(&self, engine: &Engine, content_hash: &str) -> bool {
+        self.entry_path(engine, content_hash)
+            .is_some_and(|path| path.exists())
+    }
+
     /// Returns the compiled component for `bytes` (whose SHA-256 is
     /// `content_hash`), from the cache when possible. Blocking: call it off
     /// the async runtime.

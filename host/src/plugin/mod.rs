@@ -16,6 +16,7 @@ pub mod engine;
 pub mod instance;
 pub mod quarantine;
 pub mod registry;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use self::quarantine::{Quarantine, QuarantineStatus};
 use crate::error::{CommandError, FailureKind, FieldError};
 use crate::store::RecordedEvent;
 
-pub use self::registry::{LoadFailure, PluginRegistry};
+pub use self::registry::{LoadFailure, PluginRegistry, ScanReport};
 
 /// Whether a command creates its aggregate, updates it, or either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -147,6 +148,8 @@ pub struct Plugin {
     pub size: u64,
     /// When it was loaded.
     pub loaded_at: SystemTime,
+    /// The content hash of the version this one replaced, if any.
+    pub previous_hash: Option<String>,
     /// What it said about itself.
     pub info: PluginInfo,
     initial_state: StateBytes,

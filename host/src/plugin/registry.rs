@@ -7,8 +7,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use arc_swap::ArcSwap;
@@ -37,6 +38,22 @@ pub struct LoadFailure {
     pub error: String,
 }
 
+/// What one scan of the plugin directory changed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    /// Plugins loaded for the first time, as `type@hash12`.
+    pub loaded: Vec<String>,
+    /// Plugins replaced by a new version, as `type@old12->new12`.
+    pub replaced: Vec<String>,
+    /// Aggregate types no longer served because their file is gone.
+    pub removed: Vec<String>,
+    /// Files whose bytes had not changed.
+    pub unchanged: usize,
+    /// Files that failed to load; a working version of theirs, if any,
+    /// keeps serving.
+    pub failed: Vec<LoadFailure>,
+}
+
 /// The loaded plugins and everything needed to load more.
 pub struct PluginRegistry {
     engine: Engine,
@@ -45,6 +62,10 @@ pub struct PluginRegistry {
     limits: SandboxLimits,
     plugins: ArcSwap<HashMap<String, PluginRef>>,
     failures: Mutex<Vec<LoadFailure>>,
+    /// The directory of the last scan, for [`rescan`](Self::rescan).
+    dir: Mutex<Option<PathBuf>>,
+    /// One scan at a time: a scan reads the map, loads, then swaps it.
+    scanning: tokio::sync::Mutex<()>,
     _ticker: EpochTicker,
 }
 
@@ -63,6 +84,8 @@ impl PluginRegistry {
             limits,
             plugins: ArcSwap::from_pointee(HashMap::new()),
             failures: Mutex::new(Vec::new()),
+            dir: Mutex::new(None),
+            scanning: tokio::sync::Mutex::new(()),
             _ticker: ticker,
         })
     }
@@ -84,10 +107,44 @@ impl PluginRegistry {
         self.failures.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
-    /// Loads every `*.wasm` file in `dir`, in name order. A file that fails
-    /// is reported (log and [`failures`](Self::failures)) and skipped; the
-    /// others load. Fails only if `dir` cannot be read.
+    /// The directory scanned last, if any.
+    pub fn dir(&self) -> Option<PathBuf> {
+        self.dir.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// Loads every `*.wasm` file in `dir` (see [`scan`](Self::scan)) and
+    /// returns the plugins now loaded.
     pub async fn load_dir(self: &Arc<Self>, dir: &Path) -> anyhow::Result<Vec<PluginRef>> {
+        self.scan(dir).await?;
+        Ok(self.list())
+    }
+
+    /// Scans the directory of the last scan again.
+    pub async fn rescan(self: &Arc<Self>) -> anyhow::Result<ScanReport> {
+        let dir = self
+            .dir()
+            .context("no plugin directory has been scanned yet")?;
+        self.scan(&dir).await
+    }
+
+    /// Brings the registry in line with the `*.wasm` files in `dir`, in name
+    /// order:
+    ///
+    /// - a file whose bytes are those of its loaded version is left alone;
+    /// - a new or changed file is compiled off the async runtime, validated,
+    ///   and only then swapped in; commands already running finish on the
+    ///   version they started with;
+    /// - a file that fails leaves its working version (if any) in place and
+    ///   is reported in [`failures`](Self::failures) and the log;
+    /// - an aggregate type whose file is gone is no longer served;
+    /// - two files claiming one aggregate type: the one loaded first keeps it.
+    ///
+    /// Fails only if `dir` cannot be read.
+    pub async fn scan(self: &Arc<Self>, dir: &Path) -> anyhow::Result<ScanReport> {
+        let _one_at_a_time = self.scanning.lock().await;
+        if let Ok(mut d) = self.dir.lock() {
+            *d = Some(dir.to_path_buf());
+        }
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {
                 format!(
@@ -101,65 +158,133 @@ impl PluginRegistry {
             .collect();
         files.sort();
 
-        let mut loaded: HashMap<String, PluginRef> = HashMap::new();
-        let mut failures = Vec::new();
-        for path in files {
+        let current = self.plugins.load_full();
+        let mut next: HashMap<String, PluginRef> = (*current).clone();
+        let mut report = ScanReport::default();
+        for path in &files {
+            let by_path = current.values().find(|p| &p.path == path).cloned();
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    report.failed.push(LoadFailure {
+                        path: path.clone(),
+                        error: format!("cannot read the file: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let hash = hex::encode(Sha256::digest(&bytes));
+            if by_path.as_ref().is_some_and(|p| p.hash == hash) {
+                report.unchanged += 1;
+                continue;
+            }
             let this = self.clone();
             let p = path.clone();
-            let result = tokio::task::spawn_blocking(move || this.load_file(&p))
+            let h = hash.clone();
+            let result = tokio::task::spawn_blocking(move || this.load_bytes(&p, &bytes, h))
                 .await
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("loading panicked: {e}")));
-            match result {
-                Ok(plugin) => {
-                    if let Some(other) = loaded.get(&plugin.info.aggregate_type) {
-                        let error = format!(
-                            "aggregate type {:?} is already provided by {}; remove one of the two files",
-                            plugin.info.aggregate_type,
-                            other.path.display()
-                        );
-                        tracing::error!(path = %path.display(), "plugin refused: {error}");
-                        failures.push(LoadFailure { path, error });
-                        continue;
-                    }
-                    loaded.insert(plugin.info.aggregate_type.clone(), Arc::new(plugin));
-                }
+            let mut plugin = match result {
+                Ok(plugin) => plugin,
                 Err(e) => {
                     let error = format!("{e:#}");
-                    tracing::error!(path = %path.display(), "plugin refused: {error}");
-                    failures.push(LoadFailure { path, error });
+                    if by_path.is_some() {
+                        tracing::error!(path = %path.display(), "new version refused; the loaded version keeps serving: {error}");
+                    } else {
+                        tracing::error!(path = %path.display(), "plugin refused: {error}");
+                    }
+                    report.failed.push(LoadFailure {
+                        path: path.clone(),
+                        error,
+                    });
+                    continue;
                 }
+            };
+            let aggregate_type = plugin.info.aggregate_type.clone();
+            if let Some(other) = next.get(&aggregate_type).filter(|o| &o.path != path) {
+                let error = format!(
+                    "aggregate type {aggregate_type:?} is already provided by {}; remove one of the two files",
+                    other.path.display()
+                );
+                tracing::error!(path = %path.display(), "plugin refused: {error}");
+                report.failed.push(LoadFailure {
+                    path: path.clone(),
+                    error,
+                });
+                continue;
             }
+            let short = plugin.short_hash().to_string();
+            match &by_path {
+                Some(old) => {
+                    plugin.previous_hash = Some(old.hash.clone());
+                    if old.info.aggregate_type != aggregate_type {
+                        next.remove(&old.info.aggregate_type);
+                        report.removed.push(old.info.aggregate_type.clone());
+                    }
+                    tracing::info!(plugin = %plugin.name, from = %old.short_hash(), to = %short, "plugin replaced");
+                    report
+                        .replaced
+                        .push(format!("{aggregate_type}@{}->{short}", old.short_hash()));
+                }
+                None => report.loaded.push(format!("{aggregate_type}@{short}")),
+            }
+            next.insert(aggregate_type, Arc::new(plugin));
         }
-        let list: Vec<PluginRef> = loaded.values().cloned().collect();
-        self.plugins.store(Arc::new(loaded));
+        next.retain(|aggregate_type, p| {
+            let present = files.contains(&p.path);
+            if !present {
+                tracing::info!(aggregate_type = %aggregate_type, path = %p.path.display(), "plugin file removed; no longer serving this type");
+                report.removed.push(aggregate_type.clone());
+            }
+            present
+        });
+        self.plugins.store(Arc::new(next));
         if let Ok(mut f) = self.failures.lock() {
-            *f = failures;
+            *f = report.failed.clone();
         }
-        Ok(list)
+        Ok(report)
     }
 
     /// Reads, compiles (or takes from the cache), instantiates and validates
     /// one plugin file. Blocking.
     pub fn load_file(&self, path: &Path) -> anyhow::Result<Plugin> {
-        let started = Instant::now();
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        self.load_bytes(path, &bytes, hash)
+    }
+
+    /// Compiles (or takes from the cache), instantiates and validates the
+    /// plugin `bytes` read from `path`, whose SHA-256 is `hash`. Blocking.
+    fn load_bytes(&self, path: &Path, bytes: &[u8], hash: String) -> anyhow::Result<Plugin> {
+        let started = Instant::now();
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
             .context("the plugin file name is not valid UTF-8")?
             .to_string();
-        if !wasmparser_is_component(&bytes) {
+        if !wasmparser_is_component(bytes) {
             bail!(
                 "{} is not a WebAssembly component (a core module or another file?); build plugins \
                  for the wasm32-wasip2 target so cargo emits a component",
                 path.display()
             );
         }
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let (component, outcome) = self
-            .cache
-            .load_or_compile(&self.engine, &bytes, &hash)
-            .context("compiling the component")?;
+        let compile = || self.cache.load_or_compile(&self.engine, bytes, &hash);
+        let compiled = if self.cache.contains(&self.engine, &hash) {
+            compile()
+        } else {
+            // Components of interpreted languages (JS, Python) are 10-20 MB
+            // and take many seconds to compile: say so, and keep saying so.
+            // The result is cached, so the next start is fast.
+            tracing::info!(
+                plugin = %name,
+                bytes = bytes.len(),
+                "compiling plugin {name} ({:.1} MB); this can take a while",
+                bytes.len() as f64 / 1e6
+            );
+            with_progress(&name, compile)
+        };
+        let (component, outcome) = compiled.context("compiling the component")?;
         let pre = self.instantiate_pre(&component)?;
         let pool = InstancePool::new(&name, &self.engine, pre, &self.limits);
 
@@ -195,6 +320,7 @@ impl PluginRegistry {
             size: bytes.len() as u64,
             hash,
             loaded_at: SystemTime::now(),
+            previous_hash: None,
             info,
             initial_state: StateBytes {
                 schema: initial.schema,
@@ -223,6 +349,30 @@ impl PluginRegistry {
             )
         })
     }
+}
+
+/// How often a long compilation reports that it is still going.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `f` (a compilation of plugin `name`), logging every
+/// [`PROGRESS_EVERY`] that it is still running.
+fn with_progress<R>(name: &str, f: impl FnOnce() -> R) -> R {
+    let started = Instant::now();
+    let (done, finished) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(PROGRESS_EVERY) {
+                tracing::info!(
+                    plugin = %name,
+                    "still compiling plugin {name} ({} s so far)",
+                    started.elapsed().as_secs()
+                );
+            }
+        });
+        let result = f();
+        drop(done);
+        result
+    })
 }
 
 /// Component binaries have layer 1 in their header (`\0asm`, version
