@@ -1,28 +1,25 @@
 //! Durability: `kill -9` in the middle of a load loses nothing that was
-//! acknowledged, and a restart rebuilds identical state and versions.
+//! acknowledged, and a restart rebuilds identical state and versions — with
+//! the bank account in each of its languages (`::rust`, `::js`, `::python`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rehydra_e2e::Host;
+use rehydra_e2e::{Host, for_each_bank_account, stream_prefix};
 use serde_json::{Value, json};
 
 const ACCOUNTS: usize = 4;
 
-#[tokio::test]
-async fn kill_9_then_restart_keeps_every_acknowledged_command() {
-    let mut host = Host::start(&["bank-account", "users"]);
+for_each_bank_account!(kill_9_then_restart_keeps_every_acknowledged_command);
+
+async fn kill_9_then_restart_keeps_every_acknowledged_command(plugin: &str) {
+    let mut host = Host::start(&[plugin, "users"]);
     for a in 0..ACCOUNTS {
         let (status, body) = host
-            .command(
-                "bank-account",
-                &format!("acc-{a}"),
-                "open",
-                json!({"owner": "Ada"}),
-            )
+            .command(plugin, &format!("acc-{a}"), "open", json!({"owner": "Ada"}))
             .await;
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(status, 200, "{plugin}: {body}");
     }
 
     // Writers deposit until the host dies under them, recording what was
@@ -30,7 +27,10 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for a in 0..ACCOUNTS {
-        let base = host.base.clone();
+        let url = format!(
+            "{}/v1/aggregates/{plugin}/acc-{a}/commands/deposit",
+            host.base
+        );
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
@@ -40,9 +40,7 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command() {
                     break;
                 }
                 let sent = client
-                    .post(format!(
-                        "{base}/v1/aggregates/bank-account/acc-{a}/commands/deposit"
-                    ))
+                    .post(&url)
                     .header("content-type", "application/json")
                     .body(json!({"amount": n}).to_string())
                     .send()
@@ -68,54 +66,51 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command() {
     }
     assert!(
         acked.values().map(Vec::len).sum::<usize>() >= ACCOUNTS,
-        "the load made progress: {acked:?}"
+        "{plugin}: the load made progress: {acked:?}"
     );
 
     host.restart();
     for (a, acks) in &acked {
         let id = format!("acc-{a}");
-        let (status, state) = host.get(&format!("/v1/aggregates/bank-account/{id}")).await;
-        assert_eq!(status, 200, "{state}");
-        let version = state["version"].as_u64().unwrap();
+        let (status, state) = host.get(&format!("/v1/aggregates/{plugin}/{id}")).await;
+        assert_eq!(status, 200, "{plugin}: {state}");
+        let version = state["version"].as_u64().unwrap_or_default();
         let last_acked = acks.last().map(|(v, _)| *v).unwrap_or(1);
         assert!(
             version >= last_acked,
-            "{id}: version {version} is below the acknowledged {last_acked}"
+            "{plugin} {id}: version {version} is below the acknowledged {last_acked}"
         );
         // At most the one command in flight at the kill may have landed
         // without its acknowledgement.
         assert!(
             version <= last_acked + 1,
-            "{id}: version {version}, acknowledged {last_acked}"
+            "{plugin} {id}: version {version}, acknowledged {last_acked}"
         );
 
-        let (_, stream) = host
-            .get(&format!("/v1/streams/bank_account-{id}?limit=1000"))
-            .await;
-        let events = stream["events"].as_array().unwrap();
+        let events = read_stream(&host, &format!("{}-{id}", stream_prefix(plugin))).await;
         let versions: Vec<u64> = events
             .iter()
-            .map(|e| e["version"].as_u64().unwrap())
+            .map(|e| e["version"].as_u64().unwrap_or_default())
             .collect();
         assert_eq!(
             versions,
             (1..=version).collect::<Vec<_>>(),
-            "{id}: contiguous versions"
+            "{plugin} {id}: contiguous versions"
         );
         for (v, amount) in acks {
             assert_eq!(
                 events[*v as usize - 1]["data"]["amount"],
                 *amount,
-                "{id} v{v}: the acknowledged deposit"
+                "{plugin} {id} v{v}: the acknowledged deposit"
             );
         }
         let balance: u64 = events[1..]
             .iter()
-            .map(|e| e["data"]["amount"].as_u64().unwrap())
+            .map(|e| e["data"]["amount"].as_u64().unwrap_or_default())
             .sum();
         assert_eq!(
             state["state"]["balance"], balance,
-            "{id}: state rebuilt from exactly the stored events"
+            "{plugin} {id}: state rebuilt from exactly the stored events"
         );
     }
 
@@ -123,7 +118,7 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command() {
     let mut before = Vec::new();
     for a in 0..ACCOUNTS {
         before.push(
-            host.get(&format!("/v1/aggregates/bank-account/acc-{a}"))
+            host.get(&format!("/v1/aggregates/{plugin}/acc-{a}"))
                 .await
                 .1,
         );
@@ -132,15 +127,36 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command() {
     for (a, b) in before.iter().enumerate() {
         assert_eq!(
             &host
-                .get(&format!("/v1/aggregates/bank-account/acc-{a}"))
+                .get(&format!("/v1/aggregates/{plugin}/acc-{a}"))
                 .await
                 .1,
-            b
+            b,
+            "{plugin} acc-{a}: the same answer after a second restart"
         );
     }
     // And the aggregates keep working after recovery.
     let (status, body) = host
-        .command("bank-account", "acc-0", "deposit", json!({"amount": 1}))
+        .command(plugin, "acc-0", "deposit", json!({"amount": 1}))
         .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 200, "{plugin}: {body}");
+}
+
+/// Every event of a stream, reading page after page (a page holds at most
+/// 1000 events, and a fast plugin stores more than that before the kill).
+async fn read_stream(host: &Host, stream: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let from = events.len() + 1;
+        let (status, page) = host
+            .get(&format!("/v1/streams/{stream}?from={from}&limit=1000"))
+            .await;
+        assert_eq!(status, 200, "{stream}: {page}");
+        let batch = page["events"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{stream}: no events in {page}"));
+        if batch.is_empty() {
+            return events;
+        }
+        events.extend(batch.iter().cloned());
+    }
 }
