@@ -75,6 +75,8 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Create a plugin project: rehydra new --lang rust|js|python NAME.
+    New(crate::scaffold::NewArgs),
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +135,9 @@ struct RunArgs {
     /// CPU time allowed for one handle call.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     handle_deadline: Duration,
+    /// Deadlines for one plugin, repeatable: NAME=HANDLE[,APPLY], e.g. reports=2s,30s.
+    #[arg(long, value_parser = crate::plugin::engine::parse_plugin_deadline)]
+    plugin_deadline: Vec<(String, crate::plugin::engine::PluginDeadlines)>,
     /// CPU time allowed for one rehydration apply batch.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     apply_deadline: Duration,
@@ -214,6 +219,7 @@ async fn dispatch(command: Command) -> ExitCode {
             server,
         } => print_result(Client::new(&server.server).stream(&name, from, limit).await),
         Command::Plugins { server } => print_result(Client::new(&server.server).plugins().await),
+        Command::New(args) => crate::scaffold::run(args),
     }
 }
 
@@ -258,6 +264,7 @@ async fn run(args: RunArgs) -> ExitCode {
             max_state_bytes: args.max_state_bytes,
             quarantine_after: args.quarantine_after,
             quarantine_backoff: args.quarantine_backoff,
+            plugin_deadlines: args.plugin_deadline.into_iter().collect(),
             ..SandboxLimits::default()
         },
         actors: ActorConfig {

@@ -11,8 +11,14 @@ use std::time::{Duration, Instant};
 use rehydra_e2e::{Host, code, plugin, test_plugin};
 use serde_json::{Value, json};
 
-/// Fast deadlines so that `spin` costs little.
-const ARGS: &[&str] = &["--handle-deadline", "250ms"];
+/// A fast deadline for `faulty` alone, so that `spin` costs little; the
+/// global one is long, so `spin` failing fast shows the override applies.
+const ARGS: &[&str] = &[
+    "--handle-deadline",
+    "5s",
+    "--plugin-deadline",
+    "faulty=250ms",
+];
 
 async fn ok(host: &Host, id: &str, expect_version: u64) {
     let (status, body) = host.command("faulty", id, "ok", json!({})).await;
@@ -103,6 +109,11 @@ async fn every_misbehaviour_ends_in_its_error_and_ok_carries_on() {
             .await;
         assert_eq!(status, 200, "after {command}");
     }
+    let (_, body) = host.command("faulty", "f1", "spin", json!({})).await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("250ms"),
+        "the plugin's own deadline: {body}"
+    );
     // The panic message reaches the client.
     let (_, body) = host.command("faulty", "f1", "panic", json!({})).await;
     assert!(

@@ -2,6 +2,7 @@
 //! enforces: CPU deadlines (epoch interruption), memory caps (pooling
 //! allocator and a per-store limiter).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,6 +42,56 @@ pub struct SandboxLimits {
     /// The first quarantine's length; it doubles while failures go on, up
     /// to [`MAX_QUARANTINE`].
     pub quarantine_backoff: Duration,
+    /// Deadlines for particular plugins (by plugin name), overriding
+    /// `handle_deadline` and `apply_deadline`.
+    pub plugin_deadlines: HashMap<String, PluginDeadlines>,
+}
+
+/// One plugin's own deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginDeadlines {
+    /// For `handle`, `describe` and instantiation.
+    pub handle: Duration,
+    /// For a rehydration `apply` batch; the default when `None`.
+    pub apply: Option<Duration>,
+}
+
+impl SandboxLimits {
+    /// The limits for the plugin `name`: these, with its own deadlines if
+    /// it has any.
+    pub fn for_plugin(&self, name: &str) -> SandboxLimits {
+        let mut limits = self.clone();
+        if let Some(d) = self.plugin_deadlines.get(name) {
+            limits.handle_deadline = d.handle;
+            if let Some(apply) = d.apply {
+                limits.apply_deadline = apply;
+            }
+        }
+        limits
+    }
+}
+
+/// Parses a `--plugin-deadline` value: `NAME=HANDLE[,APPLY]`, durations as
+/// `500ms`, `2s`, …
+pub fn parse_plugin_deadline(s: &str) -> Result<(String, PluginDeadlines), String> {
+    let usage = "expected NAME=HANDLE[,APPLY], e.g. reports=2s or reports=2s,30s";
+    let (name, rest) = s.split_once('=').ok_or_else(|| format!("{s:?}: {usage}"))?;
+    let (handle, apply) = match rest.split_once(',') {
+        Some((h, a)) => (h, Some(a)),
+        None => (rest, None),
+    };
+    let duration =
+        |d: &str| humantime::parse_duration(d.trim()).map_err(|e| format!("{d:?}: {e}; {usage}"));
+    if name.trim().is_empty() {
+        return Err(format!("{s:?}: the plugin name is missing; {usage}"));
+    }
+    Ok((
+        name.trim().to_string(),
+        PluginDeadlines {
+            handle: duration(handle)?,
+            apply: apply.map(duration).transpose()?,
+        },
+    ))
 }
 
 /// The longest a plugin stays quarantined in one go.
@@ -60,6 +111,7 @@ impl Default for SandboxLimits {
             max_state_bytes: 8 << 20,
             quarantine_after: 10,
             quarantine_backoff: Duration::from_secs(1),
+            plugin_deadlines: HashMap::new(),
         }
     }
 }
@@ -129,5 +181,48 @@ impl EpochTicker {
 impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_deadlines_parse_and_apply() {
+        let (name, d) = parse_plugin_deadline("reports=2s,30s").unwrap();
+        assert_eq!(name, "reports");
+        assert_eq!(
+            d,
+            PluginDeadlines {
+                handle: Duration::from_secs(2),
+                apply: Some(Duration::from_secs(30))
+            }
+        );
+        let (_, d) = parse_plugin_deadline("x=250ms").unwrap();
+        assert_eq!(d.apply, None);
+        for bad in ["reports", "=1s", "r=soon", "r=1s,later"] {
+            assert!(parse_plugin_deadline(bad).is_err(), "{bad}");
+        }
+        let mut limits = SandboxLimits::default();
+        limits.plugin_deadlines.insert(
+            "reports".into(),
+            PluginDeadlines {
+                handle: Duration::from_secs(2),
+                apply: None,
+            },
+        );
+        assert_eq!(
+            limits.for_plugin("reports").handle_deadline,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            limits.for_plugin("reports").apply_deadline,
+            limits.apply_deadline
+        );
+        assert_eq!(
+            limits.for_plugin("other").handle_deadline,
+            limits.handle_deadline
+        );
     }
 }

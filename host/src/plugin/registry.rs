@@ -286,11 +286,12 @@ impl PluginRegistry {
         };
         let (component, outcome) = compiled.context("compiling the component")?;
         let pre = self.instantiate_pre(&component)?;
-        let pool = InstancePool::new(&name, &self.engine, pre, &self.limits);
+        let limits = self.limits.for_plugin(&name);
+        let pool = InstancePool::new(&name, &self.engine, pre, &limits);
 
         let (info, initial) = pool
             .with_instance(|i| {
-                let deadline = self.limits.handle_deadline;
+                let deadline = limits.handle_deadline;
                 let info = i.call(deadline, |agg, store| agg.call_describe(store))?;
                 let initial = i.call(deadline, |agg, store| agg.call_initial_state(store))?;
                 Ok((info, initial))
@@ -331,7 +332,7 @@ impl PluginRegistry {
                 self.limits.quarantine_after,
                 self.limits.quarantine_backoff,
             ),
-            limits: self.limits.clone(),
+            limits,
         })
     }
 
