@@ -45,6 +45,11 @@ pub struct SandboxLimits {
     /// Deadlines for particular plugins (by plugin name), overriding
     /// `handle_deadline` and `apply_deadline`.
     pub plugin_deadlines: HashMap<String, PluginDeadlines>,
+    /// Interrupt guests at their deadline. Only turned off to measure what
+    /// it costs: without it a looping guest runs forever.
+    pub epoch_interruption: bool,
+    /// Use the pooling allocator. Only turned off to measure what it saves.
+    pub pooling: bool,
 }
 
 /// One plugin's own deadlines.
@@ -112,6 +117,8 @@ impl Default for SandboxLimits {
             quarantine_after: 10,
             quarantine_backoff: Duration::from_secs(1),
             plugin_deadlines: HashMap::new(),
+            epoch_interruption: true,
+            pooling: true,
         }
     }
 }
@@ -129,7 +136,7 @@ impl SandboxLimits {
 pub fn new_engine(limits: &SandboxLimits) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
-    config.epoch_interruption(true);
+    config.epoch_interruption(limits.epoch_interruption);
     config.concurrency_support(false);
 
     // Reserve only what a memory may grow to, plus a guard region, so that
@@ -148,7 +155,9 @@ pub fn new_engine(limits: &SandboxLimits) -> anyhow::Result<Engine> {
     pool.max_memory_size(limits.max_memory_bytes);
     pool.max_memories_per_component(4);
     pool.max_tables_per_component(8);
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    if limits.pooling {
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
 
     Engine::new(&config).map_err(|e| anyhow::anyhow!("creating the WebAssembly engine: {e:#}"))
 }

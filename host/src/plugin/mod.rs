@@ -299,22 +299,45 @@ impl Plugin {
         command: &CommandInput<'_>,
     ) -> Result<Result<Decision, Rejection>, CommandError> {
         self.check_quarantine()?;
-        let s = wit::State {
-            schema: state.schema,
-            bytes: state.bytes.clone(),
-        };
-        let c = wit::Command {
-            command_type: command.command_type.to_string(),
-            aggregate_id: command.aggregate_id.to_string(),
-            data: command.data.to_vec(),
-            metadata: command.metadata.to_vec(),
-        };
+        let (s, c) = handle_args(state, command);
         let deadline = self.limits.handle_deadline;
         let result = self
             .off_runtime(deadline, move |agg, store| {
                 agg.call_handle(store, &s, version, &c)
             })
             .await?;
+        self.finish_handle(result)
+    }
+
+    /// [`handle`](Self::handle) on the calling thread, without the hop to
+    /// the blocking pool: for benchmarks and callers already off the async
+    /// runtime. Never call it on an async worker thread (a guest's blocking
+    /// WASI call would panic there).
+    pub fn handle_blocking(
+        &self,
+        state: &StateBytes,
+        version: u64,
+        command: &CommandInput<'_>,
+    ) -> Result<Result<Decision, Rejection>, CommandError> {
+        self.check_quarantine()?;
+        let (s, c) = handle_args(state, command);
+        let deadline = self.limits.handle_deadline;
+        let result = self
+            .pool
+            .with_instance(|i| {
+                i.call(deadline, |agg, store| {
+                    agg.call_handle(store, &s, version, &c)
+                })
+            })
+            .map_err(|f| self.guest_failed(f))?;
+        self.finish_handle(result)
+    }
+
+    /// Validates and converts what `handle` returned.
+    fn finish_handle(
+        &self,
+        result: Result<wit::Decision, wit::Rejection>,
+    ) -> Result<Result<Decision, Rejection>, CommandError> {
         let outcome = match result {
             Ok(d) => {
                 let decision = Decision {
@@ -423,6 +446,21 @@ impl Plugin {
         }
         Ok(())
     }
+}
+
+/// The WIT arguments of a `handle` call (owned: they cross to another thread).
+fn handle_args(state: &StateBytes, command: &CommandInput<'_>) -> (wit::State, wit::Command) {
+    let s = wit::State {
+        schema: state.schema,
+        bytes: state.bytes.clone(),
+    };
+    let c = wit::Command {
+        command_type: command.command_type.to_string(),
+        aggregate_id: command.aggregate_id.to_string(),
+        data: command.data.to_vec(),
+        metadata: command.metadata.to_vec(),
+    };
+    (s, c)
 }
 
 /// Event metadata is a JSON object in the store; the guest sees it as

@@ -107,23 +107,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quarantines_after_consecutive_failures_with_doubling_backoff() {
-        let q = Quarantine::new(3, Duration::from_millis(40));
+    fn quarantines_after_consecutive_failures() {
+        // A rest far longer than any stall of a busy machine.
+        let q = Quarantine::new(3, Duration::from_secs(60));
         assert_eq!(q.failed(), None);
         q.succeeded();
         assert_eq!(q.failed(), None);
         assert_eq!(q.failed(), None);
-        assert_eq!(q.failed(), Some(Duration::from_millis(40)));
+        assert_eq!(q.failed(), Some(Duration::from_secs(60)));
         assert!(q.remaining().is_some());
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(q.remaining(), None);
-        // Still failing after the rest: quarantined again, twice as long.
-        assert_eq!(q.failed(), Some(Duration::from_millis(80)));
+        assert!(q.status().quarantined_for_ms > 0);
         assert_eq!(q.status().total_failures, 4);
         q.succeeded();
         assert_eq!(q.remaining(), None);
         assert_eq!(q.status().consecutive_failures, 0);
         assert_eq!(q.failed(), None, "a success resets the count");
+    }
+
+    #[test]
+    fn the_rest_ends_and_doubles_while_failures_go_on() {
+        let q = Quarantine::new(2, Duration::from_millis(20));
+        q.failed();
+        assert_eq!(q.failed(), Some(Duration::from_millis(20)));
+        // Sleeping past the rest always ends it, however busy the machine.
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(q.remaining(), None);
+        assert_eq!(
+            q.failed(),
+            Some(Duration::from_millis(40)),
+            "quarantined again at once, twice as long"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(q.failed(), Some(Duration::from_millis(80)));
     }
 
     #[test]
