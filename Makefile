@@ -38,9 +38,13 @@ plugins:
 plugins: js-plugins py-plugins
 
 # The build tools come from the project's own files: componentize-js at the
-# version pinned in guest-sdk/js/package-lock.json (npm ci), componentize-py
-# at the version in guest-sdk/python/requirements.txt, in a virtualenv under
-# $(TARGET_DIR). Each is installed again only when its pin changes.
+# versions locked in guest-sdk/js/package-lock.json, componentize-py at the
+# version in guest-sdk/python/requirements.txt, in a virtualenv under
+# $(TARGET_DIR). Each is installed again only when its pin changes. (npm
+# install --no-save rather than npm ci: the lock lacks a few optional
+# per-platform packages that the registry could not supply when it was
+# made, and npm ci refuses such a lock; --no-save installs from it and
+# leaves it alone.)
 JS_SDK := guest-sdk/js
 JS_TOOLS := $(JS_SDK)/node_modules/.package-lock.json
 PY_SDK := guest-sdk/python
@@ -49,7 +53,7 @@ PY_TOOLS := $(PY_VENV)/.installed
 PYTHON ?= python3
 
 $(JS_TOOLS): $(JS_SDK)/package.json $(JS_SDK)/package-lock.json
-	cd $(JS_SDK) && npm ci --no-audit --no-fund
+	cd $(JS_SDK) && npm install --no-save --no-audit --no-fund
 	@touch $@
 
 $(PY_TOOLS): $(PY_SDK)/requirements.txt

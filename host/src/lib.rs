@@ -10,6 +10,7 @@
 //! - [`store`]: the event store trait and its backends.
 //! - [`command`], [`error`]: the domain's requests, outcomes and errors.
 //! - [`server`], [`cli`], [`client`]: the binary's entry points.
+//! - [`scaffold`]: `rehydra new`, plugin projects from templates.
 //!
 //! See ARCHITECTURE.md at the repository root for the invariants.
 
@@ -20,5 +21,6 @@ pub mod client;
 pub mod command;
 pub mod error;
 pub mod plugin;
+pub mod scaffold;
 pub mod server;
 pub mod store;
