@@ -276,11 +276,16 @@ impl PluginRegistry {
             // Components of interpreted languages (JS, Python) are 10-20 MB
             // and take many seconds to compile: say so, and keep saying so.
             // The result is cached, so the next start is fast.
+            let mb = bytes.len() as f64 / 1e6;
+            let slow = if mb >= 2.0 {
+                "; this can take a while"
+            } else {
+                ""
+            };
             tracing::info!(
                 plugin = %name,
                 bytes = bytes.len(),
-                "compiling plugin {name} ({:.1} MB); this can take a while",
-                bytes.len() as f64 / 1e6
+                "compiling plugin {name} ({mb:.1} MB){slow}"
             );
             with_progress(&name, compile)
         };
