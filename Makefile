@@ -18,7 +18,7 @@ PLUGIN_DIR := $(TARGET_DIR)/plugins
 JS_EXAMPLES := bank-account-js
 PY_EXAMPLES := bank-account-py
 
-.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test
+.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench
 all: plugins host
 
 # Build every example as a component and copy it to
@@ -125,4 +125,16 @@ test: plugins test-plugins host sdk-test
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy -p rehydra-bench --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) $(addprefix -p ,$(EXAMPLES)) -- -D warnings
+
+# The benchmark suite (bench/, see BENCHMARKS.md), in the same `dev` profile
+# as everything else. Writes Markdown tables to $(TARGET_DIR)/bench/results.md
+# and prints them (progress goes to stderr meanwhile).
+# Extra flags: make bench ARGS='--runs 5 --secs 3'
+bench: plugins host
+	$(CARGO) build -p rehydra-bench
+	@mkdir -p $(TARGET_DIR)/bench
+	$(TARGET_DIR)/debug/rehydra-bench $(ARGS) > $(TARGET_DIR)/bench/results.md.tmp
+	@mv -f $(TARGET_DIR)/bench/results.md.tmp $(TARGET_DIR)/bench/results.md
+	@cat $(TARGET_DIR)/bench/results.md

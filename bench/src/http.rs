@@ -1,0 +1,238 @@
+//! Scenarios against the real `rehydra` binary: start-up time with the
+//! compile cache cold and warm, and command throughput over HTTP on the
+//! embedded store with a small closed-loop load generator (loopback only,
+//! bounded in time).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::inproc::{agg_id, bank_account_wasm, target_dir};
+use crate::stats::RunResult;
+
+/// The host binary, `target/debug/rehydra` (`REHYDRA_BIN` overrides).
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("REHYDRA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("debug").join("rehydra"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p rehydra` (make bench does)",
+        path.display()
+    );
+    path
+}
+
+/// A running host; killed (by its own pid) when dropped.
+pub struct Host {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// From spawning the process to its `listening on` line.
+    pub ready_after: Duration,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory with the bank-account plugin and room for data.
+pub struct HostDir {
+    dir: tempfile::TempDir,
+}
+
+impl HostDir {
+    /// A fresh directory holding `plugins/bank-account.wasm`.
+    pub fn new() -> HostDir {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).expect("the plugin directory");
+        std::fs::copy(bank_account_wasm(), plugins.join("bank-account.wasm"))
+            .expect("copying the plugin");
+        HostDir { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the host on `embedded://<dir>/<data>` with the compile cache
+    /// in `<dir>/<cache>`, logging warnings only, and waits until it is
+    /// ready.
+    pub fn start(&self, data: &str, cache: &str) -> Host {
+        let d = self.path();
+        let t0 = Instant::now();
+        let mut child = Command::new(binary())
+            .arg("run")
+            .arg("--plugins")
+            .arg(d.join("plugins"))
+            .arg("--store")
+            .arg(format!("embedded://{}", d.join(data).display()))
+            .arg("--cache-dir")
+            .arg(d.join(cache))
+            .args(["--http", "127.0.0.1:0", "--no-watch"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting rehydra");
+        let stdout = child.stdout.take().expect("the host's stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(base) => Host {
+                child,
+                base,
+                ready_after: t0.elapsed(),
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("rehydra did not become ready within 120 s");
+            }
+        }
+    }
+}
+
+/// Scenario (e): `runs` starts with an empty compile cache and `runs`
+/// with a warm one, each on a fresh data directory. Median times.
+pub fn startup(runs: usize) -> (Duration, Duration) {
+    let dir = HostDir::new();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let cache = format!("cache-cold-{i}");
+        let host = dir.start(&format!("data-cold-{i}"), &cache);
+        cold.push(host.ready_after.as_secs_f64());
+        drop(host);
+        let host = dir.start(&format!("data-warm-{i}"), &cache);
+        warm.push(host.ready_after.as_secs_f64());
+    }
+    (
+        Duration::from_secs_f64(crate::stats::median(cold)),
+        Duration::from_secs_f64(crate::stats::median(warm)),
+    )
+}
+
+/// POSTs a bank-account command; Ok if the host answered 200.
+async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    command: &str,
+    body: &serde_json::Value,
+) -> Result<(), String> {
+    let url = format!("{base}/v1/aggregates/bank-account/{id}/commands/{command}");
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        // Read the body so that the connection goes back to the pool.
+        resp.bytes().await.map_err(|e| e.to_string())?;
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", resp.status()))
+    }
+}
+
+/// Scenario (b): one host with a warm cache; `n` accounts opened over
+/// HTTP; then, at each concurrency level, `runs` runs of `secs` with that
+/// many client tasks POSTing deposits round-robin over the accounts.
+pub async fn throughput(
+    n: usize,
+    concurrency: &[usize],
+    runs: usize,
+    secs: f64,
+) -> Vec<(usize, RunResult)> {
+    let dir = HostDir::new();
+    let host = dir.start(&format!("data-{n}"), "cache");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("an HTTP client");
+    let base: Arc<str> = host.base.clone().into();
+    // Open the accounts, 32 at a time.
+    let mut tasks = Vec::new();
+    for p in 0..32.min(n) {
+        let (client, base) = (client.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = p;
+            while i < n {
+                post(
+                    &client,
+                    &base,
+                    &agg_id(i),
+                    "open",
+                    &json!({"owner": "bench"}),
+                )
+                .await
+                .expect("opening an account over HTTP");
+                i += 32;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("an opening task");
+    }
+    let mut out = Vec::new();
+    for &c in concurrency {
+        let mut results = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(secs);
+            let mut tasks = Vec::new();
+            for t in 0..c {
+                let (client, base) = (client.clone(), base.clone());
+                tasks.push(tokio::spawn(async move {
+                    let body = json!({"amount": 1});
+                    let mut lat = Vec::with_capacity(4096);
+                    let mut errors = 0usize;
+                    let mut k = t;
+                    while Instant::now() < deadline {
+                        let id = agg_id(k % n);
+                        k += c;
+                        let t0 = Instant::now();
+                        match post(&client, &base, &id, "deposit", &body).await {
+                            Ok(()) => lat.push(t0.elapsed().as_nanos() as u64),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                }));
+            }
+            let mut all = Vec::new();
+            let mut errors = 0;
+            for t in tasks {
+                let (lat, e) = t.await.expect("a client task");
+                all.extend(lat);
+                errors += e;
+            }
+            let r = RunResult::from_latencies(all, start.elapsed(), errors);
+            eprintln!(
+                "  http n={n} c={c}: {:.0}/s p99 {:?} ({} errors)",
+                r.per_sec, r.p99, r.errors
+            );
+            results.push(r);
+        }
+        out.push((c, RunResult::median_of(&results)));
+    }
+    drop(host);
+    out
+}

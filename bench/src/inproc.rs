@@ -1,0 +1,550 @@
+//! In-process scenarios: command throughput and latency through
+//! `Aggregates::execute`, cold rehydration, memory per resident aggregate,
+//! and one `Plugin::handle` call against the same logic compiled natively.
+//!
+//! Everything runs on one multi-threaded tokio runtime with the real
+//! bank-account component and the real stores; the load generator shares
+//! the runtime (and the machine's two cores) with the host code it drives.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rehydra::actor::{ActorConfig, Aggregates};
+use rehydra::command::CommandRequest;
+use rehydra::plugin::engine::SandboxLimits;
+use rehydra::plugin::{CommandInput, PluginRegistry, StateBytes};
+use rehydra::store::embedded::EmbeddedStore;
+use rehydra::store::memory::MemoryStore;
+use rehydra::store::{EventData, EventStore, ExpectedVersion};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::stats::RunResult;
+
+/// Which event store a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `memory://`.
+    Memory,
+    /// `embedded://` (SQLite, fsync per group commit) in a temporary directory.
+    Embedded,
+}
+
+impl StoreKind {
+    /// The store's URL scheme, for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory://",
+            StoreKind::Embedded => "embedded://",
+        }
+    }
+}
+
+/// A store opened for one scenario, with what must outlive it.
+pub struct OpenStore {
+    /// The store, as the actor layer sees it.
+    pub store: Arc<dyn EventStore>,
+    embedded: Option<Arc<EmbeddedStore>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl OpenStore {
+    /// Opens a fresh, empty store of `kind`.
+    pub async fn new(kind: StoreKind) -> OpenStore {
+        match kind {
+            StoreKind::Memory => OpenStore {
+                store: Arc::new(MemoryStore::new()),
+                embedded: None,
+                _dir: None,
+            },
+            StoreKind::Embedded => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let store = Arc::new(
+                    EmbeddedStore::open(&dir.path().join("data"))
+                        .await
+                        .expect("opening the embedded store"),
+                );
+                OpenStore {
+                    store: store.clone(),
+                    embedded: Some(store),
+                    _dir: Some(dir),
+                }
+            }
+        }
+    }
+
+    /// Closes an embedded store (commits what is queued, releases its
+    /// directory) before the temporary directory goes.
+    pub async fn close(self) {
+        if let Some(e) = &self.embedded {
+            e.close().await;
+        }
+    }
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` honoured).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target"),
+    }
+}
+
+/// `target/plugins/bank-account.wasm`, built by `make plugins`.
+pub fn bank_account_wasm() -> PathBuf {
+    let path = target_dir().join("plugins").join("bank-account.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make plugins` (make bench does)",
+        path.display()
+    );
+    path
+}
+
+/// A registry holding only the bank-account plugin, loaded from a
+/// temporary directory (returned so that it lives as long as the registry).
+pub async fn registry() -> (Arc<PluginRegistry>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::copy(bank_account_wasm(), dir.path().join("bank-account.wasm"))
+        .expect("copying the plugin");
+    let registry = Arc::new(
+        PluginRegistry::new(SandboxLimits::default(), None).expect("building the plugin engine"),
+    );
+    let loaded = registry
+        .load_dir(dir.path())
+        .await
+        .expect("loading the plugin directory");
+    assert_eq!(loaded.len(), 1, "the bank-account plugin loads");
+    (registry, dir)
+}
+
+/// A bank-account command for aggregate `id`.
+pub fn cmd(id: &str, command: &str, data: serde_json::Value) -> CommandRequest {
+    CommandRequest {
+        aggregate_type: "bank-account".into(),
+        aggregate_id: id.into(),
+        command: command.into(),
+        data: data.to_string().into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// The id of the `i`-th benchmark aggregate.
+pub fn agg_id(i: usize) -> String {
+    format!("acc-{i}")
+}
+
+/// Opens `n` accounts through the actor layer, `parallel` at a time.
+async fn open_accounts(aggregates: &Arc<Aggregates>, n: usize, parallel: usize) {
+    let mut tasks = Vec::new();
+    for p in 0..parallel.min(n) {
+        let aggregates = aggregates.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = p;
+            while i < n {
+                aggregates
+                    .execute(cmd(&agg_id(i), "open", json!({"owner": "bench"})))
+                    .await
+                    .expect("opening an account");
+                i += parallel;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("an opening task");
+    }
+}
+
+/// Runs `concurrency` client tasks issuing `deposit` commands round-robin
+/// over `n` accounts for `secs`, and reports throughput and latency.
+pub async fn drive(
+    aggregates: &Arc<Aggregates>,
+    n: usize,
+    concurrency: usize,
+    secs: f64,
+) -> RunResult {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let aggregates = aggregates.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0usize;
+            let mut k = t;
+            while Instant::now() < deadline {
+                let req = cmd(&agg_id(k % n), "deposit", json!({"amount": 1}));
+                k += concurrency;
+                let t0 = Instant::now();
+                match aggregates.execute(req).await {
+                    Ok(_) => lat.push(t0.elapsed().as_nanos() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.expect("a client task");
+        all.extend(lat);
+        errors += e;
+    }
+    RunResult::from_latencies(all, start.elapsed(), errors)
+}
+
+/// Scenario (a): `runs` runs, each on a fresh store with `n` freshly opened
+/// accounts, at each concurrency level; one median result per level.
+pub async fn throughput(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+    concurrency: &[usize],
+    runs: usize,
+    secs: f64,
+) -> Vec<(usize, RunResult)> {
+    let mut per_level: Vec<Vec<RunResult>> = vec![Vec::new(); concurrency.len()];
+    for _ in 0..runs {
+        // One store per run, reused across levels: the accounts' versions
+        // grow, but each command still reads and appends one event.
+        let store = OpenStore::new(kind).await;
+        let aggregates = Arc::new(Aggregates::new(
+            store.store.clone(),
+            registry.clone(),
+            ActorConfig::default(),
+        ));
+        open_accounts(&aggregates, n, 64).await;
+        for (i, &c) in concurrency.iter().enumerate() {
+            let r = drive(&aggregates, n, c, secs).await;
+            eprintln!(
+                "  {} n={n} c={c}: {:.0}/s p99 {:?} ({} errors)",
+                kind.label(),
+                r.per_sec,
+                r.p99,
+                r.errors
+            );
+            per_level[i].push(r);
+        }
+        drop(aggregates);
+        store.close().await;
+    }
+    concurrency
+        .iter()
+        .zip(per_level)
+        .map(|(&c, rs)| (c, RunResult::median_of(&rs)))
+        .collect()
+}
+
+/// An event as another writer would append it.
+fn event(event_type: &str, data: serde_json::Value, message_id: &str) -> EventData {
+    EventData {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: event_type.into(),
+        data: data.to_string().into_bytes(),
+        metadata: b"{}".to_vec(),
+        message_id: message_id.into(),
+    }
+}
+
+/// Appends an account with `events` events (one `Opened`, then
+/// `Deposited`s) straight into `store`, in batches of 1,000.
+async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize) {
+    let stream = format!("bank_account-{id}");
+    let mut written = 0usize;
+    while written < events {
+        let batch_len = (events - written).min(1000);
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let batch: Vec<EventData> = (written..written + batch_len)
+            .map(|i| {
+                if i == 0 {
+                    event("Opened", json!({"owner": "bench"}), &message_id)
+                } else {
+                    event("Deposited", json!({"amount": 1}), &message_id)
+                }
+            })
+            .collect();
+        store
+            .append(&stream, ExpectedVersion::Exact(written as u64), batch)
+            .await
+            .expect("seeding a stream");
+        written += batch_len;
+    }
+}
+
+/// Scenario (c): the first `state()` of an account with `events` events on
+/// a fresh `Aggregates` (so nothing is cached in the actor layer; the
+/// store's own caches are warm after the first run). Median seconds.
+pub async fn rehydrate(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    events: usize,
+    runs: usize,
+) -> Duration {
+    let store = OpenStore::new(kind).await;
+    let id = format!("long-{events}");
+    seed_stream(&store.store, &id, events).await;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let aggregates = Aggregates::new(
+            store.store.clone(),
+            registry.clone(),
+            ActorConfig::default(),
+        );
+        let t0 = Instant::now();
+        let state = aggregates
+            .state("bank-account", &id)
+            .await
+            .expect("rehydrating");
+        let took = t0.elapsed();
+        assert_eq!(state.version, events as u64, "every event replayed");
+        times.push(took.as_secs_f64());
+    }
+    store.close().await;
+    Duration::from_secs_f64(crate::stats::median(times))
+}
+
+/// The resident set size of this process, from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// What scenario (d) measured.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryResult {
+    /// Aggregates loaded.
+    pub aggregates: usize,
+    /// RSS growth per aggregate while loading them, bytes.
+    pub bytes_per_aggregate: f64,
+    /// Live heap growth per aggregate while loading them, bytes.
+    pub heap_per_aggregate: f64,
+    /// Live heap blocks (allocations) added per aggregate.
+    pub blocks_per_aggregate: f64,
+    /// The state bytes of one aggregate (its JSON encoding).
+    pub state_bytes: usize,
+    /// Aggregates loaded (cold, one event each) per second.
+    pub loads_per_sec: f64,
+}
+
+/// Scenario (d): seeds `n` one-event accounts straight into `memory://`,
+/// then loads every one of them with `state()`, and divides the RSS growth
+/// by `n`. The store's memory is allocated before the first reading.
+pub async fn memory_per_aggregate(registry: &Arc<PluginRegistry>, n: usize) -> MemoryResult {
+    let store = OpenStore::new(StoreKind::Memory).await;
+    for i in 0..n {
+        seed_stream(&store.store, &agg_id(i), 1).await;
+    }
+    let config = ActorConfig {
+        max_resident: n + 1000,
+        idle_timeout: Duration::from_secs(3600),
+        ..ActorConfig::default()
+    };
+    let aggregates = Arc::new(Aggregates::new(
+        store.store.clone(),
+        registry.clone(),
+        config,
+    ));
+    // One load first, so that the pool's first instance is not counted.
+    let first = aggregates
+        .state("bank-account", &agg_id(0))
+        .await
+        .expect("loading an account");
+    let state_bytes = serde_json::to_vec(&first.state).map_or(0, |v| v.len());
+    let before = rss_bytes();
+    let heap_before = crate::alloc::live_bytes();
+    let blocks_before = crate::alloc::live_blocks();
+    let t0 = Instant::now();
+    let parallel = 64;
+    let mut tasks = Vec::new();
+    for p in 0..parallel {
+        let aggregates = aggregates.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 1 + p;
+            while i < n {
+                aggregates
+                    .state("bank-account", &agg_id(i))
+                    .await
+                    .expect("loading an account");
+                i += parallel;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a loading task");
+    }
+    let took = t0.elapsed();
+    let after = rss_bytes();
+    let heap_after = crate::alloc::live_bytes();
+    let blocks_after = crate::alloc::live_blocks();
+    assert_eq!(aggregates.resident(), n, "every account resident");
+    let loaded = n - 1;
+    MemoryResult {
+        aggregates: n,
+        bytes_per_aggregate: after.saturating_sub(before) as f64 / loaded as f64,
+        heap_per_aggregate: (heap_after - heap_before) as f64 / loaded as f64,
+        blocks_per_aggregate: (blocks_after - blocks_before) as f64 / loaded as f64,
+        state_bytes,
+        loads_per_sec: loaded as f64 / took.as_secs_f64(),
+    }
+}
+
+/// The bank account's state, as the Rust plugin encodes it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Account {
+    owner: String,
+    balance: u64,
+    open: bool,
+}
+
+/// An `amount` payload.
+#[derive(Debug, Deserialize)]
+struct Amount {
+    amount: u64,
+}
+
+/// The bank-account `deposit`/`withdraw` decision, natively: decode the
+/// state and the command, check the rules, encode the event and the new
+/// state — the work the component does inside one `handle` call, without
+/// the sandbox and the copies across it.
+fn native_handle(
+    state: &[u8],
+    command: &str,
+    data: &[u8],
+) -> Result<(String, Vec<u8>, Vec<u8>), String> {
+    let mut account: Account = serde_json::from_slice(state).map_err(|e| e.to_string())?;
+    let Amount { amount } = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    if amount == 0 {
+        return Err("amount must be positive".into());
+    }
+    if !account.open {
+        return Err("the account is not open".into());
+    }
+    let event_type = match command {
+        "deposit" => {
+            account.balance = account
+                .balance
+                .checked_add(amount)
+                .ok_or("the balance would be too large")?;
+            "Deposited"
+        }
+        "withdraw" => {
+            if amount > account.balance {
+                return Err("insufficient funds".into());
+            }
+            account.balance -= amount;
+            "Withdrawn"
+        }
+        other => return Err(format!("unknown command {other}")),
+    };
+    let event = serde_json::to_vec(&json!({ "amount": amount })).map_err(|e| e.to_string())?;
+    let new_state = serde_json::to_vec(&account).map_err(|e| e.to_string())?;
+    Ok((event_type.to_string(), event, new_state))
+}
+
+/// What scenario (f) measured: median time per decision.
+#[derive(Debug, Clone, Copy)]
+pub struct WasmVsNative {
+    /// One `Plugin::handle` call (pooled instance, sandbox, copies).
+    pub wasm: Duration,
+    /// The same decision in native Rust.
+    pub native: Duration,
+    /// An empty `spawn_blocking` round trip, the thread hop every guest
+    /// call makes (for the bottleneck analysis).
+    pub hop: Duration,
+}
+
+/// Scenario (f): `iters` sequential deposits through `Plugin::handle` and
+/// through [`native_handle`], alternating per run; medians of `runs` runs.
+pub async fn wasm_vs_native(
+    registry: &Arc<PluginRegistry>,
+    iters: usize,
+    runs: usize,
+) -> WasmVsNative {
+    let plugin = registry
+        .get("bank-account")
+        .expect("the bank-account plugin");
+    let meta = vec![
+        ("now".to_string(), "2026-01-01T00:00:00Z".to_string()),
+        ("message-id".to_string(), uuid::Uuid::new_v4().to_string()),
+    ];
+    let open = CommandInput {
+        command_type: "open",
+        aggregate_id: "w",
+        data: br#"{"owner":"bench"}"#,
+        metadata: &meta,
+    };
+    let opened: StateBytes = match plugin
+        .handle(plugin.initial_state(), 0, &open)
+        .await
+        .expect("the open call")
+    {
+        Ok(d) => d.state,
+        Err(r) => panic!("open rejected: {r:?}"),
+    };
+    let deposit = CommandInput {
+        command_type: "deposit",
+        aggregate_id: "w",
+        data: br#"{"amount":1}"#,
+        metadata: &meta,
+    };
+    let (mut wasm, mut native, mut hop) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            let d = plugin
+                .handle(&opened, 1, &deposit)
+                .await
+                .expect("a deposit call");
+            std::hint::black_box(d.is_ok());
+        }
+        wasm.push(t0.elapsed().as_secs_f64() / iters as f64);
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            let d = native_handle(
+                std::hint::black_box(&opened.bytes),
+                std::hint::black_box("deposit"),
+                std::hint::black_box(br#"{"amount":1}"#),
+            );
+            std::hint::black_box(d.is_ok());
+        }
+        native.push(t0.elapsed().as_secs_f64() / iters as f64);
+        let t0 = Instant::now();
+        for i in 0..iters {
+            let r = tokio::task::spawn_blocking(move || std::hint::black_box(i))
+                .await
+                .expect("an empty blocking task");
+            std::hint::black_box(r);
+        }
+        hop.push(t0.elapsed().as_secs_f64() / iters as f64);
+    }
+    WasmVsNative {
+        wasm: Duration::from_secs_f64(crate::stats::median(wasm)),
+        native: Duration::from_secs_f64(crate::stats::median(native)),
+        hop: Duration::from_secs_f64(crate::stats::median(hop)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_native_port_follows_the_rules() {
+        let open = br#"{"owner":"a","balance":5,"open":true}"#;
+        let (t, e, s) = native_handle(open, "deposit", br#"{"amount":2}"#).expect("a deposit");
+        assert_eq!(t, "Deposited");
+        assert_eq!(e, br#"{"amount":2}"#);
+        assert_eq!(s, br#"{"owner":"a","balance":7,"open":true}"#);
+        assert!(native_handle(open, "withdraw", br#"{"amount":6}"#).is_err());
+        assert!(native_handle(open, "deposit", br#"{"amount":0}"#).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! `rehydra-bench`: Rehydra's benchmark suite (issue 8, first cut).
+//!
+//! Runs the scenarios below with the real bank-account component and
+//! prints one Markdown table per scenario on stdout (progress goes to
+//! stderr). Every figure is the median of `--runs` runs; ratios are taken
+//! within the same invocation.
+//!
+//! | name        | what                                                        |
+//! |-------------|-------------------------------------------------------------|
+//! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`      |
+//! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
+//! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events |
+//! | `memory`    | RSS growth per resident aggregate                            |
+//! | `startup`   | binary start to ready, compile cache cold and warm          |
+//! | `wasm`      | one `Plugin::handle` call vs the same logic natively         |
+//!
+//! Usage: `rehydra-bench [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
+//! Needs `make plugins` and `cargo build -p rehydra` first (`make bench`
+//! does both).
+
+mod alloc;
+mod http;
+mod inproc;
+mod stats;
+
+use std::time::Duration;
+
+use inproc::StoreKind;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+use stats::{RunResult, fmt_dur, fmt_rate};
+
+/// Command-line options.
+struct Options {
+    runs: usize,
+    secs: f64,
+    only: Option<Vec<String>>,
+    memory_aggregates: usize,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            runs: 3,
+            secs: 2.0,
+            only: None,
+            memory_aggregates: 1_000_000,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut value = |name: &str| {
+                args.next()
+                    .unwrap_or_else(|| panic!("{name} needs a value"))
+            };
+            match a.as_str() {
+                "--runs" => o.runs = value("--runs").parse().expect("--runs N"),
+                "--secs" => o.secs = value("--secs").parse().expect("--secs S"),
+                "--only" => o.only = Some(value("--only").split(',').map(str::to_string).collect()),
+                "--memory-aggregates" => {
+                    o.memory_aggregates = value("--memory-aggregates")
+                        .parse()
+                        .expect("--memory-aggregates N")
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "rehydra-bench [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,profile,profile-embedded] [--memory-aggregates N]"
+                    );
+                    std::process::exit(0);
+                }
+                other => panic!("unknown argument {other:?} (try --help)"),
+            }
+        }
+        o
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == name))
+    }
+}
+
+/// The machine, for the report's header.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{cpus} CPUs ({model}), {mem_gib:.1} GiB RAM")
+}
+
+/// The 1-, 5- and 15-minute load averages: how busy the shared machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A table row of a load scenario.
+fn load_row(what: &str, store: &str, n: usize, c: usize, r: &RunResult) -> String {
+    format!(
+        "| {what} | {store} | {} | {c} | {} | {} | {} | {} | {} |",
+        fmt_rate(n as f64),
+        fmt_rate(r.per_sec),
+        fmt_dur(r.p50),
+        fmt_dur(r.p99),
+        fmt_dur(r.p999),
+        r.errors
+    )
+}
+
+const LOAD_HEADER: &str = "| path | store | aggregates | clients | commands/s | p50 | p99 | p999 | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|";
+
+#[tokio::main]
+async fn main() {
+    let o = Options::parse();
+    println!(
+        "Machine: {}. Build: `dev` profile (dependencies opt-level 2, host opt-level 1). Medians of {} runs of {} s. Load average at start: {}.\n",
+        machine(),
+        o.runs,
+        o.secs,
+        load_average()
+    );
+    let (registry, _plugin_dir) = inproc::registry().await;
+    let levels = [1, 16, 256];
+
+    if o.wants("inproc") {
+        eprintln!("in-process throughput…");
+        println!("### In-process: deposits through `Aggregates::execute`\n\n{LOAD_HEADER}");
+        for kind in [StoreKind::Memory, StoreKind::Embedded] {
+            for n in [1, 1000] {
+                for (c, r) in inproc::throughput(&registry, kind, n, &levels, o.runs, o.secs).await
+                {
+                    println!("{}", load_row("in-process", kind.label(), n, c, &r));
+                }
+            }
+        }
+        println!();
+    }
+
+    // Not in the default run: one in-process level for profiling under
+    // `valgrind --tool=callgrind` (see BENCHMARKS.md): `profile` on
+    // `memory://` with 16 clients, `profile-embedded` on `embedded://` with
+    // 256 clients, both over 1,000 aggregates.
+    for (name, kind, clients) in [
+        ("profile", StoreKind::Memory, 16),
+        ("profile-embedded", StoreKind::Embedded, 256),
+    ] {
+        if o.only
+            .as_ref()
+            .is_some_and(|only| only.iter().any(|x| x == name))
+        {
+            eprintln!("{name} run…");
+            println!("{LOAD_HEADER}");
+            for (c, r) in inproc::throughput(&registry, kind, 1000, &[clients], 1, o.secs).await {
+                println!("{}", load_row("in-process", kind.label(), 1000, c, &r));
+            }
+        }
+    }
+
+    if o.wants("http") {
+        eprintln!("HTTP throughput…");
+        println!("### Over HTTP: the `rehydra` binary on `embedded://`, loopback\n\n{LOAD_HEADER}");
+        for n in [1, 1000] {
+            for (c, r) in http::throughput(n, &levels, o.runs, o.secs).await {
+                println!("{}", load_row("HTTP", "embedded://", n, c, &r));
+            }
+        }
+        println!();
+    }
+
+    if o.wants("rehydrate") {
+        eprintln!("rehydration…");
+        println!(
+            "### Rehydration: first `state()` of one aggregate on a fresh `Aggregates`\n\n| store | events | time | events/s |\n|---|---:|---:|---:|"
+        );
+        for kind in [StoreKind::Memory, StoreKind::Embedded] {
+            for events in [10, 1000, 100_000] {
+                let t = inproc::rehydrate(&registry, kind, events, o.runs).await;
+                println!(
+                    "| {} | {} | {} | {} |",
+                    kind.label(),
+                    fmt_rate(events as f64),
+                    fmt_dur(t),
+                    fmt_rate(events as f64 / t.as_secs_f64())
+                );
+            }
+        }
+        println!();
+    }
+
+    if o.wants("memory") {
+        eprintln!("memory per aggregate ({} aggregates)…", o.memory_aggregates);
+        let m = inproc::memory_per_aggregate(&registry, o.memory_aggregates).await;
+        println!(
+            "### Memory: resident aggregates on `memory://` (one run)\n\n| aggregates | heap growth per aggregate | RSS growth per aggregate | heap blocks per aggregate | state bytes | host overhead per aggregate (heap − state) | cold loads/s |\n|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        println!(
+            "| {} | {:.0} B | {:.0} B | {:.1} | {} B | {:.0} B | {} |\n",
+            fmt_rate(m.aggregates as f64),
+            m.heap_per_aggregate,
+            m.bytes_per_aggregate,
+            m.blocks_per_aggregate,
+            m.state_bytes,
+            m.heap_per_aggregate - m.state_bytes as f64,
+            fmt_rate(m.loads_per_sec)
+        );
+    }
+
+    if o.wants("startup") {
+        eprintln!("start-up…");
+        let (cold, warm) = tokio::task::spawn_blocking(move || http::startup(o.runs))
+            .await
+            .expect("the start-up scenario");
+        println!(
+            "### Start-up: process spawn to `listening on`, one 166 KB plugin\n\n| compile cache | time to ready |\n|---|---:|\n| cold | {} |\n| warm | {} |\n",
+            fmt_dur(cold),
+            fmt_dur(warm)
+        );
+    }
+
+    if o.wants("wasm") {
+        eprintln!("wasm vs native…");
+        let iters = 20_000;
+        let w = inproc::wasm_vs_native(&registry, iters, o.runs).await;
+        println!(
+            "### Wasm vs native: one deposit decision, sequential, {iters} calls per run\n\n| implementation | time per decision | ratio |\n|---|---:|---:|\n| `Plugin::handle` (component) | {} | {:.1}× |\n| native Rust (same logic, serde_json) | {} | 1.0× |\n| for reference: an empty `spawn_blocking` round trip | {} | {:.1}× |\n",
+            fmt_dur_precise(w.wasm),
+            w.wasm.as_secs_f64() / w.native.as_secs_f64(),
+            fmt_dur_precise(w.native),
+            fmt_dur_precise(w.hop),
+            w.hop.as_secs_f64() / w.native.as_secs_f64()
+        );
+    }
+    println!("Load average at the end: {}.", load_average());
+}
+
+/// A short duration with two decimals of microseconds.
+fn fmt_dur_precise(d: Duration) -> String {
+    format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}

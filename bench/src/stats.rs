@@ -1,0 +1,131 @@
+//! Small statistics helpers: percentiles of a latency sample, medians of
+//! repeated runs, and human-readable formatting of durations and rates.
+
+use std::time::Duration;
+
+/// One timed run of a load scenario.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunResult {
+    /// Completed operations per second over the run.
+    pub per_sec: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// 99.9th percentile latency.
+    pub p999: Duration,
+    /// Operations completed.
+    pub ops: usize,
+    /// Operations that failed (counted, not timed).
+    pub errors: usize,
+}
+
+impl RunResult {
+    /// Summarises the latencies (nanoseconds) of a run that lasted `elapsed`.
+    pub fn from_latencies(mut nanos: Vec<u64>, elapsed: Duration, errors: usize) -> RunResult {
+        nanos.sort_unstable();
+        let ops = nanos.len();
+        RunResult {
+            per_sec: ops as f64 / elapsed.as_secs_f64(),
+            p50: percentile(&nanos, 0.50),
+            p99: percentile(&nanos, 0.99),
+            p999: percentile(&nanos, 0.999),
+            ops,
+            errors,
+        }
+    }
+
+    /// The run-by-run median of each figure (throughput and every
+    /// percentile taken separately); operation and error counts are summed.
+    pub fn median_of(runs: &[RunResult]) -> RunResult {
+        let pick = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(f).collect());
+        let dur = |f: &dyn Fn(&RunResult) -> Duration| {
+            Duration::from_nanos(
+                median(runs.iter().map(|r| f(r).as_nanos() as f64).collect()) as u64,
+            )
+        };
+        RunResult {
+            per_sec: pick(&|r| r.per_sec),
+            p50: dur(&|r| r.p50),
+            p99: dur(&|r| r.p99),
+            p999: dur(&|r| r.p999),
+            ops: runs.iter().map(|r| r.ops).sum(),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        }
+    }
+}
+
+/// The `q` quantile (0..=1) of an ascending sample, nearest-rank; zero for
+/// an empty sample.
+pub fn percentile(sorted_nanos: &[u64], q: f64) -> Duration {
+    if sorted_nanos.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted_nanos.len() as f64).ceil() as usize;
+    let idx = rank.clamp(1, sorted_nanos.len()) - 1;
+    Duration::from_nanos(sorted_nanos[idx])
+}
+
+/// The median of a sample (the mean of the middle two for an even count);
+/// zero for an empty sample.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// A duration as `123 µs` / `4.56 ms` / `1.23 s`.
+pub fn fmt_dur(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+/// A rate with thousands separators, no decimals.
+pub fn fmt_rate(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let xs: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&xs, 0.5), Duration::from_nanos(500));
+        assert_eq!(percentile(&xs, 0.99), Duration::from_nanos(990));
+        assert_eq!(percentile(&xs, 0.999), Duration::from_nanos(999));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn medians_and_formatting() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(fmt_rate(1234567.4), "1,234,567");
+        assert_eq!(fmt_rate(12.0), "12");
+        assert_eq!(fmt_dur(Duration::from_micros(1500)), "1.50 ms");
+    }
+}
