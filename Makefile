@@ -130,11 +130,12 @@ lint:
 
 # The benchmark suite (bench/, see BENCHMARKS.md), in the same `dev` profile
 # as everything else. Writes Markdown tables to $(TARGET_DIR)/bench/results.md
-# and prints them (progress goes to stderr meanwhile).
+# and prints them (progress goes to stderr meanwhile; stdout is discarded
+# because the cqrs-es peer's MemStore prints a line per load and store).
 # Extra flags: make bench ARGS='--runs 5 --secs 3'
 bench: plugins host
 	$(CARGO) build -p rehydra-bench
 	@mkdir -p $(TARGET_DIR)/bench
-	$(TARGET_DIR)/debug/rehydra-bench $(ARGS) > $(TARGET_DIR)/bench/results.md.tmp
+	$(TARGET_DIR)/debug/rehydra-bench --out $(TARGET_DIR)/bench/results.md.tmp $(ARGS) > /dev/null
 	@mv -f $(TARGET_DIR)/bench/results.md.tmp $(TARGET_DIR)/bench/results.md
 	@cat $(TARGET_DIR)/bench/results.md

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::inproc::{agg_id, bank_account_wasm, target_dir};
+use crate::inproc::{agg_id, bank_account_wasm, client_accounts, target_dir};
 use crate::stats::RunResult;
 
 /// The host binary, `target/debug/rehydra` (`REHYDRA_BIN` overrides).
@@ -154,7 +154,8 @@ async fn post(
 
 /// Scenario (b): one host with a warm cache; `n` accounts opened over
 /// HTTP; then, at each concurrency level, `runs` runs of `secs` with that
-/// many client tasks POSTing deposits round-robin over the accounts.
+/// many client tasks POSTing deposits, each over its share of the
+/// accounts ([`client_accounts`]).
 pub async fn throughput(
     n: usize,
     concurrency: &[usize],
@@ -204,10 +205,11 @@ pub async fn throughput(
                     let body = json!({"amount": 1});
                     let mut lat = Vec::with_capacity(4096);
                     let mut errors = 0usize;
-                    let mut k = t;
+                    let mine = client_accounts(t, c, n);
+                    let mut k = 0;
                     while Instant::now() < deadline {
-                        let id = agg_id(k % n);
-                        k += c;
+                        let id = agg_id(mine[k % mine.len()]);
+                        k += 1;
                         let t0 = Instant::now();
                         match post(&client, &base, &id, "deposit", &body).await {
                             Ok(()) => lat.push(t0.elapsed().as_nanos() as u64),

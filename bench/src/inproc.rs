@@ -137,8 +137,16 @@ pub fn agg_id(i: usize) -> String {
     format!("acc-{i}")
 }
 
+/// The accounts client `t` of `clients` sends to, round-robin: a share of
+/// the `n` accounts disjoint from the other clients' when `n >= clients`,
+/// otherwise one account shared with others.
+pub fn client_accounts(t: usize, clients: usize, n: usize) -> Vec<usize> {
+    let mine: Vec<usize> = (t..n).step_by(clients.max(1)).collect();
+    if mine.is_empty() { vec![t % n] } else { mine }
+}
+
 /// Opens `n` accounts through the actor layer, `parallel` at a time.
-async fn open_accounts(aggregates: &Arc<Aggregates>, n: usize, parallel: usize) {
+pub async fn open_accounts(aggregates: &Arc<Aggregates>, n: usize, parallel: usize) {
     let mut tasks = Vec::new();
     for p in 0..parallel.min(n) {
         let aggregates = aggregates.clone();
@@ -158,8 +166,9 @@ async fn open_accounts(aggregates: &Arc<Aggregates>, n: usize, parallel: usize) 
     }
 }
 
-/// Runs `concurrency` client tasks issuing `deposit` commands round-robin
-/// over `n` accounts for `secs`, and reports throughput and latency.
+/// Runs `concurrency` client tasks issuing `deposit` commands for `secs`,
+/// each over its share of the `n` accounts ([`client_accounts`]), and
+/// reports throughput and latency.
 pub async fn drive(
     aggregates: &Arc<Aggregates>,
     n: usize,
@@ -174,10 +183,15 @@ pub async fn drive(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(4096);
             let mut errors = 0usize;
-            let mut k = t;
+            let mine = client_accounts(t, concurrency, n);
+            let mut k = 0;
             while Instant::now() < deadline {
-                let req = cmd(&agg_id(k % n), "deposit", json!({"amount": 1}));
-                k += concurrency;
+                let req = cmd(
+                    &agg_id(mine[k % mine.len()]),
+                    "deposit",
+                    json!({"amount": 1}),
+                );
+                k += 1;
                 let t0 = Instant::now();
                 match aggregates.execute(req).await {
                     Ok(_) => lat.push(t0.elapsed().as_nanos() as u64),

@@ -1,26 +1,28 @@
 //! `rehydra-bench`: Rehydra's benchmark suite (issue 8, first cut).
 //!
 //! Runs the scenarios below with the real bank-account component and
-//! prints one Markdown table per scenario on stdout (progress goes to
-//! stderr). Every figure is the median of `--runs` runs; ratios are taken
-//! within the same invocation.
+//! writes one Markdown table per scenario to stdout or `--out FILE`
+//! (progress goes to stderr). Every figure is the median of `--runs`
+//! runs; ratios are taken within the same invocation.
 //!
 //! | name        | what                                                        |
 //! |-------------|-------------------------------------------------------------|
-//! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`      |
+//! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`, 1 / 1,000 / 100,000 aggregates |
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, compile cache cold and warm          |
 //! | `wasm`      | one `Plugin::handle` call vs the same logic natively         |
+//! | `peer`      | the same bank account on `cqrs-es` + `MemStore` vs `memory://` |
 //!
-//! Usage: `rehydra-bench [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
+//! Usage: `rehydra-bench [--out FILE] [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
 //! Needs `make plugins` and `cargo build -p rehydra` first (`make bench`
 //! does both).
 
 mod alloc;
 mod http;
 mod inproc;
+mod peer;
 mod stats;
 
 use std::time::Duration;
@@ -31,12 +33,33 @@ use inproc::StoreKind;
 static ALLOC: alloc::Counting = alloc::Counting;
 use stats::{RunResult, fmt_dur, fmt_rate};
 
+/// Where the tables go: `--out FILE`, or stdout. (`cqrs-es`'s `MemStore`
+/// prints a line to stdout for every load and store, so `make bench`
+/// writes the tables to a file and discards stdout.)
+static OUT: std::sync::OnceLock<std::sync::Mutex<Box<dyn std::io::Write + Send>>> =
+    std::sync::OnceLock::new();
+
+/// `println!` into the table output.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut w = OUT
+            .get()
+            .expect("the output is set up first")
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        writeln!(w, $($arg)*).expect("writing the results");
+        w.flush().expect("flushing the results");
+    }};
+}
+
 /// Command-line options.
 struct Options {
     runs: usize,
     secs: f64,
     only: Option<Vec<String>>,
     memory_aggregates: usize,
+    out: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -46,6 +69,7 @@ impl Options {
             secs: 2.0,
             only: None,
             memory_aggregates: 1_000_000,
+            out: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -54,6 +78,7 @@ impl Options {
                     .unwrap_or_else(|| panic!("{name} needs a value"))
             };
             match a.as_str() {
+                "--out" => o.out = Some(value("--out").into()),
                 "--runs" => o.runs = value("--runs").parse().expect("--runs N"),
                 "--secs" => o.secs = value("--secs").parse().expect("--secs S"),
                 "--only" => o.only = Some(value("--only").split(',').map(str::to_string).collect()),
@@ -64,7 +89,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,profile,profile-embedded] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,peer,profile,profile-embedded] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -129,7 +154,12 @@ const LOAD_HEADER: &str = "| path | store | aggregates | clients | commands/s | 
 #[tokio::main]
 async fn main() {
     let o = Options::parse();
-    println!(
+    let sink: Box<dyn std::io::Write + Send> = match &o.out {
+        Some(path) => Box::new(std::fs::File::create(path).expect("creating the --out file")),
+        None => Box::new(std::io::stdout()),
+    };
+    let _ = OUT.set(std::sync::Mutex::new(sink));
+    out!(
         "Machine: {}. Build: `dev` profile (dependencies opt-level 2, host opt-level 1). Medians of {} runs of {} s. Load average at start: {}.\n",
         machine(),
         o.runs,
@@ -141,16 +171,16 @@ async fn main() {
 
     if o.wants("inproc") {
         eprintln!("in-process throughput…");
-        println!("### In-process: deposits through `Aggregates::execute`\n\n{LOAD_HEADER}");
+        out!("### In-process: deposits through `Aggregates::execute`\n\n{LOAD_HEADER}");
         for kind in [StoreKind::Memory, StoreKind::Embedded] {
-            for n in [1, 1000] {
+            for n in [1, 1000, 100_000] {
                 for (c, r) in inproc::throughput(&registry, kind, n, &levels, o.runs, o.secs).await
                 {
-                    println!("{}", load_row("in-process", kind.label(), n, c, &r));
+                    out!("{}", load_row("in-process", kind.label(), n, c, &r));
                 }
             }
         }
-        println!();
+        out!();
     }
 
     // Not in the default run: one in-process level for profiling under
@@ -166,33 +196,33 @@ async fn main() {
             .is_some_and(|only| only.iter().any(|x| x == name))
         {
             eprintln!("{name} run…");
-            println!("{LOAD_HEADER}");
+            out!("{LOAD_HEADER}");
             for (c, r) in inproc::throughput(&registry, kind, 1000, &[clients], 1, o.secs).await {
-                println!("{}", load_row("in-process", kind.label(), 1000, c, &r));
+                out!("{}", load_row("in-process", kind.label(), 1000, c, &r));
             }
         }
     }
 
     if o.wants("http") {
         eprintln!("HTTP throughput…");
-        println!("### Over HTTP: the `rehydra` binary on `embedded://`, loopback\n\n{LOAD_HEADER}");
+        out!("### Over HTTP: the `rehydra` binary on `embedded://`, loopback\n\n{LOAD_HEADER}");
         for n in [1, 1000] {
             for (c, r) in http::throughput(n, &levels, o.runs, o.secs).await {
-                println!("{}", load_row("HTTP", "embedded://", n, c, &r));
+                out!("{}", load_row("HTTP", "embedded://", n, c, &r));
             }
         }
-        println!();
+        out!();
     }
 
     if o.wants("rehydrate") {
         eprintln!("rehydration…");
-        println!(
+        out!(
             "### Rehydration: first `state()` of one aggregate on a fresh `Aggregates`\n\n| store | events | time | events/s |\n|---|---:|---:|---:|"
         );
         for kind in [StoreKind::Memory, StoreKind::Embedded] {
             for events in [10, 1000, 100_000] {
                 let t = inproc::rehydrate(&registry, kind, events, o.runs).await;
-                println!(
+                out!(
                     "| {} | {} | {} | {} |",
                     kind.label(),
                     fmt_rate(events as f64),
@@ -201,16 +231,16 @@ async fn main() {
                 );
             }
         }
-        println!();
+        out!();
     }
 
     if o.wants("memory") {
         eprintln!("memory per aggregate ({} aggregates)…", o.memory_aggregates);
         let m = inproc::memory_per_aggregate(&registry, o.memory_aggregates).await;
-        println!(
+        out!(
             "### Memory: resident aggregates on `memory://` (one run)\n\n| aggregates | heap growth per aggregate | RSS growth per aggregate | heap blocks per aggregate | state bytes | host overhead per aggregate (heap − state) | cold loads/s |\n|---:|---:|---:|---:|---:|---:|---:|"
         );
-        println!(
+        out!(
             "| {} | {:.0} B | {:.0} B | {:.1} | {} B | {:.0} B | {} |\n",
             fmt_rate(m.aggregates as f64),
             m.heap_per_aggregate,
@@ -227,7 +257,7 @@ async fn main() {
         let (cold, warm) = tokio::task::spawn_blocking(move || http::startup(o.runs))
             .await
             .expect("the start-up scenario");
-        println!(
+        out!(
             "### Start-up: process spawn to `listening on`, one 166 KB plugin\n\n| compile cache | time to ready |\n|---|---:|\n| cold | {} |\n| warm | {} |\n",
             fmt_dur(cold),
             fmt_dur(warm)
@@ -238,7 +268,7 @@ async fn main() {
         eprintln!("wasm vs native…");
         let iters = 20_000;
         let w = inproc::wasm_vs_native(&registry, iters, o.runs).await;
-        println!(
+        out!(
             "### Wasm vs native: one deposit decision, sequential, {iters} calls per run\n\n| implementation | time per decision | ratio |\n|---|---:|---:|\n| `Plugin::handle` (component) | {} | {:.1}× |\n| native Rust (same logic, serde_json) | {} | 1.0× |\n| for reference: an empty `spawn_blocking` round trip | {} | {:.1}× |\n",
             fmt_dur_precise(w.wasm),
             w.wasm.as_secs_f64() / w.native.as_secs_f64(),
@@ -247,7 +277,24 @@ async fn main() {
             w.hop.as_secs_f64() / w.native.as_secs_f64()
         );
     }
-    println!("Load average at the end: {}.", load_average());
+    if o.wants("peer") {
+        eprintln!("cqrs-es peer…");
+        out!(
+            "### Peer: `cqrs-es` 0.4 with `MemStore` vs Rehydra on `memory://`, 1,000 fresh accounts, runs alternating\n\n| clients | cqrs-es commands/s | cqrs-es p99 | Rehydra commands/s | Rehydra p99 | Rehydra / cqrs-es |\n|---:|---:|---:|---:|---:|---:|"
+        );
+        for (c, p, r) in peer::compare(&registry, 1000, &[1, 16], o.runs, o.secs).await {
+            out!(
+                "| {c} | {} | {} | {} | {} | {:.2}× |",
+                fmt_rate(p.per_sec),
+                fmt_dur(p.p99),
+                fmt_rate(r.per_sec),
+                fmt_dur(r.p99),
+                r.per_sec / p.per_sec
+            );
+        }
+        out!();
+    }
+    out!("Load average at the end: {}.", load_average());
 }
 
 /// A short duration with two decimals of microseconds.
