@@ -90,7 +90,11 @@ async fn replacing_a_plugin_under_load_loses_nothing() {
             let mut log: Vec<(Duration, &str, Value)> = Vec::new();
             let mut n = 0u64;
             while started.elapsed() < Duration::from_secs(4) {
-                let command = if n.is_multiple_of(2) { "deposit" } else { "withdraw" };
+                let command = if n.is_multiple_of(2) {
+                    "deposit"
+                } else {
+                    "withdraw"
+                };
                 n += 1;
                 let sent = started.elapsed();
                 let resp = http
