@@ -217,33 +217,36 @@ impl Plugin {
         }
     }
 
-    /// Runs a guest call on tokio's blocking pool. Guest calls are CPU work
-    /// bounded only by the deadline, and wasmtime-wasi's synchronous WASI
-    /// bindings (a guest writing to stderr, say) block on the runtime, which
-    /// is not allowed on an async worker thread.
-    async fn off_runtime<R: Send + 'static>(
+    /// Runs `f` on tokio's blocking pool. Guest calls are CPU work bounded
+    /// only by the deadline, and wasmtime-wasi's synchronous WASI bindings (a
+    /// guest writing to stderr, say) block on the runtime, which is not
+    /// allowed on an async worker thread.
+    async fn on_blocking_pool<R: Send + 'static>(
         self: &Arc<Self>,
-        deadline: std::time::Duration,
-        f: impl FnOnce(
-            &bindings::Aggregate,
-            &mut wasmtime::Store<instance::GuestState>,
-        ) -> wasmtime::Result<R>
-        + Send
-        + 'static,
+        f: impl FnOnce(&Plugin) -> Result<R, CommandError> + Send + 'static,
     ) -> Result<R, CommandError> {
         let this = self.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            this.pool
-                .with_instance(|i| i.call(deadline, f))
-                .map_err(|f| this.guest_failed(f))
-        })
-        .await;
+        let joined = tokio::task::spawn_blocking(move || f(&this)).await;
         joined.unwrap_or_else(|e| {
             Err(self.failure(
                 FailureKind::Trap,
                 format!("the host's call into the plugin panicked: {e}"),
             ))
         })
+    }
+
+    /// Runs one export on a pooled instance under a fresh deadline.
+    fn call<R>(
+        &self,
+        deadline: std::time::Duration,
+        f: impl FnOnce(
+            &bindings::Aggregate,
+            &mut wasmtime::Store<instance::GuestState>,
+        ) -> wasmtime::Result<R>,
+    ) -> Result<R, CommandError> {
+        self.pool
+            .with_instance(|i| i.call(deadline, f))
+            .map_err(|f| self.guest_failed(f))
     }
 
     /// Folds `events` into `state` with one guest call.
@@ -258,12 +261,18 @@ impl Plugin {
             bytes: state.bytes.clone(),
         };
         let batch: Vec<wit::RecordedEvent> = events.iter().map(to_wit_event).collect();
-        let deadline = self.limits.apply_deadline;
-        let result = self
-            .off_runtime(deadline, move |agg, store| {
-                agg.call_apply(store, &s, &batch)
-            })
-            .await?;
+        self.on_blocking_pool(move |p| p.apply_prepared(&s, &batch))
+            .await
+    }
+
+    fn apply_prepared(
+        &self,
+        s: &wit::State,
+        batch: &[wit::RecordedEvent],
+    ) -> Result<StateBytes, CommandError> {
+        let result = self.call(self.limits.apply_deadline, |agg, store| {
+            agg.call_apply(store, s, batch)
+        })?;
         match result {
             Ok(s) if s.bytes.len() > self.limits.max_state_bytes => Err(self.failure(
                 FailureKind::BadOutput,
@@ -284,7 +293,7 @@ impl Plugin {
                 FailureKind::ApplyRefused,
                 format!(
                     "apply refused the events from version {}: {message}",
-                    events.first().map(|e| e.version).unwrap_or_default()
+                    batch.first().map(|e| e.version).unwrap_or_default()
                 ),
             )),
         }
@@ -300,13 +309,8 @@ impl Plugin {
     ) -> Result<Result<Decision, Rejection>, CommandError> {
         self.check_quarantine()?;
         let (s, c) = handle_args(state, command);
-        let deadline = self.limits.handle_deadline;
-        let result = self
-            .off_runtime(deadline, move |agg, store| {
-                agg.call_handle(store, &s, version, &c)
-            })
-            .await?;
-        self.finish_handle(result)
+        self.on_blocking_pool(move |p| p.handle_prepared(&s, version, &c))
+            .await
     }
 
     /// [`handle`](Self::handle) on the calling thread, without the hop to
@@ -321,15 +325,18 @@ impl Plugin {
     ) -> Result<Result<Decision, Rejection>, CommandError> {
         self.check_quarantine()?;
         let (s, c) = handle_args(state, command);
-        let deadline = self.limits.handle_deadline;
-        let result = self
-            .pool
-            .with_instance(|i| {
-                i.call(deadline, |agg, store| {
-                    agg.call_handle(store, &s, version, &c)
-                })
-            })
-            .map_err(|f| self.guest_failed(f))?;
+        self.handle_prepared(&s, version, &c)
+    }
+
+    fn handle_prepared(
+        &self,
+        s: &wit::State,
+        version: u64,
+        c: &wit::Command,
+    ) -> Result<Result<Decision, Rejection>, CommandError> {
+        let result = self.call(self.limits.handle_deadline, |agg, store| {
+            agg.call_handle(store, s, version, c)
+        })?;
         self.finish_handle(result)
     }
 
