@@ -223,13 +223,7 @@ impl Host {
 
     /// The host's resident memory in KiB (Linux `VmRSS`).
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        rss_kib_of(self.pid())
     }
 
     /// The host's log so far.
@@ -325,6 +319,16 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The resident memory of process `pid` in KiB (Linux `VmRSS`; 0 if unknown).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The error code of an error body.

@@ -232,14 +232,7 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_recovers() {
         (500, Some("quarantined")),
         "{body}"
     );
-    let (_, plugins) = host.get("/v1/plugins").await;
-    let faulty = plugins["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "faulty")
-        .unwrap()
-        .clone();
+    let faulty = faulty_plugin(&host).await;
     assert!(
         faulty["health"]["quarantined_for_ms"].as_u64().unwrap() > 0,
         "{faulty}"
@@ -255,15 +248,20 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_recovers() {
     let (status, body) = host.command("faulty", "q", "ok", json!({})).await;
     assert_eq!(status, 200, "served again after the rest: {body}");
     assert_eq!(body["version"], 1, "nothing from the failures was stored");
+    let faulty = faulty_plugin(&host).await;
+    assert_eq!(faulty["health"]["consecutive_failures"], 0, "{faulty}");
+}
+
+/// The `faulty` entry of `GET /v1/plugins`.
+async fn faulty_plugin(host: &Host) -> Value {
     let (_, plugins) = host.get("/v1/plugins").await;
-    let faulty = plugins["plugins"]
+    plugins["plugins"]
         .as_array()
         .unwrap()
         .iter()
         .find(|p| p["name"] == "faulty")
-        .unwrap()
-        .clone();
-    assert_eq!(faulty["health"]["consecutive_failures"], 0, "{faulty}");
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 /// What a hostile soak command must answer: (command, status, reason).
@@ -287,17 +285,7 @@ async fn soak_of_healthy_and_hostile_commands() {
     let started = Instant::now();
 
     // Sample the host's memory while the soak runs.
-    let pid_host_rss = {
-        let pid = host.pid();
-        move || -> u64 {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        }
-    };
+    let pid = host.pid();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sampler = {
         let done = done.clone();
@@ -306,7 +294,7 @@ async fn soak_of_healthy_and_hostile_commands() {
             while done.load(std::sync::atomic::Ordering::Relaxed) < WORKERS * PER_WORKER {
                 samples.push((
                     done.load(std::sync::atomic::Ordering::Relaxed),
-                    pid_host_rss(),
+                    rehydra_e2e::rss_kib_of(pid),
                 ));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
