@@ -3,11 +3,9 @@
 //! embedded store with a small closed-loop load generator (loopback only,
 //! bounded in time).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -84,23 +82,13 @@ impl HostDir {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting rehydra");
-        let stdout = child.stdout.take().expect("the host's stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(base) => Host {
+        match rehydra_e2e::wait_until_listening(&mut child, Duration::from_secs(120)) {
+            Some(base) => Host {
                 child,
                 base,
                 ready_after: t0.elapsed(),
             },
-            Err(_) => {
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("rehydra did not become ready within 120 s");

@@ -6,7 +6,7 @@
 //! bank-account component and the real stores; the load generator shares
 //! the runtime (and the machine's two cores) with the host code it drives.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,15 +83,8 @@ impl OpenStore {
     }
 }
 
-/// The workspace's target directory (`CARGO_TARGET_DIR` honoured).
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("target"),
-    }
-}
+/// The workspace's target directory, as the end-to-end harness finds it.
+pub use rehydra_e2e::target_dir;
 
 /// `target/plugins/bank-account.wasm`, built by `make plugins`.
 pub fn bank_account_wasm() -> PathBuf {

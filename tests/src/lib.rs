@@ -109,6 +109,23 @@ pub fn test_plugin(name: &str) -> PathBuf {
     path
 }
 
+/// Waits for a `rehydra run` child (spawned with its stdout piped) to print
+/// `listening on http://ADDR`, and returns that URL; `None` if it did not
+/// within `timeout` or exited. Keeps draining its stdout afterwards.
+pub fn wait_until_listening(child: &mut Child, timeout: Duration) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
 /// A running host and the directory it owns.
 pub struct Host {
     child: Option<Child>,
@@ -194,22 +211,13 @@ impl Host {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting rehydra");
-        let stdout = child.stdout.take().expect("the host's stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        self.child = Some(child);
         // A cold compile of a JS or Python plugin takes up to a minute on a
         // busy two-core machine.
-        match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(url) => self.base = url,
-            Err(_) => panic!("rehydra did not become ready; its log:\n{}", self.log()),
+        let ready = wait_until_listening(&mut child, Duration::from_secs(300));
+        self.child = Some(child);
+        match ready {
+            Some(url) => self.base = url,
+            None => panic!("rehydra did not become ready; its log:\n{}", self.log()),
         }
     }
 
