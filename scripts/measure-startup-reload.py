@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start-up and hot-reload latency of the built host, medians of several runs.
 
-Start-up: from exec to the `listening on` line, with the compile cache cold
+Start-up: from exec to the `plugins ready` line, with the compile cache cold
 (empty) and warm. Reload: from the rename of a new plugin version into the
 watched directory to the first command whose event names the new version
 (the watch's 300 ms debounce included), with the new version's compiled code
@@ -23,9 +23,12 @@ def start(d, plugins):
     p = subprocess.Popen([BIN, "run", "--plugins", os.path.join(d, "plugins"), "--store", "memory://",
                           "--cache-dir", os.path.join(d, "cache"), "--http", "127.0.0.1:0"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = None
     for line in p.stdout:
         if line.startswith("listening on "):
-            return p, line.split()[-1], time.perf_counter() - t0
+            url = line.split()[-1]
+        elif line.strip() == "plugins ready" and url is not None:
+            return p, url, time.perf_counter() - t0
     raise SystemExit("the host did not start")
 
 def post(url, body):

@@ -56,6 +56,17 @@ pub enum CommandError {
     /// No plugin handles this aggregate type.
     #[error("no plugin handles aggregate type {0:?}; see GET /v1/plugins for the loaded ones")]
     UnknownAggregateType(String),
+    /// No loaded plugin handles this aggregate type yet, but plugin files
+    /// are still compiling at start-up: one of them may be the one.
+    #[error(
+        "no plugin handles aggregate type {aggregate_type:?} yet; still compiling: {loading}; retry shortly"
+    )]
+    PluginsLoading {
+        /// The aggregate type asked for.
+        aggregate_type: String,
+        /// The files still compiling, with their size and time so far.
+        loading: String,
+    },
     /// The plugin has no command of this name.
     #[error("aggregate type {aggregate_type:?} has no command {command:?}; it accepts: {known}")]
     UnknownCommand {
@@ -155,6 +166,7 @@ impl CommandError {
         match self {
             CommandError::MalformedRequest(_) => "malformed_request",
             CommandError::UnknownAggregateType(_) => "unknown_aggregate_type",
+            CommandError::PluginsLoading { .. } => "plugins_loading",
             CommandError::UnknownCommand { .. } => "unknown_command",
             CommandError::AggregateNotFound { .. } => "aggregate_not_found",
             CommandError::AlreadyExists { .. } => "already_exists",

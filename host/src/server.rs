@@ -46,8 +46,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.sandbox.clone(),
         config.cache_dir.clone(),
     )?);
-    let loaded = registry.load_dir(&config.plugins).await?;
-    if loaded.is_empty() {
+    // Large uncached plugins (JS, Python) compile in the background so the
+    // others serve at once; see PluginRegistry::start.
+    let report = registry.start(&config.plugins).await?;
+    let loaded = registry.list();
+    for path in &report.loading {
+        tracing::info!(
+            path = %path.display(),
+            "compiling in the background; its aggregate type is served once it is ready \
+             (commands for it are answered plugins_loading until then)"
+        );
+    }
+    if loaded.is_empty() && report.loading.is_empty() {
         tracing::warn!(
             dir = %config.plugins.display(),
             "no plugin loaded: put plugin .wasm files in this directory (make plugins builds the examples into target/plugins)"
@@ -84,8 +94,17 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "rehydra is ready"
     );
-    // One plain line on stdout, for scripts and tests that wait for it.
+    // Plain lines on stdout, for scripts and tests that wait for them:
+    // "listening on" once the API serves, "plugins ready" once every plugin
+    // file has been loaded (or refused), background compilations included.
     println!("listening on http://{addr}");
+    {
+        let registry = aggregates.plugins().clone();
+        tokio::spawn(async move {
+            registry.wait_loaded().await;
+            println!("plugins ready");
+        });
+    }
 
     let app = http::router(aggregates, config.http_config.clone());
     axum::serve(listener, app)

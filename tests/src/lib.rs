@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -110,20 +110,52 @@ pub fn test_plugin(name: &str) -> PathBuf {
 }
 
 /// Waits for a `rehydra run` child (spawned with its stdout piped) to print
-/// `listening on http://ADDR`, and returns that URL; `None` if it did not
-/// within `timeout` or exited. Keeps draining its stdout afterwards.
+/// `listening on http://ADDR` and then `plugins ready` (every plugin file
+/// loaded, background compilations included), and returns that URL; `None`
+/// if it did not within `timeout` or exited. Keeps draining its stdout
+/// afterwards.
 pub fn wait_until_listening(child: &mut Child, timeout: Duration) -> Option<String> {
+    let lines = stdout_lines(child)?;
+    let deadline = Instant::now() + timeout;
+    let url = wait_for_line(&lines, deadline, |l| {
+        l.strip_prefix("listening on ")
+            .map(|u| u.trim().to_string())
+    })?;
+    wait_for_line(&lines, deadline, |l| {
+        (l.trim() == "plugins ready").then_some(())
+    })?;
+    Some(url)
+}
+
+/// Takes a child's piped stdout and hands its lines over a channel, read by
+/// a thread that keeps draining it until the child exits.
+pub fn stdout_lines(child: &mut Child) -> Option<mpsc::Receiver<String>> {
     let stdout = child.stdout.take()?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { return };
-            if let Some(url) = line.strip_prefix("listening on ") {
-                let _ = tx.send(url.trim().to_string());
-            }
+            // The receiver may be gone; keep draining so the child never blocks.
+            let _ = tx.send(line);
         }
     });
-    rx.recv_timeout(timeout).ok()
+    Some(rx)
+}
+
+/// Reads `lines` until `matches` accepts one, and returns what it made of
+/// it; `None` at `deadline` or when the stream ends.
+pub fn wait_for_line<T>(
+    lines: &mpsc::Receiver<String>,
+    deadline: Instant,
+    matches: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let line = lines.recv_timeout(left).ok()?;
+        if let Some(found) = matches(&line) {
+            return Some(found);
+        }
+    }
 }
 
 /// A running host and the directory it owns.

@@ -162,6 +162,30 @@ impl Aggregates {
         self.inner.slots.len()
     }
 
+    /// The error for an aggregate type no loaded plugin handles: "unknown",
+    /// or "not yet" while plugin files are still compiling at start-up.
+    fn no_plugin(&self, aggregate_type: &str) -> CommandError {
+        let loading = self.inner.plugins.loading();
+        if loading.is_empty() {
+            return CommandError::UnknownAggregateType(aggregate_type.to_string());
+        }
+        let files: Vec<String> = loading
+            .iter()
+            .map(|p| {
+                let secs = p.since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+                format!(
+                    "{} ({:.1} MB, {secs} s so far)",
+                    p.path.file_name().unwrap_or_default().to_string_lossy(),
+                    p.size as f64 / 1e6
+                )
+            })
+            .collect();
+        CommandError::PluginsLoading {
+            aggregate_type: aggregate_type.to_string(),
+            loading: files.join(", "),
+        }
+    }
+
     /// Runs a command on its aggregate and waits for the outcome.
     pub async fn execute(&self, req: CommandRequest) -> Result<CommandOutcome, CommandError> {
         validate_id("aggregate id", &req.aggregate_id)?;
@@ -169,7 +193,7 @@ impl Aggregates {
             .inner
             .plugins
             .get(&req.aggregate_type)
-            .ok_or_else(|| CommandError::UnknownAggregateType(req.aggregate_type.clone()))?;
+            .ok_or_else(|| self.no_plugin(&req.aggregate_type))?;
         if plugin.info.command(&req.command).is_none() {
             return Err(unknown_command(
                 &plugin.info,
@@ -192,9 +216,7 @@ impl Aggregates {
     ) -> Result<AggregateState, CommandError> {
         validate_id("aggregate id", id)?;
         if self.inner.plugins.get(aggregate_type).is_none() {
-            return Err(CommandError::UnknownAggregateType(
-                aggregate_type.to_string(),
-            ));
+            return Err(self.no_plugin(aggregate_type));
         }
         let (tx, rx) = oneshot::channel();
         self.inner.enqueue(aggregate_type, id, Work::State(tx))?;

@@ -92,9 +92,9 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         }
         CommandError::Forbidden(_) => StatusCode::FORBIDDEN,
         CommandError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        CommandError::Overloaded(_) | CommandError::StoreUnavailable(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        CommandError::Overloaded(_)
+        | CommandError::StoreUnavailable(_)
+        | CommandError::PluginsLoading { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CommandError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         CommandError::PluginFailed { .. } | CommandError::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
@@ -309,7 +309,16 @@ async fn plugins(State(app): State<AppState>) -> Response {
             })
         })
         .collect();
-    axum::Json(json!({ "plugins": plugins, "failed": failures })).into_response()
+    let loading: Vec<serde_json::Value> = registry
+        .loading()
+        .iter()
+        .map(|p| {
+            let secs = p.since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+            json!({ "path": p.path, "size": p.size, "compiling_for_s": secs })
+        })
+        .collect();
+    axum::Json(json!({ "plugins": plugins, "failed": failures, "loading": loading }))
+        .into_response()
 }
 
 async fn reload_plugins(State(app): State<AppState>) -> Result<Response, ApiError> {
@@ -333,6 +342,7 @@ async fn healthz(State(app): State<AppState>) -> Response {
         "status": if status == StatusCode::OK { "ok" } else { "degraded" },
         "store": { "backend": store.describe(), "status": store_status },
         "plugins": app.aggregates.plugins().list().len(),
+        "plugins_loading": app.aggregates.plugins().loading().len(),
         "resident_aggregates": app.aggregates.resident(),
     });
     (status, axum::Json(body)).into_response()

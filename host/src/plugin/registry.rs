@@ -52,6 +52,36 @@ pub struct ScanReport {
     /// Files that failed to load; a working version of theirs, if any,
     /// keeps serving.
     pub failed: Vec<LoadFailure>,
+    /// Large uncached files left compiling in the background (start-up only,
+    /// see [`PluginRegistry::start`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loading: Vec<PathBuf>,
+}
+
+/// A plugin file compiling in the background.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingLoad {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When its compilation was queued.
+    #[serde(skip)]
+    pub since: SystemTime,
+}
+
+/// Components at least this large and not in the compile cache are
+/// compiled in the background at start-up: they take seconds to minutes.
+const SLOW_COMPILE_BYTES: usize = 2_000_000;
+
+/// A new or changed plugin file, read and hashed, waiting to be loaded.
+struct Candidate {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    hash: String,
+    /// The version loaded from this path, if any.
+    by_path: Option<PluginRef>,
+    slow: bool,
 }
 
 /// The loaded plugins and everything needed to load more.
@@ -65,7 +95,10 @@ pub struct PluginRegistry {
     /// The directory of the last scan, for [`rescan`](Self::rescan).
     dir: Mutex<Option<PathBuf>>,
     /// One scan at a time: a scan reads the map, loads, then swaps it.
-    scanning: tokio::sync::Mutex<()>,
+    scanning: Arc<tokio::sync::Mutex<()>>,
+    /// Files a start-up scan left compiling in the background (a watch, so
+    /// [`wait_loaded`](Self::wait_loaded) can wait for it to empty).
+    pending: tokio::sync::watch::Sender<Vec<PendingLoad>>,
     _ticker: EpochTicker,
 }
 
@@ -85,7 +118,8 @@ impl PluginRegistry {
             plugins: ArcSwap::from_pointee(HashMap::new()),
             failures: Mutex::new(Vec::new()),
             dir: Mutex::new(None),
-            scanning: tokio::sync::Mutex::new(()),
+            scanning: Arc::new(tokio::sync::Mutex::new(())),
+            pending: tokio::sync::watch::Sender::new(Vec::new()),
             _ticker: ticker,
         })
     }
@@ -119,6 +153,32 @@ impl PluginRegistry {
         Ok(self.list())
     }
 
+    /// Start-up: loads the plugins of `dir` that are quick to load now (those
+    /// in the compile cache, and small ones), and compiles the large uncached
+    /// ones in the background, each served as soon as it is ready. Returns
+    /// at once with the report of what is loaded; [`loading`](Self::loading)
+    /// lists what is still compiling.
+    ///
+    /// Why: a JavaScript or Python component takes 30-60 s to compile cold on
+    /// a small machine, and the plugins that are ready should not wait for
+    /// it. Commands for an aggregate type that nothing serves yet are
+    /// answered `plugins_loading` (503) while anything is still compiling.
+    pub async fn start(self: &Arc<Self>, dir: &Path) -> anyhow::Result<ScanReport> {
+        self.scan_inner(dir, true).await
+    }
+
+    /// Plugin files that are still compiling in the background.
+    pub fn loading(&self) -> Vec<PendingLoad> {
+        self.pending.borrow().clone()
+    }
+
+    /// Waits until nothing is compiling in the background.
+    pub async fn wait_loaded(&self) {
+        let mut pending = self.pending.subscribe();
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = pending.wait_for(|p| p.is_empty()).await;
+    }
+
     /// Scans the directory of the last scan again.
     pub async fn rescan(self: &Arc<Self>) -> anyhow::Result<ScanReport> {
         let dir = self
@@ -127,13 +187,13 @@ impl PluginRegistry {
         self.scan(&dir).await
     }
 
-    /// Brings the registry in line with the `*.wasm` files in `dir`, in name
-    /// order:
+    /// Brings the registry in line with the `*.wasm` files in `dir`:
     ///
     /// - a file whose bytes are those of its loaded version is left alone;
     /// - a new or changed file is compiled off the async runtime, validated,
     ///   and only then swapped in; commands already running finish on the
-    ///   version they started with;
+    ///   version they started with. Each plugin is served as soon as it is
+    ///   ready, quick ones (cached or small) first, then in name order;
     /// - a file that fails leaves its working version (if any) in place and
     ///   is reported in [`failures`](Self::failures) and the log;
     /// - an aggregate type whose file is gone is no longer served;
@@ -141,7 +201,17 @@ impl PluginRegistry {
     ///
     /// Fails only if `dir` cannot be read.
     pub async fn scan(self: &Arc<Self>, dir: &Path) -> anyhow::Result<ScanReport> {
-        let _one_at_a_time = self.scanning.lock().await;
+        self.scan_inner(dir, false).await
+    }
+
+    async fn scan_inner(
+        self: &Arc<Self>,
+        dir: &Path,
+        defer_slow: bool,
+    ) -> anyhow::Result<ScanReport> {
+        // One scan at a time, including a start-up scan's background part:
+        // a rescan must not compile a file the background is compiling.
+        let one_at_a_time = self.scanning.clone().lock_owned().await;
         if let Ok(mut d) = self.dir.lock() {
             *d = Some(dir.to_path_buf());
         }
@@ -158,9 +228,20 @@ impl PluginRegistry {
             .collect();
         files.sort();
 
+        let mut report = ScanReport::default();
         let current = self.plugins.load_full();
         let mut next: HashMap<String, PluginRef> = (*current).clone();
-        let mut report = ScanReport::default();
+        next.retain(|aggregate_type, p| {
+            let present = files.contains(&p.path);
+            if !present {
+                tracing::info!(aggregate_type = %aggregate_type, path = %p.path.display(), "plugin file removed; no longer serving this type");
+                report.removed.push(aggregate_type.clone());
+            }
+            present
+        });
+        self.plugins.store(Arc::new(next));
+
+        let mut candidates = Vec::new();
         for path in &files {
             let by_path = current.values().find(|p| &p.path == path).cloned();
             let bytes = match std::fs::read(path) {
@@ -178,71 +259,132 @@ impl PluginRegistry {
                 report.unchanged += 1;
                 continue;
             }
-            let this = self.clone();
-            let p = path.clone();
-            let h = hash.clone();
-            let result = tokio::task::spawn_blocking(move || this.load_bytes(&p, &bytes, h))
-                .await
-                .unwrap_or_else(|e| Err(anyhow::anyhow!("loading panicked: {e}")));
-            let mut plugin = match result {
-                Ok(plugin) => plugin,
-                Err(e) => {
-                    let error = format!("{e:#}");
-                    if by_path.is_some() {
-                        tracing::error!(path = %path.display(), "new version refused; the loaded version keeps serving: {error}");
-                    } else {
-                        tracing::error!(path = %path.display(), "plugin refused: {error}");
-                    }
-                    report.failed.push(LoadFailure {
-                        path: path.clone(),
-                        error,
-                    });
-                    continue;
-                }
-            };
-            let aggregate_type = plugin.info.aggregate_type.clone();
-            if let Some(other) = next.get(&aggregate_type).filter(|o| &o.path != path) {
-                let error = format!(
-                    "aggregate type {aggregate_type:?} is already provided by {}; remove one of the two files",
-                    other.path.display()
-                );
-                tracing::error!(path = %path.display(), "plugin refused: {error}");
-                report.failed.push(LoadFailure {
-                    path: path.clone(),
-                    error,
-                });
-                continue;
-            }
-            let short = plugin.short_hash().to_string();
-            match &by_path {
-                Some(old) => {
-                    plugin.previous_hash = Some(old.hash.clone());
-                    if old.info.aggregate_type != aggregate_type {
-                        next.remove(&old.info.aggregate_type);
-                        report.removed.push(old.info.aggregate_type.clone());
-                    }
-                    tracing::info!(plugin = %plugin.name, from = %old.short_hash(), to = %short, "plugin replaced");
-                    report
-                        .replaced
-                        .push(format!("{aggregate_type}@{}->{short}", old.short_hash()));
-                }
-                None => report.loaded.push(format!("{aggregate_type}@{short}")),
-            }
-            next.insert(aggregate_type, Arc::new(plugin));
+            let slow =
+                bytes.len() >= SLOW_COMPILE_BYTES && !self.cache.contains(&self.engine, &hash);
+            candidates.push(Candidate {
+                path: path.clone(),
+                bytes,
+                hash,
+                by_path,
+                slow,
+            });
         }
-        next.retain(|aggregate_type, p| {
-            let present = files.contains(&p.path);
-            if !present {
-                tracing::info!(aggregate_type = %aggregate_type, path = %p.path.display(), "plugin file removed; no longer serving this type");
-                report.removed.push(aggregate_type.clone());
-            }
-            present
-        });
-        self.plugins.store(Arc::new(next));
+        // Quick first (the sort is stable, so name order within each group).
+        candidates.sort_by_key(|c| c.slow);
+        let split = candidates
+            .iter()
+            .position(|c| c.slow)
+            .unwrap_or(candidates.len());
+        let slow = candidates.split_off(split);
+        for c in candidates {
+            self.load_candidate(c, &mut report).await;
+        }
         if let Ok(mut f) = self.failures.lock() {
             *f = report.failed.clone();
         }
+        if slow.is_empty() {
+            return Ok(report);
+        }
+        if !defer_slow {
+            for c in slow {
+                self.load_candidate(c, &mut report).await;
+            }
+            if let Ok(mut f) = self.failures.lock() {
+                *f = report.failed.clone();
+            }
+            return Ok(report);
+        }
+        self.pending.send_replace(
+            slow.iter()
+                .map(|c| PendingLoad {
+                    path: c.path.clone(),
+                    size: c.bytes.len() as u64,
+                    since: SystemTime::now(),
+                })
+                .collect(),
+        );
+        report.loading = slow.iter().map(|c| c.path.clone()).collect();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _one_at_a_time = one_at_a_time;
+            let started = Instant::now();
+            let mut background = ScanReport::default();
+            for c in slow {
+                let path = c.path.clone();
+                let failed_before = background.failed.len();
+                this.load_candidate(c, &mut background).await;
+                if let Ok(mut f) = this.failures.lock() {
+                    f.extend(background.failed[failed_before..].iter().cloned());
+                }
+                this.pending.send_modify(|p| p.retain(|p| p.path != path));
+            }
+            tracing::info!(
+                loaded = %background.loaded.join(", "),
+                failed = background.failed.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "background plugin compilation finished"
+            );
+        });
         Ok(report)
+    }
+
+    /// Loads one new or changed file and, if it is valid, serves it.
+    async fn load_candidate(self: &Arc<Self>, c: Candidate, report: &mut ScanReport) {
+        let Candidate {
+            path,
+            bytes,
+            hash,
+            by_path,
+            ..
+        } = c;
+        let this = self.clone();
+        let p = path.clone();
+        let result = tokio::task::spawn_blocking(move || this.load_bytes(&p, &bytes, hash))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("loading panicked: {e}")));
+        let mut plugin = match result {
+            Ok(plugin) => plugin,
+            Err(e) => {
+                let error = format!("{e:#}");
+                if by_path.is_some() {
+                    tracing::error!(path = %path.display(), "new version refused; the loaded version keeps serving: {error}");
+                } else {
+                    tracing::error!(path = %path.display(), "plugin refused: {error}");
+                }
+                report.failed.push(LoadFailure { path, error });
+                return;
+            }
+        };
+        let aggregate_type = plugin.info.aggregate_type.clone();
+        let mut next: HashMap<String, PluginRef> = (*self.plugins.load_full()).clone();
+        if let Some(other) = next.get(&aggregate_type).filter(|o| o.path != path) {
+            let error = format!(
+                "aggregate type {aggregate_type:?} is already provided by {}; remove one of the two files",
+                other.path.display()
+            );
+            tracing::error!(path = %path.display(), "plugin refused: {error}");
+            report.failed.push(LoadFailure { path, error });
+            return;
+        }
+        let short = plugin.short_hash().to_string();
+        match &by_path {
+            Some(old) => {
+                plugin.previous_hash = Some(old.hash.clone());
+                if old.info.aggregate_type != aggregate_type {
+                    next.remove(&old.info.aggregate_type);
+                    report.removed.push(old.info.aggregate_type.clone());
+                }
+                tracing::info!(plugin = %plugin.name, from = %old.short_hash(), to = %short, "plugin replaced");
+                report
+                    .replaced
+                    .push(format!("{aggregate_type}@{}->{short}", old.short_hash()));
+            }
+            None => report.loaded.push(format!("{aggregate_type}@{short}")),
+        }
+        next.insert(aggregate_type, Arc::new(plugin));
+        // Scans are serialised and nothing else writes the map, so a plain
+        // store cannot lose another writer's change.
+        self.plugins.store(Arc::new(next));
     }
 
     /// Reads, compiles (or takes from the cache), instantiates and validates
@@ -277,7 +419,7 @@ impl PluginRegistry {
             // and take many seconds to compile: say so, and keep saying so.
             // The result is cached, so the next start is fast.
             let mb = bytes.len() as f64 / 1e6;
-            let slow = if mb >= 2.0 {
+            let slow = if bytes.len() >= SLOW_COMPILE_BYTES {
                 "; this can take a while"
             } else {
                 ""
