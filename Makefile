@@ -18,7 +18,7 @@ PLUGIN_DIR := $(TARGET_DIR)/plugins
 JS_EXAMPLES := bank-account-js
 PY_EXAMPLES := bank-account-py
 
-.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench
+.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench interop
 all: plugins host
 
 # Build every example as a component and copy it to
@@ -105,6 +105,29 @@ test-plugins: plugins
 	  echo "  test plugin $(TEST_PLUGIN_DIR)/bank-account-$$f.wasm"; \
 	done
 
+# The gRPC interoperability client (tests/interop, examples/read-model-py):
+# grpcio and grpcio-tools at the versions pinned in
+# tests/interop/requirements.txt, in a virtualenv under $(TARGET_DIR)
+# (installed again only when a pin changes), and Python stubs generated from
+# proto/ into $(INTEROP_GEN) (again whenever a .proto changes).
+INTEROP_VENV := $(TARGET_DIR)/interop-venv
+INTEROP_TOOLS := $(INTEROP_VENV)/.installed
+INTEROP_GEN := $(TARGET_DIR)/interop-gen
+PROTOS := $(wildcard proto/rehydra/v1/*.proto)
+
+$(INTEROP_TOOLS): tests/interop/requirements.txt
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+	@touch $@
+
+$(INTEROP_GEN)/.generated: $(PROTOS) $(INTEROP_TOOLS)
+	@rm -rf $(INTEROP_GEN) && mkdir -p $(INTEROP_GEN)
+	$(INTEROP_VENV)/bin/python -m grpc_tools.protoc -Iproto \
+	  --python_out=$(INTEROP_GEN) --grpc_python_out=$(INTEROP_GEN) $(PROTOS)
+	@touch $@
+
+interop: $(INTEROP_GEN)/.generated
+
 # The host binary, in the one profile the tests use too.
 host:
 	$(CARGO) build -p rehydra
@@ -118,7 +141,7 @@ run: plugins host
 # unit and doc tests, and the end-to-end tests against the built binary and
 # plugins. Test binaries run one at a time: the machine has two cores and
 # each end-to-end test starts its own host.
-test: plugins test-plugins host sdk-test
+test: plugins test-plugins host sdk-test interop
 	$(CARGO) test -- --test-threads 2
 
 # Formatting and lints, as CI checks them (the examples for their real target).
