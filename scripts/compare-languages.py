@@ -50,7 +50,7 @@ def start(work, plugins, store, cache):
         shutil.copy(plugin_file(name), pdir)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [BIN, "run", "--plugins", pdir, "--store", store, "--cache-dir", cache, "--http", "127.0.0.1:0"],
+        [BIN, "run", "--plugins", pdir, "--store", store, "--cache-dir", cache, "--http", "127.0.0.1:0", "--grpc", "off"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -21,7 +21,7 @@ RUNS = int(os.environ.get("RUNS", "5"))
 def start(d, plugins):
     t0 = time.perf_counter()
     p = subprocess.Popen([BIN, "run", "--plugins", os.path.join(d, "plugins"), "--store", "memory://",
-                          "--cache-dir", os.path.join(d, "cache"), "--http", "127.0.0.1:0"],
+                          "--cache-dir", os.path.join(d, "cache"), "--http", "127.0.0.1:0", "--grpc", "off"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     url = None
     for line in p.stdout:

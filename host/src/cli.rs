@@ -1,7 +1,8 @@
 //! The command line: `rehydra run` starts the host; `send`, `state`,
-//! `stream` and `plugins` are clients of a running host's HTTP API. Client
-//! commands print JSON on stdout; on failure they print the error body and
-//! exit non-zero (1: the server refused, 3: the server is unreachable).
+//! `stream`, `plugins` and `subscribe` are clients of a running host's HTTP
+//! API. Client commands print JSON on stdout; on failure they print the
+//! error body and exit non-zero (1: the server refused, 3: the server is
+//! unreachable).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use crate::api::http::HttpConfig;
 use crate::client::{Client, ClientError};
 use crate::plugin::engine::SandboxLimits;
 use crate::server::{self, ServerConfig};
+use crate::subscription::SubscriptionConfig;
 
 /// Rehydra: a host for event-sourced aggregates written as WebAssembly components.
 #[derive(Debug, Parser)]
@@ -75,6 +77,25 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Follow the event log: print events as JSON lines as they arrive,
+    /// first the stored ones, then live ones.
+    Subscribe {
+        /// Where to start: a global position (inclusive), `start` or `end`.
+        #[arg(long, default_value = "start")]
+        from: String,
+        /// Only streams of this category (stream prefix, e.g. bank_account); repeatable.
+        #[arg(long)]
+        category: Vec<String>,
+        /// Only events of this type; repeatable.
+        #[arg(long)]
+        event_type: Vec<String>,
+        /// Exit once every stored event has been printed, instead of
+        /// following live events.
+        #[arg(long)]
+        until_caught_up: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Create a plugin project: rehydra new --lang rust|js|python NAME.
     New(crate::scaffold::NewArgs),
 }
@@ -84,6 +105,15 @@ struct ServerArg {
     /// The server's base URL.
     #[arg(long, env = "REHYDRA_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+    /// The bearer token, when the server runs with --auth-tokens.
+    #[arg(long, env = "REHYDRA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ServerArg {
+    fn client(&self) -> Result<Client, ClientError> {
+        Client::with_token(&self.server, self.token.as_deref())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -98,9 +128,28 @@ struct RunArgs {
         default_value = "embedded://./rehydra-data"
     )]
     store: String,
-    /// The address to serve HTTP on.
+    /// The address to serve HTTP on. Loopback by default: without
+    /// --auth-tokens anyone who reaches the address may call the API.
     #[arg(long, env = "REHYDRA_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// The address to serve gRPC on (its own port), or `off`.
+    #[arg(long, env = "REHYDRA_GRPC", default_value = "127.0.0.1:50051", value_parser = parse_grpc_addr)]
+    grpc: GrpcAddr,
+    /// A file of `TOKEN PRINCIPAL` lines: every HTTP and gRPC call (but
+    /// /healthz) then needs `Authorization: Bearer TOKEN`, and the principal
+    /// is passed to the plugin.
+    #[arg(long, env = "REHYDRA_AUTH_TOKENS")]
+    auth_tokens: Option<PathBuf>,
+    /// Events read ahead for each subscriber, at most.
+    #[arg(long, default_value_t = 1024)]
+    subscription_buffer: usize,
+    /// Disconnect a subscriber that leaves its buffer full this long
+    /// (it gets `subscriber_too_slow` and where to resume).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    subscriber_timeout: Duration,
+    /// The most subscriptions open at once.
+    #[arg(long, default_value_t = 256)]
+    max_subscriptions: usize,
     /// The compile cache directory (private to this user: it holds native code).
     #[arg(long, env = "REHYDRA_CACHE_DIR", default_value = "./.rehydra-cache")]
     cache_dir: PathBuf,
@@ -161,6 +210,19 @@ struct RunArgs {
     log_format: String,
 }
 
+/// `--grpc`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct GrpcAddr(Option<SocketAddr>);
+
+fn parse_grpc_addr(text: &str) -> Result<GrpcAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(GrpcAddr(None));
+    }
+    text.parse()
+        .map(|a| GrpcAddr(Some(a)))
+        .map_err(|e| format!("{e}: use HOST:PORT, e.g. 127.0.0.1:50051, or off"))
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -189,7 +251,10 @@ async fn dispatch(command: Command) -> ExitCode {
             idempotency_key,
             server,
         } => {
-            let client = Client::new(&server.server);
+            let client = match server.client() {
+                Ok(c) => c,
+                Err(e) => return print_result(Err(e)),
+            };
             print_result(
                 client
                     .send(
@@ -207,19 +272,86 @@ async fn dispatch(command: Command) -> ExitCode {
             aggregate_type,
             id,
             server,
-        } => print_result(
-            Client::new(&server.server)
-                .state(&aggregate_type, &id)
-                .await,
-        ),
+        } => match server.client() {
+            Ok(c) => print_result(c.state(&aggregate_type, &id).await),
+            Err(e) => print_result(Err(e)),
+        },
         Command::Stream {
             name,
             from,
             limit,
             server,
-        } => print_result(Client::new(&server.server).stream(&name, from, limit).await),
-        Command::Plugins { server } => print_result(Client::new(&server.server).plugins().await),
+        } => match server.client() {
+            Ok(c) => print_result(c.stream(&name, from, limit).await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Plugins { server } => match server.client() {
+            Ok(c) => print_result(c.plugins().await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Subscribe {
+            from,
+            category,
+            event_type,
+            until_caught_up,
+            server,
+        } => subscribe(&server, &from, &category, &event_type, until_caught_up).await,
         Command::New(args) => crate::scaffold::run(args),
+    }
+}
+
+/// `rehydra subscribe`: events on stdout, one JSON object per line (flushed
+/// per line, so a pipe sees each at once); the switch to live and errors on
+/// stderr.
+async fn subscribe(
+    server: &ServerArg,
+    from: &str,
+    categories: &[String],
+    event_types: &[String],
+    until_caught_up: bool,
+) -> ExitCode {
+    use std::io::Write as _;
+    let client = match server.client() {
+        Ok(c) => c,
+        Err(e) => return print_result(Err(e)),
+    };
+    let mut failed: Option<serde_json::Value> = None;
+    let result = client
+        .subscribe(from, categories, event_types, |name, data| match name {
+            "event" => {
+                let mut out = std::io::stdout().lock();
+                // A closed pipe (e.g. `| head`) ends the subscription.
+                writeln!(out, "{data}").and_then(|_| out.flush()).is_ok()
+            }
+            "caught-up" => {
+                eprintln!(
+                    "rehydra: caught up at position {}; {}",
+                    data["position"],
+                    if until_caught_up {
+                        "stopping"
+                    } else {
+                        "following live events"
+                    }
+                );
+                !until_caught_up
+            }
+            _ => {
+                failed = Some(data);
+                false
+            }
+        })
+        .await;
+    match (result, failed) {
+        (Err(e), _) => print_result(Err(e)),
+        (Ok(()), Some(error)) => {
+            eprintln!(
+                "rehydra: the subscription ended: {}: {}",
+                error["code"].as_str().unwrap_or("unknown"),
+                error["message"].as_str().unwrap_or("")
+            );
+            ExitCode::from(1)
+        }
+        (Ok(()), None) => ExitCode::SUCCESS,
     }
 }
 
@@ -254,6 +386,13 @@ async fn run(args: RunArgs) -> ExitCode {
         plugins: args.plugins,
         store: args.store,
         http: args.http,
+        grpc: args.grpc.0,
+        auth_tokens: args.auth_tokens,
+        subscriptions: SubscriptionConfig {
+            buffer: args.subscription_buffer.max(1),
+            slow_timeout: args.subscriber_timeout,
+            max_subscriptions: args.max_subscriptions.max(1),
+        },
         cache_dir: (!args.no_cache).then_some(args.cache_dir),
         sandbox: SandboxLimits {
             max_memory_bytes: args.max_memory_mib << 20,

@@ -1,5 +1,6 @@
 //! The HTTP client behind the CLI's client commands (`send`, `state`,
-//! `stream`, `plugins`): the CLI is a client of the same API as everyone.
+//! `stream`, `plugins`, `subscribe`): the CLI is a client of the same API as
+//! everyone.
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -44,6 +45,88 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// A client that sends `Authorization: Bearer <token>` with every call.
+    pub fn with_token(base: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let Some(token) = token else {
+            return Ok(Self::new(base));
+        };
+        let bad = |reason: String| ClientError::Unreachable {
+            url: base.to_string(),
+            reason,
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| bad("the token must be printable ASCII".into()))?;
+        value.set_sensitive(true);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    /// Follows `GET /v1/subscribe` (server-sent events), calling `on_event`
+    /// with each message's event name (`event`, `caught-up`, `error`) and
+    /// its JSON data, until `on_event` returns `false`, the server ends the
+    /// stream (`Ok`), or the connection fails.
+    pub async fn subscribe(
+        &self,
+        from: &str,
+        categories: &[String],
+        event_types: &[String],
+        mut on_event: impl FnMut(&str, Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        };
+        let resp = self
+            .http
+            .get(format!("{}/v1/subscribe", self.base))
+            .query(&[
+                ("from", from.to_string()),
+                ("category", categories.join(",")),
+                ("event_type", event_types.join(",")),
+            ])
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if resp.status() != StatusCode::OK {
+            return Err(api_error(resp).await);
+        }
+        let mut body = resp.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = tokio_stream::StreamExt::next(&mut body).await {
+            pending.extend_from_slice(&chunk.map_err(unreachable)?);
+            // Messages end with a blank line.
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let message: Vec<u8> = pending.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&message);
+                let mut name = "message";
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let value = serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
+                if !on_event(name, value) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends a command.
@@ -110,22 +193,30 @@ impl Client {
             reason: e.to_string(),
         };
         let resp = req.send().await.map_err(unreachable)?;
-        let status = resp.status();
-        let body: Value = resp.json().await.map_err(unreachable)?;
-        if status == StatusCode::OK {
-            return Ok(body);
+        if resp.status() != StatusCode::OK {
+            return Err(api_error(resp).await);
         }
-        let code = body["error"]["code"]
-            .as_str()
-            .unwrap_or("unknown")
-            .to_string();
-        let message = body["error"]["message"].as_str().unwrap_or("").to_string();
-        Err(ClientError::Api {
-            status: status.as_u16(),
-            code,
-            message,
-            body,
-        })
+        resp.json().await.map_err(unreachable)
+    }
+}
+
+/// The error a non-200 response stands for.
+async fn api_error(resp: reqwest::Response) -> ClientError {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_string();
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("the server answered an error without a body")
+        .to_string();
+    ClientError::Api {
+        status,
+        code,
+        message,
+        body,
     }
 }
 

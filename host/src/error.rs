@@ -144,6 +144,30 @@ pub enum CommandError {
         /// What happened, including the guest's panic message when known.
         message: String,
     },
+    /// A subscriber left its buffer full for too long and was disconnected.
+    /// Everything before `resume_from` was delivered.
+    #[error(
+        "the subscriber read too slowly: its buffer of {buffer} events stayed full for {waited:?}; \
+         resume from position {resume_from}"
+    )]
+    SubscriberTooSlow {
+        /// The buffer's size in events.
+        buffer: usize,
+        /// How long it stayed full.
+        waited: std::time::Duration,
+        /// The position to resume from: nothing before it is lost.
+        resume_from: u64,
+    },
+    /// The host is shutting down; a subscription ends with this. Everything
+    /// before `resume_from` was delivered.
+    #[error("the host is shutting down; resume from position {resume_from}")]
+    ShuttingDown {
+        /// The position to resume from.
+        resume_from: u64,
+    },
+    /// The caller did not present a valid token.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A route that does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -179,6 +203,9 @@ impl CommandError {
             CommandError::StoreUnavailable(_) => "store_unavailable",
             CommandError::Timeout(_) => "timeout",
             CommandError::PluginFailed { .. } => "plugin_failed",
+            CommandError::SubscriberTooSlow { .. } => "subscriber_too_slow",
+            CommandError::Unauthenticated(_) => "unauthenticated",
+            CommandError::ShuttingDown { .. } => "shutting_down",
             CommandError::NotFound(_) => "not_found",
             CommandError::Internal(_) => "internal",
         }
@@ -197,6 +224,14 @@ impl CommandError {
                 Some(json!({ "plugin": plugin, "reason": kind.as_str() }))
             }
             CommandError::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            CommandError::SubscriberTooSlow {
+                buffer,
+                resume_from,
+                ..
+            } => Some(json!({ "buffer": buffer, "resume_from": resume_from })),
+            CommandError::ShuttingDown { resume_from } => {
+                Some(json!({ "resume_from": resume_from }))
+            }
             _ => None,
         }
     }

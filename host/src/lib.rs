@@ -16,6 +16,7 @@
 
 pub mod actor;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod command;
@@ -24,3 +25,4 @@ pub mod plugin;
 pub mod scaffold;
 pub mod server;
 pub mod store;
+pub mod subscription;

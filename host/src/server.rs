@@ -1,5 +1,5 @@
-//! `rehydra run`: opens the store, loads the plugins, and serves the API
-//! until SIGINT or SIGTERM.
+//! `rehydra run`: opens the store, loads the plugins, and serves the HTTP
+//! and gRPC APIs until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,8 +10,11 @@ use anyhow::Context as _;
 
 use crate::actor::{ActorConfig, Aggregates};
 use crate::api::http::{self, HttpConfig};
+use crate::api::{ApiContext, grpc};
+use crate::auth::Tokens;
 use crate::plugin::PluginRegistry;
 use crate::plugin::engine::SandboxLimits;
+use crate::subscription::{SubscriptionConfig, Subscriptions};
 
 /// Everything `rehydra run` is configured with.
 #[derive(Debug, Clone)]
@@ -22,6 +25,12 @@ pub struct ServerConfig {
     pub store: String,
     /// Where to serve HTTP.
     pub http: SocketAddr,
+    /// Where to serve gRPC; `None`: not at all.
+    pub grpc: Option<SocketAddr>,
+    /// The token file (`--auth-tokens`); `None`: no authentication.
+    pub auth_tokens: Option<PathBuf>,
+    /// Subscription limits.
+    pub subscriptions: SubscriptionConfig,
     /// The compile cache directory, if any.
     pub cache_dir: Option<PathBuf>,
     /// Sandbox limits.
@@ -37,6 +46,15 @@ pub struct ServerConfig {
 /// Runs the host until it is told to stop.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Bad tokens are a configuration error: fail before anything else.
+    let tokens = match &config.auth_tokens {
+        Some(path) => {
+            let tokens = Tokens::load(path)?;
+            tracing::info!(principals = tokens.len(), file = %path.display(), "authentication on: every call needs a bearer token");
+            Some(Arc::new(tokens))
+        }
+        None => None,
+    };
     let store = crate::store::open(&config.store)
         .await
         .with_context(|| format!("opening the event store {}", config.store))?;
@@ -72,17 +90,38 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         None
     };
     reload_on_sighup(registry.clone());
+    let subscriptions = Subscriptions::new(store.clone(), config.subscriptions.clone());
     let aggregates = Aggregates::new(store, registry, config.actors.clone());
+    let context = ApiContext {
+        aggregates: aggregates.clone(),
+        subscriptions: subscriptions.clone(),
+        tokens,
+        max_command_bytes: config.http_config.max_command_bytes,
+    };
 
-    let listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}: is another process using it? pass --http ADDR",
-                config.http
-            )
-        })?;
+    let grpc_listener = match config.grpc {
+        Some(addr) => Some(bind(addr, "gRPC", "--grpc ADDR (or --grpc off)").await?),
+        None => None,
+    };
+    let listener = bind(config.http, "HTTP", "--http ADDR").await?;
     let addr = listener.local_addr()?;
+    for (what, bound) in [
+        ("HTTP", Some(addr)),
+        (
+            "gRPC",
+            grpc_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        ),
+    ] {
+        if let Some(bound) = bound
+            && !bound.ip().is_loopback()
+            && context.tokens.is_none()
+        {
+            tracing::warn!(
+                "serving {what} on {bound} without --auth-tokens: anyone who can reach this address \
+                 can send commands and read every event; pass --auth-tokens FILE, or bind to 127.0.0.1"
+            );
+        }
+    }
     let mut types: Vec<String> = loaded
         .iter()
         .map(|p| p.info.aggregate_type.clone())
@@ -95,8 +134,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "rehydra is ready"
     );
     // Plain lines on stdout, for scripts and tests that wait for them:
-    // "listening on" once the API serves, "plugins ready" once every plugin
-    // file has been loaded (or refused), background compilations included.
+    // "grpc listening on" and "listening on" (HTTP, always the last of the
+    // two) once the APIs serve, "plugins ready" once every plugin file has
+    // been loaded (or refused), background compilations included.
+    if let Some(l) = &grpc_listener {
+        println!("grpc listening on http://{}", l.local_addr()?);
+    }
     println!("listening on http://{addr}");
     {
         let registry = aggregates.plugins().clone();
@@ -106,13 +149,55 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         });
     }
 
-    let app = http::router(aggregates, config.http_config.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    // One signal stops both servers; subscriptions end first, since their
+    // streams would otherwise hold the graceful shutdown open forever.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    {
+        let subscriptions = subscriptions.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            subscriptions.close();
+            let _ = stop.send(true);
+        });
+    }
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let app = http::router(context.clone());
+    let http_server = async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped(stopping.clone()))
+            .await
+            .context("serving HTTP")
+    };
+    let grpc_server = async {
+        let Some(listener) = grpc_listener else {
+            return Ok(());
+        };
+        let services = grpc::services(context.clone());
+        tonic::transport::Server::builder()
+            .add_service(services.commands)
+            .add_service(services.aggregates)
+            .add_service(services.streams)
+            .add_service(services.plugins)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stopped(stopping.clone()),
+            )
+            .await
+            .context("serving gRPC")
+    };
+    tokio::try_join!(http_server, grpc_server)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds a listener, with an error that says which flag changes the address.
+async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen for {what} on {addr}: is another process using it? pass {flag}")
+    })
 }
 
 /// SIGHUP rescans the plugin directory, as the watch and

@@ -156,6 +156,9 @@ impl EventStore for GatedStore {
     async fn find_by_message_id(&self, s: &str, m: &str) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.find_by_message_id(s, m).await
     }
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.inner.head_position().await
+    }
     fn describe(&self) -> String {
         "gated memory store (test double)".into()
     }

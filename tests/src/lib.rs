@@ -115,16 +115,35 @@ pub fn test_plugin(name: &str) -> PathBuf {
 /// if it did not within `timeout` or exited. Keeps draining its stdout
 /// afterwards.
 pub fn wait_until_listening(child: &mut Child, timeout: Duration) -> Option<String> {
+    wait_until_ready(child, timeout).map(|ready| ready.http)
+}
+
+/// Where a ready host serves.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The HTTP base URL, `http://127.0.0.1:PORT`.
+    pub http: String,
+    /// The gRPC endpoint, `http://127.0.0.1:PORT`, if it serves gRPC.
+    pub grpc: Option<String>,
+}
+
+/// Like [`wait_until_listening`], also returning the gRPC endpoint (the
+/// host prints `grpc listening on …` before the HTTP line).
+pub fn wait_until_ready(child: &mut Child, timeout: Duration) -> Option<Ready> {
     let lines = stdout_lines(child)?;
     let deadline = Instant::now() + timeout;
-    let url = wait_for_line(&lines, deadline, |l| {
+    let mut grpc = None;
+    let http = wait_for_line(&lines, deadline, |l| {
+        if let Some(url) = l.strip_prefix("grpc listening on ") {
+            grpc = Some(url.trim().to_string());
+        }
         l.strip_prefix("listening on ")
             .map(|u| u.trim().to_string())
     })?;
     wait_for_line(&lines, deadline, |l| {
         (l.trim() == "plugins ready").then_some(())
     })?;
-    Some(url)
+    Some(Ready { http, grpc })
 }
 
 /// Takes a child's piped stdout and hands its lines over a channel, read by
@@ -147,7 +166,7 @@ pub fn stdout_lines(child: &mut Child) -> Option<mpsc::Receiver<String>> {
 pub fn wait_for_line<T>(
     lines: &mpsc::Receiver<String>,
     deadline: Instant,
-    matches: impl Fn(&str) -> Option<T>,
+    mut matches: impl FnMut(&str) -> Option<T>,
 ) -> Option<T> {
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -163,6 +182,8 @@ pub struct Host {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The gRPC endpoint, `http://127.0.0.1:PORT`.
+    pub grpc: String,
     /// The temporary directory: `plugins/`, `data/`, `host.log`.
     pub dir: tempfile::TempDir,
     extra_args: Vec<String>,
@@ -201,6 +222,7 @@ impl Host {
         let mut host = Host {
             child: None,
             base: String::new(),
+            grpc: String::new(),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             http: reqwest::Client::new(),
@@ -221,6 +243,8 @@ impl Host {
             "--cache-dir".into(),
             compile_cache_dir().display().to_string(),
             "--http".into(),
+            "127.0.0.1:0".into(),
+            "--grpc".into(),
             "127.0.0.1:0".into(),
         ];
         args.extend(self.extra_args.iter().cloned());
@@ -245,10 +269,13 @@ impl Host {
             .expect("starting rehydra");
         // A cold compile of a JS or Python plugin takes up to a minute on a
         // busy two-core machine.
-        let ready = wait_until_listening(&mut child, Duration::from_secs(300));
+        let ready = wait_until_ready(&mut child, Duration::from_secs(300));
         self.child = Some(child);
         match ready {
-            Some(url) => self.base = url,
+            Some(ready) => {
+                self.base = ready.http;
+                self.grpc = ready.grpc.unwrap_or_default();
+            }
             None => panic!("rehydra did not become ready; its log:\n{}", self.log()),
         }
     }

@@ -62,6 +62,8 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
         cache.display().to_string(),
         "--http".into(),
         "127.0.0.1:0".into(),
+        "--grpc".into(),
+        "off".into(),
     ];
     let start = || {
         Command::new(binary())

@@ -21,6 +21,7 @@
 //! | `undeclared-event` | an event type `describe()` did not list | `plugin_failed` / `bad_output` |
 //! | `bad-json` | event data that is not JSON | `plugin_failed` / `bad_output` |
 //! | `big-state` | state of `{bytes}` bytes (default 10 MiB) | `plugin_failed` / `bad_output` |
+//! | `admin-only` | succeeds only for the principal `admin` | `forbidden` otherwise (shows the principal reaches the plugin) |
 //!
 //! Feature `describe-traps` builds a variant whose `describe()` panics;
 //! feature `other-world` builds a component of another WIT package version.
@@ -48,6 +49,7 @@ mod faulty {
         "undeclared-event",
         "bad-json",
         "big-state",
+        "admin-only",
     ];
 
     struct Faulty;
@@ -134,6 +136,24 @@ mod faulty {
             };
             match c.command_type.as_str() {
                 "ok" => decided(vec![happened()], next, None),
+                // Only the caller authenticated as `admin` may: shows that
+                // the host hands the token's principal to the plugin.
+                "admin-only" => {
+                    let principal = c
+                        .metadata
+                        .iter()
+                        .find(|(k, _)| k == "principal")
+                        .map(|(_, v)| v.as_str());
+                    match principal {
+                        Some("admin") => decided(vec![happened()], next, None),
+                        Some(other) => Err(Rejection::Forbidden(format!(
+                            "{other} may not do this; only admin may"
+                        ))),
+                        None => Err(Rejection::Forbidden(
+                            "only an authenticated admin may do this".into(),
+                        )),
+                    }
+                }
                 "spin" => {
                     let mut i: u64 = 0;
                     loop {

@@ -7,25 +7,36 @@
 //! | `GET /v1/streams/{stream}?from=&limit=` | read a stream |
 //! | `GET /v1/plugins` | loaded plugins and load failures |
 //! | `POST /v1/plugins/reload` | rescan the plugin directory now |
+//! | `GET /v1/subscribe?from=&category=&event_type=` | follow the event log (server-sent events) |
 //! | `GET /healthz` | liveness and store reachability |
 //!
-//! Every response body is JSON; errors are
-//! `{"error":{"code":…,"message":…,"details":…}}` with the codes of the
-//! error model in DESIGN.md.
+//! Every response body is JSON, except the event stream of `/v1/subscribe`;
+//! errors are `{"error":{"code":…,"message":…,"details":…}}` with the codes
+//! of the error model in DESIGN.md. With tokens configured, every route but
+//! `/healthz` needs `Authorization: Bearer <token>`.
 
-use axum::Router;
+use std::convert::Infallible;
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_stream::StreamExt as _;
 
-use crate::actor::Aggregates;
-use crate::command::{CommandRequest, MAX_ID_LEN, validate_id};
+use super::{ApiContext, command_payload, json_or_text, read_stream_page};
+use crate::auth::Principal;
+use crate::command::{CommandRequest, validate_id};
 use crate::error::CommandError;
+use crate::store::RecordedEvent;
+use crate::subscription::{Filter, Item, Start};
 
 /// Settings of the HTTP API.
 #[derive(Debug, Clone)]
@@ -42,15 +53,11 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    aggregates: Aggregates,
-    config: HttpConfig,
-}
+type AppState = ApiContext;
 
 /// The API's router.
-pub fn router(aggregates: Aggregates, config: HttpConfig) -> Router {
-    let limit = config.max_command_bytes;
+pub fn router(context: ApiContext) -> Router {
+    let limit = context.max_command_bytes;
     Router::new()
         .route(
             "/v1/aggregates/{aggregate_type}/{id}/commands/{command}",
@@ -60,11 +67,38 @@ pub fn router(aggregates: Aggregates, config: HttpConfig) -> Router {
         .route("/v1/streams/{stream}", get(read_stream))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/reload", post(reload_plugins))
+        .route("/v1/subscribe", get(subscribe))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(AppState { aggregates, config })
+        .layer(middleware::from_fn_with_state(
+            context.clone(),
+            authenticate,
+        ))
+        .with_state(context)
+}
+
+/// Checks the bearer token when tokens are configured, and hands the
+/// principal to the handlers. `/healthz` stays open: load balancers and
+/// orchestrators probe it without credentials, and it tells nothing about
+/// the data.
+async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
+    if let Some(tokens) = &app.tokens
+        && request.uri().path() != "/healthz"
+    {
+        let header = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match tokens.authenticate(header) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+            }
+            Err(e) => return ApiError(e).into_response(),
+        }
+    }
+    next.run(request).await
 }
 
 /// An error as an HTTP response.
@@ -92,8 +126,11 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         }
         CommandError::Forbidden(_) => StatusCode::FORBIDDEN,
         CommandError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CommandError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         CommandError::Overloaded(_)
         | CommandError::StoreUnavailable(_)
+        | CommandError::SubscriberTooSlow { .. }
+        | CommandError::ShuttingDown { .. }
         | CommandError::PluginsLoading { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CommandError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         CommandError::PluginFailed { .. } | CommandError::Internal(_) => {
@@ -106,15 +143,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = self.0;
         let status = status_of(&e);
-        let mut body = json!({ "code": e.code(), "message": e.to_string() });
-        if let Some(details) = e.details() {
-            body["details"] = details;
-        }
+        let body = error_json(&e);
         let mut response = (status, axum::Json(json!({ "error": body }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rehydra\""),
+            );
         }
         response
     }
@@ -130,6 +170,7 @@ fn path_error(e: PathRejection) -> ApiError {
 
 async fn execute(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -138,29 +179,13 @@ async fn execute(
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError(CommandError::PayloadTooLarge {
-                limit: app.config.max_command_bytes,
+                limit: app.max_command_bytes,
             })
         } else {
             malformed(format!("could not read the body: {e}"))
         }
     })?;
-    if body.len() > app.config.max_command_bytes {
-        return Err(ApiError(CommandError::PayloadTooLarge {
-            limit: app.config.max_command_bytes,
-        }));
-    }
-    let data = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".to_vec()
-    } else {
-        let value: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| malformed(format!("the body is not valid JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(malformed(
-                "the body must be a JSON object (the command's fields)",
-            ));
-        }
-        body.to_vec()
-    };
+    let data = command_payload(&body, app.max_command_bytes)?;
     let req = CommandRequest {
         aggregate_type,
         aggregate_id: id,
@@ -170,7 +195,7 @@ async fn execute(
         idempotency_key: id_header(&headers, "idempotency-key")?,
         correlation_id: id_header(&headers, "x-correlation-id")?,
         causation_id: id_header(&headers, "x-causation-id")?,
-        principal: None,
+        principal: principal.map(|Extension(p)| p.0),
     };
     let outcome = app.aggregates.execute(req).await?;
     let etag = HeaderValue::from_str(&format!("\"{}\"", outcome.version)).ok();
@@ -230,9 +255,6 @@ struct StreamQuery {
     limit: Option<usize>,
 }
 
-/// Most events returned by one stream read.
-const MAX_PAGE: usize = 1000;
-
 async fn read_stream(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -241,43 +263,109 @@ async fn read_stream(
     let Path(stream) = path.map_err(path_error)?;
     let Query(q) =
         query.map_err(|e| malformed(format!("bad query: {e}; use ?from=VERSION&limit=N")))?;
-    if stream.is_empty() || stream.len() > 2 * MAX_ID_LEN {
-        return Err(malformed(
-            "the stream name must be 1 to 256 characters long",
-        ));
-    }
-    validate_id("stream name", &stream)?;
-    let from = q.from.unwrap_or(1).max(1);
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
-    let events = app
-        .aggregates
-        .store()
-        .read_stream(&stream, from, limit)
-        .await
-        .map_err(CommandError::from)?;
-    let events: Vec<serde_json::Value> = events
-        .into_iter()
-        .map(|e| {
-            json!({
-                "type": e.event_type,
-                "version": e.version,
-                "position": e.position,
-                "id": e.event_id,
-                "data": json_or_text(&e.data),
-                "metadata": json_or_text(&e.metadata),
-            })
-        })
-        .collect();
-    let next = events
-        .last()
-        .and_then(|e| e["version"].as_u64())
-        .map(|v| v + 1);
+    let events = read_stream_page(&app.aggregates, &stream, q.from.unwrap_or(1), q.limit).await?;
+    let next = events.last().map(|e| e.version + 1);
+    let events: Vec<serde_json::Value> = events.iter().map(event_json).collect();
     Ok(axum::Json(json!({ "stream": stream, "events": events, "next": next })).into_response())
 }
 
-fn json_or_text(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
+#[derive(Deserialize)]
+struct SubscribeQuery {
+    from: Option<String>,
+    category: Option<String>,
+    event_type: Option<String>,
+}
+
+/// `GET /v1/subscribe`: the event log as server-sent events. `event` events
+/// carry one stored event each, with its global position as the SSE id, so
+/// a reconnecting browser (`Last-Event-ID`) resumes right after it;
+/// `caught-up` marks the switch to live; `error` ends the stream with a
+/// code (for example `subscriber_too_slow`, whose details say where to
+/// resume).
+async fn subscribe(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<SubscribeQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        malformed(format!(
+            "bad query: {e}; use ?from=POSITION|start|end&category=C1,C2&event_type=T1,T2"
+        ))
+    })?;
+    let start = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|last| Start::Position(last + 1))
+            .ok_or_else(|| malformed("Last-Event-ID must be a global position (a whole number)"))?,
+        None => parse_start(q.from.as_deref())?,
+    };
+    let filter = Filter::new(list(q.category), list(q.event_type))?;
+    let subscription = app.subscriptions.subscribe(start, filter).await?;
+    let events = subscription.map(|item| -> Result<Event, Infallible> {
+        Ok(match item {
+            Ok(Item::Event(e)) => Event::default()
+                .event("event")
+                .id(e.position.to_string())
+                .data(event_json(&e).to_string()),
+            Ok(Item::CaughtUp { position }) => Event::default()
+                .event("caught-up")
+                .data(json!({ "position": position }).to_string()),
+            Err(e) => Event::default()
+                .event("error")
+                .data(error_json(&e).to_string()),
+        })
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// `from=`: a global position, `start` (the default) or `end`.
+fn parse_start(from: Option<&str>) -> Result<Start, ApiError> {
+    match from.map(str::trim) {
+        None | Some("") | Some("start") => Ok(Start::Beginning),
+        Some("end") => Ok(Start::End),
+        Some(n) => n.parse::<u64>().map(Start::Position).map_err(|_| {
+            malformed(format!(
+                "from={n:?}: use a global position (a whole number), start or end"
+            ))
+        }),
+    }
+}
+
+/// A comma-separated query value as a list (absent or empty: none).
+fn list(value: Option<String>) -> Vec<String> {
+    value
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A stored event as the subscription and stream APIs show it.
+fn event_json(e: &RecordedEvent) -> serde_json::Value {
+    json!({
+        "stream": e.stream,
+        "version": e.version,
+        "position": e.position,
+        "id": e.event_id,
+        "type": e.event_type,
+        "data": json_or_text(&e.data),
+        "metadata": json_or_text(&e.metadata),
+    })
+}
+
+/// The `error` object of the error model.
+fn error_json(e: &CommandError) -> serde_json::Value {
+    let mut body = json!({ "code": e.code(), "message": e.to_string() });
+    if let Some(details) = e.details() {
+        body["details"] = details;
+    }
+    body
 }
 
 async fn plugins(State(app): State<AppState>) -> Response {

@@ -1,8 +1,96 @@
 //! The network APIs. Each one translates its protocol into calls on
-//! [`Aggregates`](crate::actor::Aggregates) and maps
-//! [`CommandError`](crate::error::CommandError) codes to its own statuses;
-//! none holds domain logic.
+//! [`Aggregates`](crate::actor::Aggregates) and
+//! [`Subscriptions`](crate::subscription::Subscriptions), and maps
+//! [`CommandError`] codes to its own statuses; none holds domain logic.
+//! The checks both protocols make alike (payloads, stream pages) live here.
 //!
-//! - [`http`]: HTTP/JSON with axum.
+//! - [`http`]: HTTP/JSON with axum, and server-sent events for subscriptions.
+//! - [`grpc`]: gRPC with tonic, from `proto/rehydra/v1`.
 
+pub mod grpc;
 pub mod http;
+
+use std::sync::Arc;
+
+use crate::actor::Aggregates;
+use crate::auth::Tokens;
+use crate::command::{MAX_ID_LEN, validate_id};
+use crate::error::CommandError;
+use crate::store::RecordedEvent;
+use crate::subscription::Subscriptions;
+
+/// What every API serves from.
+#[derive(Clone)]
+pub struct ApiContext {
+    /// The aggregates commands and state queries go to.
+    pub aggregates: Aggregates,
+    /// Where subscriptions are opened.
+    pub subscriptions: Subscriptions,
+    /// The accepted tokens; `None`: no authentication.
+    pub tokens: Option<Arc<Tokens>>,
+    /// The largest accepted command payload, in bytes.
+    pub max_command_bytes: usize,
+}
+
+/// Events a stream read returns when the client does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most events returned by one stream read.
+pub const MAX_PAGE: usize = 1000;
+
+/// Checks a command's payload: at most `limit` bytes, and a JSON object.
+/// An empty (or all-whitespace) payload is the empty object.
+pub fn command_payload(body: &[u8], limit: usize) -> Result<Vec<u8>, CommandError> {
+    if body.len() > limit {
+        return Err(CommandError::PayloadTooLarge { limit });
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(b"{}".to_vec());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        CommandError::MalformedRequest(format!("the payload is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(CommandError::MalformedRequest(
+            "the payload must be a JSON object (the command's fields)".into(),
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+/// Reads one page of `stream` from version `from` (0 is read as 1), at most
+/// `limit` events (`None`: [`DEFAULT_PAGE`]; capped at [`MAX_PAGE`]).
+pub async fn read_stream_page(
+    aggregates: &Aggregates,
+    stream: &str,
+    from: u64,
+    limit: Option<usize>,
+) -> Result<Vec<RecordedEvent>, CommandError> {
+    if stream.is_empty() || stream.len() > 2 * MAX_ID_LEN {
+        return Err(CommandError::MalformedRequest(format!(
+            "the stream name must be 1 to {} characters long",
+            2 * MAX_ID_LEN
+        )));
+    }
+    validate_id("stream name", stream)?;
+    let limit = limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    Ok(aggregates
+        .store()
+        .read_stream(stream, from.max(1), limit)
+        .await?)
+}
+
+/// Event bytes as JSON: the value if they parse, else a string of them.
+pub fn json_or_text(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// An optional id (idempotency key, correlation or causation id): empty
+/// means absent; otherwise it must be a valid id.
+pub fn optional_id(what: &str, value: &str) -> Result<Option<String>, CommandError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    validate_id(what, value)?;
+    Ok(Some(value.to_string()))
+}

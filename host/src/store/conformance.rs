@@ -57,6 +57,7 @@ macro_rules! conformance_suite {
             concurrent_appends_same_stream,
             concurrent_appends_different_streams,
             empty_append,
+            head_position_follows_appends,
         );
     };
 }
@@ -812,6 +813,46 @@ pub(crate) async fn duplicate_ids_in_one_append_are_refused(store: Arc<dyn Event
     assert!(read_whole(&*store, &s).await.is_empty());
 }
 
+/// The head position is 0 on an empty store and then the position of the
+/// last event appended, whichever stream it went to.
+pub(crate) async fn head_position_follows_appends(store: Arc<dyn EventStore>) {
+    let before = store.head_position().await.expect("head position");
+    let a = new_stream("head");
+    let b = new_stream("head");
+    let first = store
+        .append(&a, ExpectedVersion::NoStream, events(2))
+        .await
+        .expect("append to a");
+    assert!(first.position > before, "{first:?} after head {before}");
+    assert_eq!(store.head_position().await.expect("head"), first.position);
+    let second = store
+        .append(&b, ExpectedVersion::NoStream, events(1))
+        .await
+        .expect("append to b");
+    assert_eq!(store.head_position().await.expect("head"), second.position);
+    // A refused append moves nothing.
+    let _ = store.append(&a, ExpectedVersion::Exact(9), events(1)).await;
+    assert_eq!(store.head_position().await.expect("head"), second.position);
+}
+
+/// A backend with a commit signal changes it after an append, so a live
+/// subscription waiting on it wakes up.
+pub(crate) async fn commit_signal_changes_after_an_append(store: Arc<dyn EventStore>) {
+    let mut signal = store
+        .commit_signal()
+        .expect("this backend has a commit signal");
+    signal.borrow_and_update();
+    let s = new_stream("signal");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1))
+        .await
+        .expect("append");
+    tokio::time::timeout(std::time::Duration::from_secs(10), signal.changed())
+        .await
+        .expect("the signal changed")
+        .expect("the store is alive");
+}
+
 // ---------------------------------------------------------------------------
 // Runs
 
@@ -825,6 +866,7 @@ mod memory_backend {
 
     super::conformance_suite!(make);
     super::unique_event_id_suite!(make);
+    super::conformance_tests!(make; commit_signal_changes_after_an_append);
 }
 
 mod embedded_backend {
@@ -839,6 +881,7 @@ mod embedded_backend {
 
     super::conformance_suite!(make);
     super::unique_event_id_suite!(make);
+    super::conformance_tests!(make; commit_signal_changes_after_an_append);
 }
 
 /// Tests only the embedded store needs: what survives a close, who may open a

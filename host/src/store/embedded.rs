@@ -112,6 +112,8 @@ struct Shared {
     readers: Vec<Mutex<Option<Connection>>>,
     /// Round-robin start for picking a reader.
     next_reader: AtomicUsize,
+    /// Bumped by the writer after every batch it commits.
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 enum Command {
@@ -148,9 +150,11 @@ impl EmbeddedStore {
 
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let thread_dir = dir.clone();
+        let commits = tokio::sync::watch::Sender::new(0u64);
+        let writer_commits = commits.clone();
         let thread = std::thread::Builder::new()
             .name("rehydra-store-writer".into())
-            .spawn(move || writer_main(writer, lock, rx, thread_dir))
+            .spawn(move || writer_main(writer, lock, rx, thread_dir, writer_commits))
             .context("cannot start the event store's writer thread")?;
 
         tracing::info!(path = %dir.display(), "embedded event store open");
@@ -160,6 +164,7 @@ impl EmbeddedStore {
                 closed: AtomicBool::new(false),
                 readers: readers.into_iter().map(|c| Mutex::new(Some(c))).collect(),
                 next_reader: AtomicUsize::new(0),
+                commits,
             }),
             writer: tx,
             writer_thread: Mutex::new(Some(thread)),
@@ -355,6 +360,20 @@ impl EventStore for EmbeddedStore {
             collect_events(rows)
         })
         .await
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let head: Option<i64> = conn
+                .query_row("SELECT MAX(position) FROM events", [], |row| row.get(0))
+                .map_err(sql_error)?;
+            head.map_or(Ok(0), |p| from_sql_int(p, "position"))
+        })
+        .await
+    }
+
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.shared.commits.subscribe())
     }
 
     fn describe(&self) -> String {
@@ -630,7 +649,13 @@ impl Drop for PanicReporter<'_> {
     }
 }
 
-fn writer_main(conn: Connection, lock: File, mut queue: mpsc::Receiver<Command>, dir: PathBuf) {
+fn writer_main(
+    conn: Connection,
+    lock: File,
+    mut queue: mpsc::Receiver<Command>,
+    dir: PathBuf,
+    commits: tokio::sync::watch::Sender<u64>,
+) {
     let _reporter = PanicReporter(&dir);
     let mut batch: Vec<AppendRequest> = Vec::with_capacity(MAX_BATCH);
     // `None` from the queue: every sender is gone (the store was dropped);
@@ -650,6 +675,8 @@ fn writer_main(conn: Connection, lock: File, mut queue: mpsc::Receiver<Command>,
         }
         if !batch.is_empty() {
             commit_batch(&conn, &mut batch);
+            // A wake-up for live subscriptions; they read what is committed.
+            commits.send_modify(|n| *n = n.wrapping_add(1));
         }
         if closing {
             break;

@@ -977,6 +977,13 @@ impl EventStore for KurrentDbStore {
         }
     }
 
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        Ok(self.last_position().await?.map_or(0, rehydra_position))
+    }
+
+    // No commit_signal: other hosts may write to the cluster, so
+    // subscriptions poll it (see `subscription`).
+
     fn describe(&self) -> String {
         self.described.clone()
     }

@@ -20,6 +20,8 @@ use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent,
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Bumped after every append that stored something.
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -198,7 +200,11 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        self.lock()?.append(stream, expected, events)
+        let result = self.lock()?.append(stream, expected, events);
+        if result.is_ok() {
+            self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        result
     }
 
     async fn read_stream(
@@ -251,6 +257,14 @@ impl EventStore for MemoryStore {
             .filter(|e| e.message_id == message_id)
             .cloned()
             .collect())
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.events.len() as u64)
+    }
+
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.commits.subscribe())
     }
 
     fn describe(&self) -> String {

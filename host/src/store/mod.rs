@@ -171,6 +171,18 @@ pub trait EventStore: Send + Sync + 'static {
         message_id: &str,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The global position of the last event stored (0 when there is none).
+    /// A subscription that starts "from the end" starts after it.
+    async fn head_position(&self) -> Result<u64, StoreError>;
+
+    /// A signal that changes after every commit this process makes, so that
+    /// live subscriptions read as soon as there is something to read.
+    /// `None` when the backend cannot tell (other processes write to it
+    /// too): subscriptions then poll.
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// A short human-readable description (backend and location) for logs.
     fn describe(&self) -> String;
 
