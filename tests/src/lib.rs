@@ -244,9 +244,11 @@ impl Host {
             compile_cache_dir().display().to_string(),
             "--http".into(),
             "127.0.0.1:0".into(),
-            "--grpc".into(),
-            "127.0.0.1:0".into(),
         ];
+        // A free loopback port for gRPC, unless the test chose its own.
+        if !self.extra_args.iter().any(|a| a == "--grpc") {
+            args.extend(["--grpc".to_string(), "127.0.0.1:0".into()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -304,6 +306,21 @@ impl Host {
             let _ = child.kill(); // SIGKILL on Unix
             let _ = child.wait();
         }
+    }
+
+    /// Waits up to `limit` for the host to exit on its own (after a
+    /// signal); its exit status, or `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Starts the host again on the same directory.

@@ -1,5 +1,5 @@
 //! The CLI as a client of a running host: `send`, `state`, `stream`,
-//! `plugins`, and its exit codes.
+//! `plugins`, `subscribe`, tokens, and its exit codes.
 
 use rehydra_e2e::Host;
 use serde_json::Value;
@@ -100,4 +100,79 @@ async fn cli_drives_a_running_host() {
     let (code, _, err) = host.cli(&["plugins", "--server", "http://127.0.0.1:9"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("rehydra run"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_subscribe_prints_events_as_json_lines_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "cli-token-0123456789 ops\n").unwrap();
+    let host = Host::start_with(
+        &["bank-account", "users"],
+        &["--auth-tokens", tokens.to_str().unwrap()],
+    );
+    let send = |id: &str, command: &str, data: &str| {
+        host.cli(&[
+            "send",
+            "bank-account",
+            id,
+            command,
+            "--data",
+            data,
+            "--token",
+            "cli-token-0123456789",
+        ])
+    };
+    assert_eq!(send("c1", "open", r#"{"owner":"Ada"}"#).0, 0);
+    assert_eq!(send("c1", "deposit", r#"{"amount":3}"#).0, 0);
+    assert_eq!(send("c2", "open", r#"{"owner":"Bob"}"#).0, 0);
+
+    // Without the token: refused, exit code 1.
+    let (code, _, err) = host.cli(&["subscribe", "--until-caught-up"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unauthenticated"), "{err}");
+
+    let (code, out, err) = host.cli(&[
+        "subscribe",
+        "--category",
+        "bank_account",
+        "--event-type",
+        "Opened",
+        "--until-caught-up",
+        "--token",
+        "cli-token-0123456789",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("caught up at position 3"), "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let streams: Vec<&str> = lines
+        .iter()
+        .map(|e| e["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(streams, ["bank_account-c1", "bank_account-c2"]);
+    assert_eq!(lines[0]["metadata"]["principal"], "ops");
+
+    let (code, out, _) = host.cli(&[
+        "subscribe",
+        "--from",
+        "2",
+        "--until-caught-up",
+        "--token",
+        "cli-token-0123456789",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "positions 2 and 3: {out}");
+
+    let (code, _, err) = host.cli(&[
+        "subscribe",
+        "--from",
+        "later",
+        "--token",
+        "cli-token-0123456789",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("malformed_request"), "{err}");
 }
