@@ -201,7 +201,13 @@ def error_code(error):
 def follow(args):
     db = open_db(args.db)
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
-    channel = grpc.insecure_channel(args.grpc.removeprefix("http://"))
+    # gRPC's adaptive flow-control window can grow to megabytes, read ahead
+    # into this process whatever this model's pace. A fixed 64 KiB window
+    # keeps that small, so the server's per-subscriber buffer and its
+    # slow-subscriber rule see how fast events are really applied.
+    channel = grpc.insecure_channel(
+        args.grpc.removeprefix("http://"), options=[("grpc.http2.bdp_probe", 0)]
+    )
     stub = streams_pb2_grpc.StreamsStub(channel)
     applied = 0
     reconnect_deadline = None  # while the host cannot be reached
@@ -252,13 +258,18 @@ def follow(args):
             # Too slow for the server's buffer, or the host is away (a
             # restart): resume from the stored position.
             if code == "subscriber_too_slow":
-                print("balances: too slow, resuming", file=sys.stderr)
+                position = stored_position(db)
+                resume = "the beginning" if position is None else position + 1
+                print(f"balances: disconnected as too slow ({error.details()}),"
+                      f" resuming from {resume}", file=sys.stderr)
                 continue
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 now = time.monotonic()
-                reconnect_deadline = reconnect_deadline or now + args.reconnect_for
+                if reconnect_deadline is None:
+                    reconnect_deadline = now + args.reconnect_for
+                    print(f"balances: host unavailable ({error.details()}), retrying"
+                          f" for up to {args.reconnect_for:g} s", file=sys.stderr)
                 if now < reconnect_deadline:
-                    print("balances: host unavailable, retrying", file=sys.stderr)
                     time.sleep(0.5)
                     continue
             raise

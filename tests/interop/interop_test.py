@@ -5,7 +5,7 @@ client code generated from proto/ by grpcio-tools.
     target/interop-venv/bin/python tests/interop/interop_test.py \\
         --grpc http://127.0.0.1:50051 [--token TOKEN --principal NAME]
 
-The host must serve the bank-account plugin (and may serve others). Every
+The host must serve the bank-account and users example plugins. Every
 check uses fresh aggregate ids, so the test can run again on the same host.
 It exercises every service and every error code a client can provoke, reads
 the stable code from the trailing metadata, and with --token checks
@@ -204,7 +204,7 @@ STATUS = {
     "unknown_command": grpc.StatusCode.NOT_FOUND,
     "aggregate_not_found": grpc.StatusCode.NOT_FOUND,
     "already_exists": grpc.StatusCode.ALREADY_EXISTS,
-    "wrong_expected_version": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_expected_version": grpc.StatusCode.ABORTED,
     "rejected": grpc.StatusCode.FAILED_PRECONDITION,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
 }
@@ -238,7 +238,9 @@ def expect_error(call, code, what):
 def test_plugins_list(client, args):
     answer = client.list_plugins()
     by_type = {p.aggregate_type: p for p in answer.plugins}
-    check(TYPE in by_type, f"Plugins.List: no {TYPE} among {sorted(by_type)}")
+    for wanted in (TYPE, "user"):
+        check(wanted in by_type, f"Plugins.List: no {wanted} among {sorted(by_type)}")
+    equal(by_type["user"].stream_prefix, "ex_users", "the users plugin's stream prefix")
     plugin = by_type[TYPE]
     equal(plugin.name, "bank-account", "plugin name")
     equal(plugin.stream_prefix, PREFIX, "stream prefix")
@@ -353,6 +355,29 @@ def test_errors(client, args):
     equal(client.get_state(acc).version, 2, "version after the refused commands")
 
 
+def test_several_events_and_a_reply(client, args):
+    # The users plugin: `new` appends two events; an `update-profile` that
+    # changes nothing appends none and replies with the version.
+    uid = fresh_id("user")
+    created = client.execute(uid, "new", {"email": "ann@example.com", "name": "Ann Smith"},
+                             aggregate_type="user")
+    equal(created.version, 2, "new user: version")
+    equal([(e.event_type, e.version) for e in created.events],
+          [("Created", 1), ("ProfileSet", 2)], "new user: events")
+    noop = client.execute(uid, "update-profile", {"name": "Ann Smith"}, aggregate_type="user")
+    equal((noop.version, list(noop.events)), (2, []), "a no-op: version and events")
+    check(noop.HasField("reply_json"), "a no-op: no reply")
+    equal(json.loads(noop.reply_json), 2, "a no-op: reply")
+    details = expect_error(
+        lambda: client.execute(fresh_id("user"), "new", {"email": "nope", "name": "A"},
+                               aggregate_type="user"),
+        "invalid_command", "a user with a bad email and name")
+    named = sorted(f.get("field") for f in details.get("fields", []))
+    equal(named, ["email", "name"], "invalid_command: the fields named")
+    equal([e.event_type for e in client.read(f"ex_users-{uid}").events],
+          ["Created", "ProfileSet"], "the user's stream")
+
+
 def test_read_paging(client, args):
     acc = fresh_id("acc")
     client.execute(acc, "open", {"owner": "Cy"})
@@ -389,6 +414,7 @@ def test_read_paging(client, args):
     empty = client.read(f"{PREFIX}-{fresh_id('none')}")
     equal(list(empty.events), [], "Read of a stream that does not exist")
     check(not empty.HasField("next_version"), "next_version on an empty stream")
+    expect_error(lambda: client.read(""), "malformed_request", "Read of an empty stream name")
 
 
 def test_subscribe(client, args):
@@ -462,6 +488,15 @@ def test_subscribe(client, args):
     finally:
         tail.close()
 
+    # Filters that no plugin could have declared are errors, not silence:
+    # the aggregate type is not its category.
+    for request, what in (({"categories": ["bank-account"]}, "a category with a '-'"),
+                          ({"event_types": ["no such type!"]}, "a malformed event type")):
+        error = client.subscribe(from_beginning=True, **request).error()
+        equal((error.code(), trailers(error).get("rehydra-error-code")),
+              (STATUS["malformed_request"], "malformed_request"),
+              f"Subscribe with {what} ({describe(error)})")
+
     # From the beginning, without filters: everything, starting with the
     # first event in the store.
     whole = client.subscribe(from_beginning=True)
@@ -471,11 +506,6 @@ def test_subscribe(client, args):
         equal(mine, list(range(1, 8)), "from_beginning: the account's events")
     finally:
         whole.close()
-
-
-def principal_keys(metadata, principal):
-    """The metadata keys whose value is the principal."""
-    return [k for k, v in metadata.items() if v == principal]
 
 
 def test_auth(client, args):
@@ -507,20 +537,21 @@ def test_auth(client, args):
     events = client.read(stream).events
     equal(len(events), 2, "events of the account opened with the token")
     for e in events:
-        keys = principal_keys(json.loads(e.metadata_json), args.principal)
-        check(keys, f"the principal {args.principal!r} is not in the metadata: {e.metadata_json}")
+        equal(json.loads(e.metadata_json).get("principal"), args.principal,
+              f"Read: the principal in the metadata {e.metadata_json}")
     sub = client.subscribe(from_position=events[0].position, categories=[PREFIX])
     try:
         got = sub.events_until(lambda got: len(of_stream(got, stream)) >= 2,
                                "the account's events")
         for e in of_stream(got, stream):
-            check(principal_keys(json.loads(e.metadata_json), args.principal),
-                  f"Subscribe: the principal is not in the metadata: {e.metadata_json}")
+            equal(json.loads(e.metadata_json).get("principal"), args.principal,
+                  f"Subscribe: the principal in the metadata {e.metadata_json}")
     finally:
         sub.close()
 
 
-TESTS = [test_plugins_list, test_execute, test_errors, test_read_paging, test_subscribe]
+TESTS = [test_plugins_list, test_execute, test_errors, test_several_events_and_a_reply,
+         test_read_paging, test_subscribe]
 
 
 def where(error):
