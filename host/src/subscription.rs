@@ -177,16 +177,25 @@ impl Subscriptions {
                 self.config.max_subscriptions
             ))
         })?;
-        let from = match start {
-            Start::Beginning => 1,
-            Start::Position(p) => p.max(1),
-            Start::End => self.store.head_position().await? + 1,
+        // `looked_at`: the position the subscription has covered before
+        // reading anything, never past the store's head, so that a
+        // `caught_up` right away does not claim positions not yet written.
+        let (from, looked_at) = match start {
+            Start::Beginning => (1, 0),
+            Start::Position(p) => {
+                let head = self.store.head_position().await?;
+                (p.max(1), (p.max(1) - 1).min(head))
+            }
+            Start::End => {
+                let head = self.store.head_position().await?;
+                (head + 1, head)
+            }
         };
         let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
         let end = Arc::new(Mutex::new(None));
         let task = tokio::spawn(follow(
             self.store.clone(),
-            from,
+            (from, looked_at),
             filter,
             Limits {
                 slow_timeout: self.config.slow_timeout,
@@ -241,7 +250,7 @@ impl Drop for Subscription {
 /// subscriber goes away or an error ends it (recorded in `end`).
 async fn follow(
     store: Arc<dyn EventStore>,
-    from: u64,
+    from: (u64, u64),
     filter: Filter,
     mut limits: Limits,
     tx: mpsc::Sender<Item>,
@@ -267,7 +276,7 @@ struct Limits {
 /// The loop of [`follow`]; `Ok` when the subscriber left.
 async fn read_on(
     store: &dyn EventStore,
-    mut next: u64,
+    (mut next, mut looked_at): (u64, u64),
     filter: &Filter,
     limits: &mut Limits,
     tx: &mpsc::Sender<Item>,
@@ -288,13 +297,16 @@ async fn read_on(
                 return Ok(());
             }
             next = position + 1;
+            looked_at = position;
         }
         if full {
             continue;
         }
         if !caught_up {
             caught_up = true;
-            let item = Item::CaughtUp { position: next - 1 };
+            let item = Item::CaughtUp {
+                position: looked_at,
+            };
             if !deliver(tx, item, limits, next).await? {
                 return Ok(());
             }
@@ -461,6 +473,30 @@ mod tests {
         assert_eq!(caught_up(&mut sub).await, 1);
         append(&*store, "bank-1", &["Deposited"]).await;
         assert_eq!(next_event(&mut sub).await.position, 2);
+    }
+
+    #[tokio::test]
+    async fn caught_up_never_claims_positions_not_yet_written() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        append(&*store, "bank-1", &["Opened"]).await;
+        let subs = Subscriptions::new(store.clone(), SubscriptionConfig::default());
+        let mut sub = subs
+            .subscribe(Start::Position(1000), Filter::default())
+            .await
+            .unwrap();
+        assert_eq!(caught_up(&mut sub).await, 1, "the head, not 999");
+        let mut sub = subs
+            .subscribe(
+                Start::Position(1),
+                Filter::new(vec!["other".into()], vec![]).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            caught_up(&mut sub).await,
+            1,
+            "looked at, though filtered out"
+        );
     }
 
     #[tokio::test]

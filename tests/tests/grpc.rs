@@ -842,3 +842,83 @@ async fn binding_beyond_loopback_without_tokens_is_warned_about() {
         .await;
     assert!(listed.is_ok());
 }
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_and_resumes_without_loss() {
+    // Big events fill HTTP/2's flow-control windows and the socket buffers
+    // quickly, so the host's small read-ahead buffer stays full.
+    let host = Host::start_with(
+        &["faulty"],
+        &[
+            "--max-event-bytes",
+            "2000000",
+            "--subscription-buffer",
+            "2",
+            "--subscriber-timeout",
+            "300ms",
+        ],
+    );
+    let ch = channel(&host).await;
+    let mut commands = CommandsClient::new(ch.clone());
+    let total = 24;
+    for n in 0..total {
+        commands
+            .execute(cmd(
+                "faulty",
+                &format!("big{}", n % 3),
+                "huge-event",
+                json!({"bytes": 900_000}),
+            ))
+            .await
+            .expect("a big event");
+    }
+    let request = pb::SubscribeRequest {
+        categories: vec!["faulty".into()],
+        ..Default::default()
+    };
+    let mut streams = StreamsClient::new(ch.clone());
+    let mut sub = streams
+        .subscribe(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    // Not reading: the host's buffer fills and stays full past the timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut seen: Vec<u64> = Vec::new();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(60), sub.message())
+            .await
+            .expect("the subscription delivers or ends")
+        {
+            Ok(Some(m)) => match m.message {
+                Some(Message::Event(e)) => seen.push(e.position),
+                other => panic!("cut off before catching up, got {other:?}"),
+            },
+            Ok(None) => panic!("ended without a reason after {} events", seen.len()),
+            Err(status) => break status,
+        }
+    };
+    let (grpc_code, error_code, details) = parts(&ended);
+    assert_eq!(
+        (grpc_code, error_code.as_str()),
+        (Code::ResourceExhausted, "subscriber_too_slow")
+    );
+    assert!(seen.len() < total, "cut off before the end: {}", seen.len());
+    let resume_from = details["resume_from"].as_u64().expect("where to resume");
+    assert_eq!(Some(resume_from), seen.last().map(|p| p + 1).or(Some(1)));
+
+    // Resuming from there delivers the rest, nothing twice.
+    let mut rest = streams
+        .subscribe(pb::SubscribeRequest {
+            start: Some(Start::FromPosition(resume_from)),
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut more = Vec::new();
+    receive(&mut rest, total - seen.len(), &mut more).await;
+    seen.extend(more.iter().map(|e| e.position));
+    assert_eq!(seen.len(), total);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+}

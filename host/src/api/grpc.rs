@@ -374,6 +374,63 @@ impl Plugins for GrpcApi {
 mod tests {
     use super::*;
 
+    /// The codes the end-to-end tests cannot provoke on demand map as the
+    /// README's table says.
+    #[test]
+    fn every_code_has_its_status() {
+        use std::time::Duration;
+        let cases = [
+            (
+                CommandError::StoreUnavailable("down".into()),
+                Code::Unavailable,
+            ),
+            (CommandError::Overloaded("full".into()), Code::Unavailable),
+            (
+                CommandError::PluginsLoading {
+                    aggregate_type: "t".into(),
+                    loading: "t.wasm".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                CommandError::ShuttingDown { resume_from: 7 },
+                Code::Unavailable,
+            ),
+            (
+                CommandError::SubscriberTooSlow {
+                    buffer: 1,
+                    waited: Duration::from_secs(1),
+                    resume_from: 3,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                CommandError::Timeout(Duration::from_secs(1)),
+                Code::DeadlineExceeded,
+            ),
+            (CommandError::Internal("bug".into()), Code::Internal),
+            (CommandError::NotFound("route".into()), Code::NotFound),
+            (
+                CommandError::Unauthenticated("no".into()),
+                Code::Unauthenticated,
+            ),
+        ];
+        for (e, code) in cases {
+            let status = status_of(&e);
+            assert_eq!(status.code(), code, "{e}");
+            assert_eq!(status.metadata().get(ERROR_CODE_KEY).unwrap(), e.code());
+        }
+        let slow = status_of(&CommandError::SubscriberTooSlow {
+            buffer: 1,
+            waited: Duration::from_secs(1),
+            resume_from: 3,
+        });
+        assert_eq!(
+            slow.metadata().get(ERROR_DETAILS_KEY).unwrap(),
+            r#"{"buffer":1,"resume_from":3}"#
+        );
+    }
+
     #[test]
     fn the_error_code_and_ascii_details_travel_in_the_metadata() {
         let e = CommandError::InvalidCommand(vec![crate::error::FieldError {
