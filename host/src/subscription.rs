@@ -464,6 +464,68 @@ mod tests {
         assert_eq!((e.stream.as_str(), e.position), ("bank-2", 6));
     }
 
+    /// A store without a commit signal, as KurrentDB is (other hosts
+    /// write to it): a test double over the memory store.
+    struct NoSignal(MemoryStore);
+
+    #[async_trait::async_trait]
+    impl EventStore for NoSignal {
+        async fn append(
+            &self,
+            stream: &str,
+            expected: ExpectedVersion,
+            events: Vec<EventData>,
+        ) -> Result<crate::store::AppendResult, crate::store::StoreError> {
+            self.0.append(stream, expected, events).await
+        }
+        async fn read_stream(
+            &self,
+            stream: &str,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, crate::store::StoreError> {
+            self.0.read_stream(stream, from, limit).await
+        }
+        async fn stream_version(&self, stream: &str) -> Result<u64, crate::store::StoreError> {
+            self.0.stream_version(stream).await
+        }
+        async fn read_all(
+            &self,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, crate::store::StoreError> {
+            self.0.read_all(from, limit).await
+        }
+        async fn find_by_message_id(
+            &self,
+            stream: &str,
+            message_id: &str,
+        ) -> Result<Vec<RecordedEvent>, crate::store::StoreError> {
+            self.0.find_by_message_id(stream, message_id).await
+        }
+        async fn head_position(&self) -> Result<u64, crate::store::StoreError> {
+            self.0.head_position().await
+        }
+        fn describe(&self) -> String {
+            "memory store without a commit signal (test double)".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_commit_signal_is_polled() {
+        let store: Arc<dyn EventStore> = Arc::new(NoSignal(MemoryStore::new()));
+        assert!(store.commit_signal().is_none());
+        let subs = Subscriptions::new(store.clone(), SubscriptionConfig::default());
+        let mut sub = subs
+            .subscribe(Start::Beginning, Filter::default())
+            .await
+            .unwrap();
+        assert_eq!(caught_up(&mut sub).await, 0);
+        append(&*store, "bank-1", &["Opened", "Deposited"]).await;
+        assert_eq!(next_event(&mut sub).await.position, 1);
+        assert_eq!(next_event(&mut sub).await.position, 2);
+    }
+
     #[tokio::test]
     async fn from_end_skips_what_is_stored() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
