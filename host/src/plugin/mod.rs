@@ -9,6 +9,10 @@
 //! - [`cache`]: the on-disk compile cache.
 //! - [`instance`]: a sandboxed instance and the warm pool.
 //! - [`registry`]: the loaded plugins, by aggregate type.
+//!
+//! A [`Plugin`] is normally a component. [`NativeAggregate`] is the one
+//! other kind: logic compiled into the process, for benchmarks that measure
+//! what the sandbox costs. The product never builds one.
 
 pub mod bindings;
 pub mod cache;
@@ -153,9 +157,50 @@ pub struct Plugin {
     /// What it said about itself.
     pub info: PluginInfo,
     initial_state: StateBytes,
-    pool: InstancePool,
+    backend: Backend,
     limits: SandboxLimits,
     quarantine: Quarantine,
+}
+
+/// What runs a plugin's `handle` and `apply`.
+enum Backend {
+    /// A WebAssembly component's warm instances: every plugin the host
+    /// loads from its plugin directory.
+    Wasm(InstancePool),
+    /// Native code behind the benchmark seam ([`NativeAggregate`]).
+    Native(Arc<dyn NativeAggregate>),
+}
+
+/// Aggregate logic compiled into the host process instead of loaded as a
+/// component: a seam for benchmarks only.
+///
+/// Why it exists: to measure what the WebAssembly sandbox costs per command
+/// (issue 8, "the cost of Wasm"), the same domain logic must run through the
+/// same actor path — mailbox, idempotency, mode checks, output checks,
+/// append — once as a component and once natively. A [`Plugin`] built with
+/// [`Plugin::native`] is that native twin. `rehydra run` never builds one:
+/// the registry loads only components from files.
+///
+/// Native code gets none of the sandbox: no CPU deadline, no memory cap, no
+/// isolation (a panic unwinds into the actor). It is trusted code, and runs
+/// on the calling task. Its output still passes
+/// [`Plugin::check_decision`], as a component's does.
+pub trait NativeAggregate: Send + Sync + 'static {
+    /// The state of an aggregate with no events (`initial-state`).
+    fn initial_state(&self) -> StateBytes;
+
+    /// Decides what `command` does to an aggregate at `version` in `state`
+    /// (the `handle` export). The outer `Err` is a failure of the logic
+    /// itself, reported as a component's trap would be.
+    fn handle(
+        &self,
+        state: &StateBytes,
+        version: u64,
+        command: &CommandInput<'_>,
+    ) -> Result<Result<Decision, Rejection>, String>;
+
+    /// Folds `events` into `state` (the `apply` export); `Err` refuses them.
+    fn apply(&self, state: &StateBytes, events: &[RecordedEvent]) -> Result<StateBytes, String>;
 }
 
 impl std::fmt::Debug for Plugin {
@@ -217,6 +262,33 @@ impl Plugin {
         }
     }
 
+    /// A plugin whose logic is native code rather than a component: the
+    /// benchmark seam described at [`NativeAggregate`]. `name` stands in for
+    /// the file name; the content hash is derived from it, so that events
+    /// carry metadata of the same shape as a component's.
+    pub fn native(
+        name: &str,
+        info: PluginInfo,
+        logic: Arc<dyn NativeAggregate>,
+        limits: &SandboxLimits,
+    ) -> Plugin {
+        use sha2::{Digest as _, Sha256};
+        let limits = limits.for_plugin(name);
+        Plugin {
+            name: name.to_string(),
+            path: PathBuf::from(format!("native:{name}")),
+            hash: hex::encode(Sha256::digest(format!("native:{name}"))),
+            size: 0,
+            loaded_at: SystemTime::now(),
+            previous_hash: None,
+            info,
+            initial_state: logic.initial_state(),
+            backend: Backend::Native(logic),
+            quarantine: Quarantine::new(limits.quarantine_after, limits.quarantine_backoff),
+            limits,
+        }
+    }
+
     /// Runs `f` on tokio's blocking pool. Guest calls are CPU work bounded
     /// only by the deadline, and wasmtime-wasi's synchronous WASI bindings (a
     /// guest writing to stderr, say) block on the runtime, which is not
@@ -235,6 +307,10 @@ impl Plugin {
         })
     }
 
+    fn no_component(&self) -> CommandError {
+        CommandError::Internal(format!("plugin {} has no component to call", self.name))
+    }
+
     /// Runs one export on a pooled instance under a fresh deadline.
     fn call<R>(
         &self,
@@ -244,8 +320,10 @@ impl Plugin {
             &mut wasmtime::Store<instance::GuestState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<R, CommandError> {
-        self.pool
-            .with_instance(|i| i.call(deadline, f))
+        let Backend::Wasm(pool) = &self.backend else {
+            return Err(self.no_component());
+        };
+        pool.with_instance(|i| i.call(deadline, f))
             .map_err(|f| self.guest_failed(f))
     }
 
@@ -256,23 +334,35 @@ impl Plugin {
         events: &[RecordedEvent],
     ) -> Result<StateBytes, CommandError> {
         self.check_quarantine()?;
+        let first_version = events.first().map(|e| e.version).unwrap_or_default();
+        if let Backend::Native(logic) = &self.backend {
+            let result = logic.apply(state, events);
+            return self.finish_apply(result, first_version);
+        }
         let s = wit::State {
             schema: state.schema,
             bytes: state.bytes.clone(),
         };
         let batch: Vec<wit::RecordedEvent> = events.iter().map(to_wit_event).collect();
-        self.on_blocking_pool(move |p| p.apply_prepared(&s, &batch))
-            .await
+        self.on_blocking_pool(move |p| {
+            let result = p.call(p.limits.apply_deadline, |agg, store| {
+                agg.call_apply(store, &s, &batch)
+            })?;
+            let result = result.map(|s| StateBytes {
+                schema: s.schema,
+                bytes: s.bytes,
+            });
+            p.finish_apply(result, first_version)
+        })
+        .await
     }
 
-    fn apply_prepared(
+    /// Checks what `apply` returned for events from `first_version` on.
+    fn finish_apply(
         &self,
-        s: &wit::State,
-        batch: &[wit::RecordedEvent],
+        result: Result<StateBytes, String>,
+        first_version: u64,
     ) -> Result<StateBytes, CommandError> {
-        let result = self.call(self.limits.apply_deadline, |agg, store| {
-            agg.call_apply(store, s, batch)
-        })?;
         match result {
             Ok(s) if s.bytes.len() > self.limits.max_state_bytes => Err(self.failure(
                 FailureKind::BadOutput,
@@ -284,17 +374,11 @@ impl Plugin {
             )),
             Ok(s) => {
                 self.quarantine.succeeded();
-                Ok(StateBytes {
-                    schema: s.schema,
-                    bytes: s.bytes,
-                })
+                Ok(s)
             }
             Err(message) => Err(self.failure(
                 FailureKind::ApplyRefused,
-                format!(
-                    "apply refused the events from version {}: {message}",
-                    batch.first().map(|e| e.version).unwrap_or_default()
-                ),
+                format!("apply refused the events from version {first_version}: {message}"),
             )),
         }
     }
@@ -308,6 +392,9 @@ impl Plugin {
         command: &CommandInput<'_>,
     ) -> Result<Result<Decision, Rejection>, CommandError> {
         self.check_quarantine()?;
+        if let Backend::Native(logic) = &self.backend {
+            return self.handle_native(logic.as_ref(), state, version, command);
+        }
         let (s, c) = handle_args(state, command);
         self.on_blocking_pool(move |p| p.handle_prepared(&s, version, &c))
             .await
@@ -315,8 +402,8 @@ impl Plugin {
 
     /// [`handle`](Self::handle) on the calling thread, without the hop to
     /// the blocking pool: for benchmarks and callers already off the async
-    /// runtime. Never call it on an async worker thread (a guest's blocking
-    /// WASI call would panic there).
+    /// runtime. Never call it on an async
+    /// worker thread (a guest's blocking WASI call would panic there).
     pub fn handle_blocking(
         &self,
         state: &StateBytes,
@@ -324,8 +411,24 @@ impl Plugin {
         command: &CommandInput<'_>,
     ) -> Result<Result<Decision, Rejection>, CommandError> {
         self.check_quarantine()?;
+        if let Backend::Native(logic) = &self.backend {
+            return self.handle_native(logic.as_ref(), state, version, command);
+        }
         let (s, c) = handle_args(state, command);
         self.handle_prepared(&s, version, &c)
+    }
+
+    fn handle_native(
+        &self,
+        logic: &dyn NativeAggregate,
+        state: &StateBytes,
+        version: u64,
+        command: &CommandInput<'_>,
+    ) -> Result<Result<Decision, Rejection>, CommandError> {
+        match logic.handle(state, version, command) {
+            Ok(outcome) => self.finish_handle(outcome),
+            Err(message) => Err(self.failure(FailureKind::Trap, message)),
+        }
     }
 
     fn handle_prepared(
@@ -337,49 +440,20 @@ impl Plugin {
         let result = self.call(self.limits.handle_deadline, |agg, store| {
             agg.call_handle(store, s, version, c)
         })?;
-        self.finish_handle(result)
+        self.finish_handle(from_wit_outcome(result))
     }
 
-    /// Validates and converts what `handle` returned.
+    /// Gatekeeps what `handle` returned: a decision must pass
+    /// [`check_decision`](Self::check_decision).
     fn finish_handle(
         &self,
-        result: Result<wit::Decision, wit::Rejection>,
+        outcome: Result<Decision, Rejection>,
     ) -> Result<Result<Decision, Rejection>, CommandError> {
-        let outcome = match result {
-            Ok(d) => {
-                let decision = Decision {
-                    events: d
-                        .events
-                        .into_iter()
-                        .map(|e| NewEvent {
-                            event_type: e.event_type,
-                            data: e.data,
-                        })
-                        .collect(),
-                    state: StateBytes {
-                        schema: d.state.schema,
-                        bytes: d.state.bytes,
-                    },
-                    reply: d.reply,
-                };
-                if let Err(message) = self.check_decision(&decision) {
-                    return Err(self.failure(FailureKind::BadOutput, message));
-                }
-                Ok(decision)
-            }
-            Err(wit::Rejection::Invalid(fields)) => Err(Rejection::Invalid(
-                fields
-                    .into_iter()
-                    .map(|f| FieldError {
-                        field: f.field,
-                        message: f.message,
-                    })
-                    .collect(),
-            )),
-            Err(wit::Rejection::Rejected(m)) => Err(Rejection::Rejected(m)),
-            Err(wit::Rejection::Forbidden(m)) => Err(Rejection::Forbidden(m)),
-            Err(wit::Rejection::IncompatibleState(s)) => Err(Rejection::IncompatibleState(s)),
-        };
+        if let Ok(decision) = &outcome
+            && let Err(message) = self.check_decision(decision)
+        {
+            return Err(self.failure(FailureKind::BadOutput, message));
+        }
         self.quarantine.succeeded();
         Ok(outcome)
     }
@@ -452,6 +526,39 @@ impl Plugin {
             }
         }
         Ok(())
+    }
+}
+
+/// What `handle` returned, in host types.
+fn from_wit_outcome(result: Result<wit::Decision, wit::Rejection>) -> Result<Decision, Rejection> {
+    match result {
+        Ok(d) => Ok(Decision {
+            events: d
+                .events
+                .into_iter()
+                .map(|e| NewEvent {
+                    event_type: e.event_type,
+                    data: e.data,
+                })
+                .collect(),
+            state: StateBytes {
+                schema: d.state.schema,
+                bytes: d.state.bytes,
+            },
+            reply: d.reply,
+        }),
+        Err(wit::Rejection::Invalid(fields)) => Err(Rejection::Invalid(
+            fields
+                .into_iter()
+                .map(|f| FieldError {
+                    field: f.field,
+                    message: f.message,
+                })
+                .collect(),
+        )),
+        Err(wit::Rejection::Rejected(m)) => Err(Rejection::Rejected(m)),
+        Err(wit::Rejection::Forbidden(m)) => Err(Rejection::Forbidden(m)),
+        Err(wit::Rejection::IncompatibleState(s)) => Err(Rejection::IncompatibleState(s)),
     }
 }
 

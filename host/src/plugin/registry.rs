@@ -25,7 +25,7 @@ use super::engine::{EpochTicker, SandboxLimits, new_engine};
 use super::instance::{GuestState, InstancePool, add_to_linker};
 use super::quarantine::Quarantine;
 use super::{
-    CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
+    Backend, CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
     is_valid_stream_prefix,
 };
 
@@ -134,6 +134,20 @@ impl PluginRegistry {
         let mut all: Vec<PluginRef> = self.plugins.load().values().cloned().collect();
         all.sort_by(|a, b| a.info.aggregate_type.cmp(&b.info.aggregate_type));
         all
+    }
+
+    /// Serves `plugin` for its aggregate type, in place of any other. For
+    /// plugins built in code — the benchmarks' native twin of a component
+    /// ([`Plugin::native`]); `rehydra run` loads only files, through
+    /// [`scan`](Self::scan), which drops a plugin that has no file.
+    pub fn register(&self, plugin: Plugin) -> PluginRef {
+        let plugin = Arc::new(plugin);
+        self.plugins.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.insert(plugin.info.aggregate_type.clone(), plugin.clone());
+            next
+        });
+        plugin
     }
 
     /// Files that failed to load in the last scan.
@@ -474,7 +488,7 @@ impl PluginRegistry {
                 schema: initial.schema,
                 bytes: initial.bytes,
             },
-            pool,
+            backend: Backend::Wasm(pool),
             quarantine: Quarantine::new(
                 self.limits.quarantine_after,
                 self.limits.quarantine_backoff,
