@@ -318,6 +318,11 @@ impl InstancePool {
         }
     }
 
+    /// The name of the plugin whose instances these are.
+    pub fn plugin_name(&self) -> &str {
+        &self.plugin
+    }
+
     fn instantiate(&self) -> Result<Instance, GuestFailure> {
         let stdout = GuestOutput::new(self.limits.max_output_bytes);
         let stderr = GuestOutput::new(self.limits.max_output_bytes);

@@ -9,6 +9,7 @@
 //! - [`cache`]: the on-disk compile cache.
 //! - [`instance`]: a sandboxed instance and the warm pool.
 //! - [`registry`]: the loaded plugins, by aggregate type.
+//! - [`threads`]: the threads that run a plugin's guest calls.
 //!
 //! A [`Plugin`] is normally a component. [`NativeAggregate`] is the one
 //! other kind: logic compiled into the process, for benchmarks that measure
@@ -20,6 +21,7 @@ pub mod engine;
 pub mod instance;
 pub mod quarantine;
 pub mod registry;
+pub mod threads;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -32,6 +34,7 @@ use self::bindings::rehydra::aggregate::types as wit;
 use self::engine::SandboxLimits;
 use self::instance::{GuestFailure, InstancePool};
 use self::quarantine::{Quarantine, QuarantineStatus};
+use self::threads::{GuestThreadError, GuestThreads};
 use crate::error::{CommandError, FailureKind, FieldError};
 use crate::store::RecordedEvent;
 
@@ -163,12 +166,27 @@ pub struct Plugin {
 }
 
 /// What runs a plugin's `handle` and `apply`.
+// One per plugin version, behind an `Arc`: the size of the larger variant
+// costs nothing, and boxing it would add an indirection to every call.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
-    /// A WebAssembly component's warm instances: every plugin the host
-    /// loads from its plugin directory.
-    Wasm(InstancePool),
+    /// A WebAssembly component's warm instances, and the threads its calls
+    /// run on: every plugin the host loads from its plugin directory.
+    Wasm {
+        pool: InstancePool,
+        threads: GuestThreads,
+    },
     /// Native code behind the benchmark seam ([`NativeAggregate`]).
     Native(Arc<dyn NativeAggregate>),
+}
+
+impl Backend {
+    /// A component's backend: `pool`, with as many guest threads as it
+    /// keeps warm instances.
+    fn wasm(pool: InstancePool, limits: &SandboxLimits) -> Backend {
+        let threads = GuestThreads::new(pool.plugin_name(), limits.pool_size);
+        Backend::Wasm { pool, threads }
+    }
 }
 
 /// Aggregate logic compiled into the host process instead of loaded as a
@@ -289,22 +307,26 @@ impl Plugin {
         }
     }
 
-    /// Runs `f` on tokio's blocking pool. Guest calls are CPU work bounded
-    /// only by the deadline, and wasmtime-wasi's synchronous WASI bindings (a
-    /// guest writing to stderr, say) block on the runtime, which is not
-    /// allowed on an async worker thread.
-    async fn on_blocking_pool<R: Send + 'static>(
+    /// Runs `f`, a guest call, on one of the plugin's guest threads — never
+    /// as part of an async task (see [`threads`] for why) — and waits for
+    /// it. A panic in the host's side of the call fails the command, not
+    /// the actor.
+    async fn off_the_workers<R: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Plugin) -> Result<R, CommandError> + Send + 'static,
     ) -> Result<R, CommandError> {
+        let Backend::Wasm { threads, .. } = &self.backend else {
+            return Err(self.no_component());
+        };
         let this = self.clone();
-        let joined = tokio::task::spawn_blocking(move || f(&this)).await;
-        joined.unwrap_or_else(|e| {
-            Err(self.failure(
+        match threads.run(move || f(&this)).await {
+            Ok(result) => result,
+            Err(GuestThreadError::Panicked(message)) => Err(self.failure(
                 FailureKind::Trap,
-                format!("the host's call into the plugin panicked: {e}"),
-            ))
-        })
+                format!("the host's call into the plugin panicked: {message}"),
+            )),
+            Err(GuestThreadError::Unavailable(message)) => Err(CommandError::Internal(message)),
+        }
     }
 
     fn no_component(&self) -> CommandError {
@@ -320,7 +342,7 @@ impl Plugin {
             &mut wasmtime::Store<instance::GuestState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<R, CommandError> {
-        let Backend::Wasm(pool) = &self.backend else {
+        let Backend::Wasm { pool, .. } = &self.backend else {
             return Err(self.no_component());
         };
         pool.with_instance(|i| i.call(deadline, f))
@@ -344,7 +366,7 @@ impl Plugin {
             bytes: state.bytes.clone(),
         };
         let batch: Vec<wit::RecordedEvent> = events.iter().map(to_wit_event).collect();
-        self.on_blocking_pool(move |p| {
+        self.off_the_workers(move |p| {
             let result = p.call(p.limits.apply_deadline, |agg, store| {
                 agg.call_apply(store, &s, &batch)
             })?;
@@ -396,14 +418,14 @@ impl Plugin {
             return self.handle_native(logic.as_ref(), state, version, command);
         }
         let (s, c) = handle_args(state, command);
-        self.on_blocking_pool(move |p| p.handle_prepared(&s, version, &c))
+        self.off_the_workers(move |p| p.handle_prepared(&s, version, &c))
             .await
     }
 
-    /// [`handle`](Self::handle) on the calling thread, without the hop to
-    /// the blocking pool: for benchmarks and callers already off the async
-    /// runtime. Never call it on an async
-    /// worker thread (a guest's blocking WASI call would panic there).
+    /// [`handle`](Self::handle) on the calling thread, without the hand-off
+    /// to a guest thread: for benchmarks and callers already off the async
+    /// runtime. Never call it on an async worker thread (a guest's blocking
+    /// WASI call would panic there).
     pub fn handle_blocking(
         &self,
         state: &StateBytes,
@@ -562,7 +584,8 @@ fn from_wit_outcome(result: Result<wit::Decision, wit::Rejection>) -> Result<Dec
     }
 }
 
-/// The WIT arguments of a `handle` call (owned: they cross to another thread).
+/// The WIT arguments of a `handle` call (owned: they cross to a guest
+/// thread).
 fn handle_args(state: &StateBytes, command: &CommandInput<'_>) -> (wit::State, wit::Command) {
     let s = wit::State {
         schema: state.schema,

@@ -488,7 +488,7 @@ impl PluginRegistry {
                 schema: initial.schema,
                 bytes: initial.bytes,
             },
-            backend: Backend::Wasm(pool),
+            backend: Backend::wasm(pool, &limits),
             quarantine: Quarantine::new(
                 self.limits.quarantine_after,
                 self.limits.quarantine_backoff,
