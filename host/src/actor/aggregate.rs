@@ -341,9 +341,10 @@ impl Inner {
                 )));
             }
             let last_version = last.version;
-            live.state = plugin.apply(&live.state, &batch).await?;
+            let full_page = batch.len() >= page;
+            live.state = plugin.apply(&live.state, batch).await?;
             live.version = last_version;
-            if batch.len() < page {
+            if !full_page {
                 return Ok(());
             }
         }

@@ -349,23 +349,25 @@ impl Plugin {
             .map_err(|f| self.guest_failed(f))
     }
 
-    /// Folds `events` into `state` with one guest call.
+    /// Folds `events` into `state` with one guest call. Takes the events by
+    /// value: their type and data move into the call's arguments instead of
+    /// being copied.
     pub async fn apply(
         self: &Arc<Self>,
         state: &StateBytes,
-        events: &[RecordedEvent],
+        events: Vec<RecordedEvent>,
     ) -> Result<StateBytes, CommandError> {
         self.check_quarantine()?;
         let first_version = events.first().map(|e| e.version).unwrap_or_default();
         if let Backend::Native(logic) = &self.backend {
-            let result = logic.apply(state, events);
+            let result = logic.apply(state, &events);
             return self.finish_apply(result, first_version);
         }
         let s = wit::State {
             schema: state.schema,
             bytes: state.bytes.clone(),
         };
-        let batch: Vec<wit::RecordedEvent> = events.iter().map(to_wit_event).collect();
+        let batch: Vec<wit::RecordedEvent> = events.into_iter().map(to_wit_event).collect();
         self.off_the_workers(move |p| {
             let result = p.call(p.limits.apply_deadline, |agg, store| {
                 agg.call_apply(store, &s, &batch)
@@ -602,7 +604,7 @@ fn handle_args(state: &StateBytes, command: &CommandInput<'_>) -> (wit::State, w
 
 /// Event metadata is a JSON object in the store; the guest sees it as
 /// string pairs (non-string values as their JSON text).
-fn to_wit_event(e: &RecordedEvent) -> wit::RecordedEvent {
+fn to_wit_event(e: RecordedEvent) -> wit::RecordedEvent {
     let metadata =
         match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&e.metadata) {
             Ok(map) => map
@@ -615,8 +617,8 @@ fn to_wit_event(e: &RecordedEvent) -> wit::RecordedEvent {
             Err(_) => Vec::new(),
         };
     wit::RecordedEvent {
-        event_type: e.event_type.clone(),
-        data: e.data.clone(),
+        event_type: e.event_type,
+        data: e.data,
         version: e.version,
         metadata,
     }
