@@ -1,6 +1,7 @@
 //! In-process scenarios: command throughput and latency through
 //! `Aggregates::execute`, cold rehydration, memory per resident aggregate,
-//! and one `Plugin::handle` call against the same logic compiled natively.
+//! and the cost of Wasm: the bank-account component against the same code
+//! compiled natively, through the actor path and call by call.
 //!
 //! Everything runs on one multi-threaded tokio runtime with the real
 //! bank-account component and the real stores; the load generator shares
@@ -13,11 +14,11 @@ use std::time::{Duration, Instant};
 use rehydra::actor::{ActorConfig, Aggregates};
 use rehydra::command::CommandRequest;
 use rehydra::plugin::engine::SandboxLimits;
-use rehydra::plugin::{CommandInput, PluginRegistry, StateBytes};
+use rehydra::plugin::threads::GuestThreads;
+use rehydra::plugin::{CommandInput, PluginRegistry};
 use rehydra::store::embedded::EmbeddedStore;
 use rehydra::store::memory::MemoryStore;
 use rehydra::store::{EventData, EventStore, ExpectedVersion};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::stats::RunResult;
@@ -169,6 +170,7 @@ pub async fn drive(
     secs: f64,
 ) -> RunResult {
     let start = Instant::now();
+    let cpu_start = crate::stats::process_cpu();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for t in 0..concurrency {
@@ -201,7 +203,9 @@ pub async fn drive(
         all.extend(lat);
         errors += e;
     }
-    RunResult::from_latencies(all, start.elapsed(), errors)
+    let elapsed = start.elapsed();
+    RunResult::from_latencies(all, elapsed, errors)
+        .with_cpu(crate::stats::process_cpu().saturating_sub(cpu_start))
 }
 
 /// Scenario (a): `runs` runs, each on a fresh store with `n` freshly opened
@@ -246,20 +250,68 @@ pub async fn throughput(
         .collect()
 }
 
+/// The metadata seeded events carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedMetadata {
+    /// What the host writes with every event: seven keys (ids, command,
+    /// plugin, content hash, timestamp), about 300 bytes. The guest's
+    /// `apply` receives them as string pairs.
+    Host,
+    /// `{}`: what the first cut of this suite seeded.
+    Empty,
+}
+
+impl SeedMetadata {
+    /// For tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            SeedMetadata::Host => "as the host writes it (7 keys)",
+            SeedMetadata::Empty => "`{}`",
+        }
+    }
+
+    fn bytes(self, command: &str, message_id: &str) -> Vec<u8> {
+        match self {
+            SeedMetadata::Empty => b"{}".to_vec(),
+            SeedMetadata::Host => json!({
+                "$causationId": message_id,
+                "$correlationId": message_id,
+                "commandType": command,
+                "messageId": message_id,
+                "plugin": "bank-account",
+                "pluginHash": "5f".repeat(32),
+                "timestamp": "2026-01-01T00:00:00.000Z",
+            })
+            .to_string()
+            .into_bytes(),
+        }
+    }
+}
+
 /// An event as another writer would append it.
-fn event(event_type: &str, data: serde_json::Value, message_id: &str) -> EventData {
+fn event(
+    event_type: &str,
+    data: serde_json::Value,
+    message_id: &str,
+    metadata: SeedMetadata,
+) -> EventData {
+    let command = if event_type == "Opened" {
+        "open"
+    } else {
+        "deposit"
+    };
     EventData {
         event_id: uuid::Uuid::new_v4(),
         event_type: event_type.into(),
         data: data.to_string().into_bytes(),
-        metadata: b"{}".to_vec(),
+        metadata: metadata.bytes(command, message_id),
         message_id: message_id.into(),
     }
 }
 
 /// Appends an account with `events` events (one `Opened`, then
 /// `Deposited`s) straight into `store`, in batches of 1,000.
-async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize) {
+async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize, metadata: SeedMetadata) {
     let stream = format!("bank_account-{id}");
     let mut written = 0usize;
     while written < events {
@@ -268,9 +320,9 @@ async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize) {
         let batch: Vec<EventData> = (written..written + batch_len)
             .map(|i| {
                 if i == 0 {
-                    event("Opened", json!({"owner": "bench"}), &message_id)
+                    event("Opened", json!({"owner": "bench"}), &message_id, metadata)
                 } else {
-                    event("Deposited", json!({"amount": 1}), &message_id)
+                    event("Deposited", json!({"amount": 1}), &message_id, metadata)
                 }
             })
             .collect();
@@ -282,18 +334,20 @@ async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize) {
     }
 }
 
-/// Scenario (c): the first `state()` of an account with `events` events on
+/// Scenario (c): the first `state()` of an account with `events` events
+/// carrying `metadata` on
 /// a fresh `Aggregates` (so nothing is cached in the actor layer; the
 /// store's own caches are warm after the first run). Median seconds.
 pub async fn rehydrate(
     registry: &Arc<PluginRegistry>,
     kind: StoreKind,
     events: usize,
+    metadata: SeedMetadata,
     runs: usize,
 ) -> Duration {
     let store = OpenStore::new(kind).await;
     let id = format!("long-{events}");
-    seed_stream(&store.store, &id, events).await;
+    seed_stream(&store.store, &id, events, metadata).await;
     let mut times = Vec::new();
     for _ in 0..runs {
         let aggregates = Aggregates::new(
@@ -348,7 +402,7 @@ pub struct MemoryResult {
 pub async fn memory_per_aggregate(registry: &Arc<PluginRegistry>, n: usize) -> MemoryResult {
     let store = OpenStore::new(StoreKind::Memory).await;
     for i in 0..n {
-        seed_stream(&store.store, &agg_id(i), 1).await;
+        seed_stream(&store.store, &agg_id(i), 1, SeedMetadata::Empty).await;
     }
     let config = ActorConfig {
         max_resident: n + 1000,
@@ -404,126 +458,97 @@ pub async fn memory_per_aggregate(registry: &Arc<PluginRegistry>, n: usize) -> M
     }
 }
 
-/// The bank account's state, as the Rust plugin encodes it.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Account {
-    owner: String,
-    balance: u64,
-    open: bool,
-}
-
-/// An `amount` payload.
-#[derive(Debug, Deserialize)]
-struct Amount {
-    amount: u64,
-}
-
-/// The bank-account `deposit`/`withdraw` decision, natively: decode the
-/// state and the command, check the rules, encode the event and the new
-/// state — the work the component does inside one `handle` call, without
-/// the sandbox and the copies across it.
-fn native_handle(
-    state: &[u8],
-    command: &str,
-    data: &[u8],
-) -> Result<(String, Vec<u8>, Vec<u8>), String> {
-    let mut account: Account = serde_json::from_slice(state).map_err(|e| e.to_string())?;
-    let Amount { amount } = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-    if amount == 0 {
-        return Err("amount must be positive".into());
+/// A bank-account command's input, as `Aggregates` hands it to a plugin.
+fn input<'a>(
+    command_type: &'a str,
+    data: &'a [u8],
+    meta: &'a [(String, String)],
+) -> CommandInput<'a> {
+    CommandInput {
+        command_type,
+        aggregate_id: "w",
+        data,
+        metadata: meta,
     }
-    if !account.open {
-        return Err("the account is not open".into());
-    }
-    let event_type = match command {
-        "deposit" => {
-            account.balance = account
-                .balance
-                .checked_add(amount)
-                .ok_or("the balance would be too large")?;
-            "Deposited"
-        }
-        "withdraw" => {
-            if amount > account.balance {
-                return Err("insufficient funds".into());
-            }
-            account.balance -= amount;
-            "Withdrawn"
-        }
-        other => return Err(format!("unknown command {other}")),
-    };
-    let event = serde_json::to_vec(&json!({ "amount": amount })).map_err(|e| e.to_string())?;
-    let new_state = serde_json::to_vec(&account).map_err(|e| e.to_string())?;
-    Ok((event_type.to_string(), event, new_state))
 }
 
-/// What scenario (f) measured: median time per decision.
+/// What the isolated-call part of the "cost of Wasm" scenario measured:
+/// median time per call.
 #[derive(Debug, Clone, Copy)]
-pub struct WasmVsNative {
-    /// One `Plugin::handle` call (pooled instance, sandbox, copies).
+pub struct CallCost {
+    /// One `Plugin::handle` deposit on the component.
     pub wasm: Duration,
-    /// The same decision in native Rust.
+    /// The same call on the native twin.
     pub native: Duration,
-    /// An empty `spawn_blocking` round trip, the thread hop every guest
-    /// call makes (for the bottleneck analysis).
-    pub hop: Duration,
+    /// An empty `spawn_blocking` round trip: the hand-off each guest call
+    /// made before it ran on the plugin's own guest threads.
+    pub spawn_blocking: Duration,
+    /// An empty call on a set of guest threads: the hand-off each guest
+    /// call makes now.
+    pub guest_thread: Duration,
 }
 
-/// Scenario (f): `iters` sequential deposits through `Plugin::handle` and
-/// through [`native_handle`], alternating per run; medians of `runs` runs.
-pub async fn wasm_vs_native(
-    registry: &Arc<PluginRegistry>,
+/// `iters` sequential deposits through `Plugin::handle` on the component
+/// and on its native twin, and the two hand-offs off the async workers,
+/// each empty, in turn within each of `runs` runs; medians. Runs in a
+/// spawned task, on a worker thread as an actor does.
+pub async fn call_cost(
+    wasm: &Arc<PluginRegistry>,
+    native: &Arc<PluginRegistry>,
     iters: usize,
     runs: usize,
-) -> WasmVsNative {
-    let plugin = registry
-        .get("bank-account")
-        .expect("the bank-account plugin");
-    let meta = vec![
-        ("now".to_string(), "2026-01-01T00:00:00Z".to_string()),
-        ("message-id".to_string(), uuid::Uuid::new_v4().to_string()),
-    ];
-    let open = CommandInput {
-        command_type: "open",
-        aggregate_id: "w",
-        data: br#"{"owner":"bench"}"#,
-        metadata: &meta,
-    };
-    let opened: StateBytes = match plugin
-        .handle(plugin.initial_state(), 0, &open)
+) -> CallCost {
+    let (wasm, native) = (wasm.clone(), native.clone());
+    tokio::spawn(async move { call_cost_on_worker(&wasm, &native, iters, runs).await })
         .await
-        .expect("the open call")
-    {
-        Ok(d) => d.state,
-        Err(r) => panic!("open rejected: {r:?}"),
-    };
-    let deposit = CommandInput {
-        command_type: "deposit",
-        aggregate_id: "w",
-        data: br#"{"amount":1}"#,
-        metadata: &meta,
-    };
-    let (mut wasm, mut native, mut hop) = (Vec::new(), Vec::new(), Vec::new());
+        .expect("the call-cost task")
+}
+
+async fn call_cost_on_worker(
+    wasm: &Arc<PluginRegistry>,
+    native: &Arc<PluginRegistry>,
+    iters: usize,
+    runs: usize,
+) -> CallCost {
+    let meta = vec![
+        ("now".to_string(), "2026-01-01T00:00:00.000Z".to_string()),
+        ("message-id".to_string(), uuid::Uuid::new_v4().to_string()),
+        (
+            "correlation-id".to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        ),
+        ("causation-id".to_string(), uuid::Uuid::new_v4().to_string()),
+    ];
+    let plugins = [wasm, native].map(|r| r.get("bank-account").expect("the bank-account plugin"));
+    let open = input("open", br#"{"owner":"bench"}"#, &meta);
+    let deposit = input("deposit", br#"{"amount":1}"#, &meta);
+    let mut opened = Vec::new();
+    for p in &plugins {
+        match p
+            .handle(p.initial_state(), 0, &open)
+            .await
+            .expect("the open call")
+        {
+            Ok(d) => opened.push(d.state),
+            Err(r) => panic!("open rejected: {r:?}"),
+        }
+    }
+    assert_eq!(opened[0], opened[1], "the component and its twin agree");
+    let mut times: [Vec<f64>; 4] = Default::default();
     for _ in 0..runs {
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            let d = plugin
-                .handle(&opened, 1, &deposit)
-                .await
-                .expect("a deposit call");
-            std::hint::black_box(d.is_ok());
+        for (i, p) in plugins.iter().enumerate() {
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                let d = p
+                    .handle(&opened[i], 1, &deposit)
+                    .await
+                    .expect("a deposit call");
+                std::hint::black_box(d.is_ok());
+                // Between two commands an actor waits for its next one.
+                tokio::task::yield_now().await;
+            }
+            times[i].push(t0.elapsed().as_secs_f64() / iters as f64);
         }
-        wasm.push(t0.elapsed().as_secs_f64() / iters as f64);
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            let d = native_handle(
-                std::hint::black_box(&opened.bytes),
-                std::hint::black_box("deposit"),
-                std::hint::black_box(br#"{"amount":1}"#),
-            );
-            std::hint::black_box(d.is_ok());
-        }
-        native.push(t0.elapsed().as_secs_f64() / iters as f64);
         let t0 = Instant::now();
         for i in 0..iters {
             let r = tokio::task::spawn_blocking(move || std::hint::black_box(i))
@@ -531,27 +556,113 @@ pub async fn wasm_vs_native(
                 .expect("an empty blocking task");
             std::hint::black_box(r);
         }
-        hop.push(t0.elapsed().as_secs_f64() / iters as f64);
+        times[2].push(t0.elapsed().as_secs_f64() / iters as f64);
+        let threads = GuestThreads::new("bench", 4);
+        let t0 = Instant::now();
+        for i in 0..iters {
+            let r = threads
+                .run(move || std::hint::black_box(i))
+                .await
+                .expect("an empty guest-thread call");
+            std::hint::black_box(r);
+        }
+        times[3].push(t0.elapsed().as_secs_f64() / iters as f64);
     }
-    WasmVsNative {
-        wasm: Duration::from_secs_f64(crate::stats::median(wasm)),
-        native: Duration::from_secs_f64(crate::stats::median(native)),
-        hop: Duration::from_secs_f64(crate::stats::median(hop)),
+    let [w, n, sb, gt] = times.map(|t| Duration::from_secs_f64(crate::stats::median(t)));
+    CallCost {
+        wasm: w,
+        native: n,
+        spawn_blocking: sb,
+        guest_thread: gt,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One run on a fresh store of `kind`: `n` accounts opened, then `clients`
+/// clients depositing for `secs`.
+pub async fn fresh_run(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+    clients: usize,
+    secs: f64,
+) -> RunResult {
+    let store = OpenStore::new(kind).await;
+    let aggregates = Arc::new(Aggregates::new(
+        store.store.clone(),
+        registry.clone(),
+        ActorConfig::default(),
+    ));
+    open_accounts(&aggregates, n, 64).await;
+    let r = drive(&aggregates, n, clients, secs).await;
+    drop(aggregates);
+    store.close().await;
+    r
+}
 
-    #[test]
-    fn the_native_port_follows_the_rules() {
-        let open = br#"{"owner":"a","balance":5,"open":true}"#;
-        let (t, e, s) = native_handle(open, "deposit", br#"{"amount":2}"#).expect("a deposit");
-        assert_eq!(t, "Deposited");
-        assert_eq!(e, br#"{"amount":2}"#);
-        assert_eq!(s, br#"{"owner":"a","balance":7,"open":true}"#);
-        assert!(native_handle(open, "withdraw", br#"{"amount":6}"#).is_err());
-        assert!(native_handle(open, "deposit", br#"{"amount":0}"#).is_err());
+/// What a short bank-account session answers, command by command, through
+/// `Aggregates` on `memory://`: the outcome's events and reply (or the
+/// error code), then the final state.
+async fn session(registry: &Arc<PluginRegistry>) -> Vec<String> {
+    let store = OpenStore::new(StoreKind::Memory).await;
+    let aggregates = Aggregates::new(
+        store.store.clone(),
+        registry.clone(),
+        ActorConfig::default(),
+    );
+    let mut answers = Vec::new();
+    for (command, data) in [
+        ("deposit", json!({"amount": 1})),
+        ("open", json!({"owner": " bench "})),
+        ("open", json!({"owner": "again"})),
+        ("deposit", json!({"amount": 5})),
+        ("deposit", json!({"amount": 0})),
+        ("withdraw", json!({"amount": 2})),
+        ("withdraw", json!({"amount": 10})),
+        ("deposit", json!({"amount": "x"})),
+        ("close", json!({})),
+        ("deposit", json!({"amount": 1})),
+    ] {
+        answers.push(match aggregates.execute(cmd("s", command, data)).await {
+            Ok(o) => format!("{:?} {:?} {:?}", o.version, o.events, o.reply),
+            Err(e) => format!("{} {e}", e.code()),
+        });
     }
+    answers.push(format!("{:?}", aggregates.state("bank-account", "s").await));
+    answers
+}
+
+/// The "cost of Wasm" scenario through the actor path: for each client
+/// count, `runs` pairs of runs — the component, then its native twin, each
+/// on a fresh `memory://` store with `n` accounts — and the medians
+/// `(clients, component, native)`. First checks that the two answer a
+/// session of commands identically.
+pub async fn wasm_vs_native(
+    wasm: &Arc<PluginRegistry>,
+    native: &Arc<PluginRegistry>,
+    n: usize,
+    clients: &[usize],
+    runs: usize,
+    secs: f64,
+) -> Vec<(usize, RunResult, RunResult)> {
+    assert_eq!(
+        session(wasm).await,
+        session(native).await,
+        "the component and its native twin answer alike"
+    );
+    let mut out = Vec::new();
+    for &c in clients {
+        let (mut w, mut nat) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let a = fresh_run(wasm, StoreKind::Memory, n, c, secs).await;
+            let b = fresh_run(native, StoreKind::Memory, n, c, secs).await;
+            eprintln!(
+                "  n={n} c={c}: component {:.0}/s, native {:.0}/s",
+                a.per_sec, b.per_sec
+            );
+            w.push(a);
+            nat.push(b);
+        }
+        out.push((c, RunResult::median_of(&w), RunResult::median_of(&nat)));
+    }
+    out
 }

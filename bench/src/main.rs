@@ -1,4 +1,4 @@
-//! `rehydra-bench`: Rehydra's benchmark suite (issue 8, first cut).
+//! `rehydra-bench`: Rehydra's benchmark suite (issue 8).
 //!
 //! Runs the scenarios below with the real bank-account component and
 //! writes one Markdown table per scenario to stdout or `--out FILE`
@@ -9,10 +9,10 @@
 //! |-------------|-------------------------------------------------------------|
 //! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`, 1 / 1,000 / 100,000 aggregates |
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
-//! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events |
+//! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, compile cache cold and warm          |
-//! | `wasm`      | one `Plugin::handle` call vs the same logic natively         |
+//! | `wasm`      | the bank-account component vs the same code natively: through `Aggregates::execute`, and one `Plugin::handle` call |
 //! | `peer`      | the same bank account on `cqrs-es` + `MemStore` vs `memory://` |
 //!
 //! Usage: `rehydra-bench [--out FILE] [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
@@ -22,12 +22,13 @@
 mod alloc;
 mod http;
 mod inproc;
+mod native;
 mod peer;
 mod stats;
 
 use std::time::Duration;
 
-use inproc::StoreKind;
+use inproc::{SeedMetadata, StoreKind};
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -89,7 +90,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,peer,profile,profile-embedded] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -139,17 +140,28 @@ fn load_average() -> String {
 /// A table row of a load scenario.
 fn load_row(what: &str, store: &str, n: usize, c: usize, r: &RunResult) -> String {
     format!(
-        "| {what} | {store} | {} | {c} | {} | {} | {} | {} | {} |",
+        "| {what} | {store} | {} | {c} | {} | {} | {} | {} | {} | {} |",
         fmt_rate(n as f64),
         fmt_rate(r.per_sec),
         fmt_dur(r.p50),
         fmt_dur(r.p99),
         fmt_dur(r.p999),
+        fmt_cpu(r),
         r.errors
     )
 }
 
-const LOAD_HEADER: &str = "| path | store | aggregates | clients | commands/s | p50 | p99 | p999 | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|";
+/// CPU per operation, or a dash where it was not measured (the HTTP host
+/// is another process).
+fn fmt_cpu(r: &RunResult) -> String {
+    if r.cpu_per_op.is_zero() {
+        "—".to_string()
+    } else {
+        fmt_dur_precise(r.cpu_per_op)
+    }
+}
+
+const LOAD_HEADER: &str = "| path | store | aggregates | clients | commands/s | p50 | p99 | p999 | CPU per command | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 #[tokio::main]
 async fn main() {
@@ -160,7 +172,7 @@ async fn main() {
     };
     let _ = OUT.set(std::sync::Mutex::new(sink));
     out!(
-        "Machine: {}. Build: `dev` profile (dependencies opt-level 2, host opt-level 1). Medians of {} runs of {} s. Load average at start: {}.\n",
+        "Machine: {}. Build: `dev` profile (dependencies, bench/ and the natively linked plugin at opt-level 2, host opt-level 1). Medians of {} runs of {} s. Load average at start: {}.\n",
         machine(),
         o.runs,
         o.secs,
@@ -185,10 +197,12 @@ async fn main() {
 
     // Not in the default run: one in-process level for profiling under
     // `valgrind --tool=callgrind` (see BENCHMARKS.md): `profile` on
-    // `memory://` with 16 clients, `profile-embedded` on `embedded://` with
-    // 256 clients, both over 1,000 aggregates.
+    // `memory://` with 16 clients, `profile-native` the same with the
+    // native twin of the plugin, `profile-embedded` on `embedded://` with
+    // 256 clients, all over 1,000 aggregates.
     for (name, kind, clients) in [
         ("profile", StoreKind::Memory, 16),
+        ("profile-native", StoreKind::Memory, 16),
         ("profile-embedded", StoreKind::Embedded, 256),
     ] {
         if o.only
@@ -196,11 +210,29 @@ async fn main() {
             .is_some_and(|only| only.iter().any(|x| x == name))
         {
             eprintln!("{name} run…");
+            let registry = if name == "profile-native" {
+                native::registry()
+            } else {
+                registry.clone()
+            };
             out!("{LOAD_HEADER}");
             for (c, r) in inproc::throughput(&registry, kind, 1000, &[clients], 1, o.secs).await {
                 out!("{}", load_row("in-process", kind.label(), 1000, c, &r));
             }
         }
+    }
+
+    // Not in the default run either: one cold load of a 10,000-event
+    // account with the host's metadata on `memory://`, for profiling the
+    // replay path.
+    if o.only
+        .as_ref()
+        .is_some_and(|only| only.iter().any(|x| x == "profile-rehydrate"))
+    {
+        eprintln!("profile-rehydrate run…");
+        let t =
+            inproc::rehydrate(&registry, StoreKind::Memory, 10_000, SeedMetadata::Host, 1).await;
+        out!("10,000 events replayed in {}", fmt_dur(t));
     }
 
     if o.wants("http") {
@@ -217,18 +249,21 @@ async fn main() {
     if o.wants("rehydrate") {
         eprintln!("rehydration…");
         out!(
-            "### Rehydration: first `state()` of one aggregate on a fresh `Aggregates`\n\n| store | events | time | events/s |\n|---|---:|---:|---:|"
+            "### Rehydration: first `state()` of one aggregate on a fresh `Aggregates`\n\n| store | event metadata | events | time | events/s |\n|---|---|---:|---:|---:|"
         );
-        for kind in [StoreKind::Memory, StoreKind::Embedded] {
-            for events in [10, 1000, 100_000] {
-                let t = inproc::rehydrate(&registry, kind, events, o.runs).await;
-                out!(
-                    "| {} | {} | {} | {} |",
-                    kind.label(),
-                    fmt_rate(events as f64),
-                    fmt_dur(t),
-                    fmt_rate(events as f64 / t.as_secs_f64())
-                );
+        for metadata in [SeedMetadata::Host, SeedMetadata::Empty] {
+            for kind in [StoreKind::Memory, StoreKind::Embedded] {
+                for events in [10, 1000, 100_000] {
+                    let t = inproc::rehydrate(&registry, kind, events, metadata, o.runs).await;
+                    out!(
+                        "| {} | {} | {} | {} | {} |",
+                        kind.label(),
+                        metadata.label(),
+                        fmt_rate(events as f64),
+                        fmt_dur(t),
+                        fmt_rate(events as f64 / t.as_secs_f64())
+                    );
+                }
             }
         }
         out!();
@@ -265,30 +300,59 @@ async fn main() {
     }
 
     if o.wants("wasm") {
-        eprintln!("wasm vs native…");
-        let iters = 20_000;
-        let w = inproc::wasm_vs_native(&registry, iters, o.runs).await;
+        eprintln!("the cost of Wasm…");
+        let native = native::registry();
+        let n = 1000;
         out!(
-            "### Wasm vs native: one deposit decision, sequential, {iters} calls per run\n\n| implementation | time per decision | ratio |\n|---|---:|---:|\n| `Plugin::handle` (component) | {} | {:.1}× |\n| native Rust (same logic, serde_json) | {} | 1.0× |\n| for reference: an empty `spawn_blocking` round trip | {} | {:.1}× |\n",
-            fmt_dur_precise(w.wasm),
-            w.wasm.as_secs_f64() / w.native.as_secs_f64(),
-            fmt_dur_precise(w.native),
-            fmt_dur_precise(w.hop),
-            w.hop.as_secs_f64() / w.native.as_secs_f64()
+            "### The cost of Wasm: the bank-account code as a component and natively, through `Aggregates::execute` on `memory://`, {} accounts, runs alternating\n\n| clients | component commands/s | component time per command | component CPU per command | component p99 | native commands/s | native time per command | native CPU per command | native p99 | component / native, time | component / native, CPU |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            fmt_rate(n as f64)
+        );
+        for (c, w, nat) in
+            inproc::wasm_vs_native(&registry, &native, n, &[1, 16], o.runs, o.secs).await
+        {
+            out!(
+                "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2}× | {:.2}× |",
+                fmt_rate(w.per_sec),
+                fmt_dur_precise(Duration::from_secs_f64(1.0 / w.per_sec)),
+                fmt_cpu(&w),
+                fmt_dur(w.p99),
+                fmt_rate(nat.per_sec),
+                fmt_dur_precise(Duration::from_secs_f64(1.0 / nat.per_sec)),
+                fmt_cpu(&nat),
+                fmt_dur(nat.p99),
+                nat.per_sec / w.per_sec,
+                w.cpu_per_op.as_secs_f64() / nat.cpu_per_op.as_secs_f64()
+            );
+        }
+        out!();
+        let iters = 20_000;
+        let c = inproc::call_cost(&registry, &native, iters, o.runs).await;
+        let ratio = |d: Duration| d.as_secs_f64() / c.native.as_secs_f64();
+        out!(
+            "### The cost of Wasm, one call: a deposit through `Plugin::handle`, sequential, {iters} calls per run\n\n| what | time per call | ratio to native |\n|---|---:|---:|\n| the component | {} | {:.1}× |\n| the native twin (same code) | {} | 1.0× |\n| for reference: an empty call on guest threads (the hand-off a guest call makes) | {} | {:.1}× |\n| for reference: an empty `spawn_blocking` round trip (the hand-off before) | {} | {:.1}× |\n",
+            fmt_dur_precise(c.wasm),
+            ratio(c.wasm),
+            fmt_dur_precise(c.native),
+            fmt_dur_precise(c.guest_thread),
+            ratio(c.guest_thread),
+            fmt_dur_precise(c.spawn_blocking),
+            ratio(c.spawn_blocking),
         );
     }
     if o.wants("peer") {
         eprintln!("cqrs-es peer…");
         out!(
-            "### Peer: `cqrs-es` 0.4 with `MemStore` vs Rehydra on `memory://`, 1,000 fresh accounts, runs alternating\n\n| clients | cqrs-es commands/s | cqrs-es p99 | Rehydra commands/s | Rehydra p99 | Rehydra / cqrs-es |\n|---:|---:|---:|---:|---:|---:|"
+            "### Peer: `cqrs-es` 0.4 with `MemStore` vs Rehydra on `memory://`, 1,000 fresh accounts, runs alternating\n\n| clients | cqrs-es commands/s | cqrs-es p99 | cqrs-es CPU per command | Rehydra commands/s | Rehydra p99 | Rehydra CPU per command | Rehydra / cqrs-es |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for (c, p, r) in peer::compare(&registry, 1000, &[1, 16], o.runs, o.secs).await {
             out!(
-                "| {c} | {} | {} | {} | {} | {:.2}× |",
+                "| {c} | {} | {} | {} | {} | {} | {} | {:.2}× |",
                 fmt_rate(p.per_sec),
                 fmt_dur(p.p99),
+                fmt_cpu(&p),
                 fmt_rate(r.per_sec),
                 fmt_dur(r.p99),
+                fmt_cpu(&r),
                 r.per_sec / p.per_sec
             );
         }

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cqrs_es::mem_store::MemStore;
 use cqrs_es::{Aggregate, CqrsFramework, DomainEvent};
-use rehydra::actor::{ActorConfig, Aggregates};
 use rehydra::plugin::PluginRegistry;
 use serde::{Deserialize, Serialize};
 
-use crate::inproc::{OpenStore, StoreKind, agg_id, client_accounts};
+use crate::inproc::{StoreKind, agg_id, client_accounts};
 use crate::stats::RunResult;
 
 /// The bank account, with the same rules as the Rust plugin.
@@ -181,6 +180,7 @@ async fn cqrs_run(n: usize, clients: usize, secs: f64) -> RunResult {
         .expect("opening a cqrs-es account");
     }
     let start = Instant::now();
+    let cpu_start = crate::stats::process_cpu();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for t in 0..clients {
@@ -206,24 +206,9 @@ async fn cqrs_run(n: usize, clients: usize, secs: f64) -> RunResult {
         all.extend(lat);
         errors += e;
     }
-    RunResult::from_latencies(all, start.elapsed(), errors)
-}
-
-/// One run of the same load on Rehydra, `memory://`, fresh accounts.
-async fn rehydra_run(
-    registry: &Arc<PluginRegistry>,
-    n: usize,
-    clients: usize,
-    secs: f64,
-) -> RunResult {
-    let store = OpenStore::new(StoreKind::Memory).await;
-    let aggregates = Arc::new(Aggregates::new(
-        store.store.clone(),
-        registry.clone(),
-        ActorConfig::default(),
-    ));
-    crate::inproc::open_accounts(&aggregates, n, 64).await;
-    crate::inproc::drive(&aggregates, n, clients, secs).await
+    let elapsed = start.elapsed();
+    RunResult::from_latencies(all, elapsed, errors)
+        .with_cpu(crate::stats::process_cpu().saturating_sub(cpu_start))
 }
 
 /// Scenario: `cqrs-es` vs Rehydra on in-memory stores, `runs` alternating
@@ -240,7 +225,7 @@ pub async fn compare(
         let (mut peer, mut ours) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let p = cqrs_run(n, c, secs).await;
-            let r = rehydra_run(registry, n, c, secs).await;
+            let r = crate::inproc::fresh_run(registry, StoreKind::Memory, n, c, secs).await;
             eprintln!(
                 "  n={n} c={c}: cqrs-es {:.0}/s, rehydra {:.0}/s",
                 p.per_sec, r.per_sec

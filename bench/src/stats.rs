@@ -18,6 +18,11 @@ pub struct RunResult {
     pub ops: usize,
     /// Operations that failed (counted, not timed).
     pub errors: usize,
+    /// CPU time this process used per completed operation (all threads,
+    /// user and system; the load generator included), or zero when not
+    /// measured. Less sensitive than throughput to what else the shared
+    /// machine runs.
+    pub cpu_per_op: Duration,
 }
 
 impl RunResult {
@@ -32,7 +37,15 @@ impl RunResult {
             p999: percentile(&nanos, 0.999),
             ops,
             errors,
+            cpu_per_op: Duration::ZERO,
         }
+    }
+
+    /// The same, with `cpu` (this process's CPU time over the run) spread
+    /// over the completed operations.
+    pub fn with_cpu(mut self, cpu: Duration) -> RunResult {
+        self.cpu_per_op = cpu / self.ops.max(1) as u32;
+        self
     }
 
     /// The run-by-run median of each figure (throughput and every
@@ -51,8 +64,29 @@ impl RunResult {
             p999: dur(&|r| r.p999),
             ops: runs.iter().map(|r| r.ops).sum(),
             errors: runs.iter().map(|r| r.errors).sum(),
+            cpu_per_op: dur(&|r| r.cpu_per_op),
         }
     }
+}
+
+/// The CPU time this process has used so far, user and system, all
+/// threads (`/proc/self/stat`, in ticks of 10 ms: Linux reports it in
+/// USER_HZ, which is 100); zero if it cannot be read.
+pub fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// The `q` quantile (0..=1) of an ascending sample, nearest-rank; zero for
