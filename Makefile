@@ -156,7 +156,7 @@ lint:
 # and prints them (progress goes to stderr meanwhile; stdout is discarded
 # because the cqrs-es peer's MemStore prints a line per load and store).
 # Extra flags: make bench ARGS='--runs 5 --secs 3'
-bench: plugins host
+bench: plugins test-plugins host
 	$(CARGO) build -p rehydra-bench
 	@mkdir -p $(TARGET_DIR)/bench
 	$(TARGET_DIR)/debug/rehydra-bench --out $(TARGET_DIR)/bench/results.md.tmp $(ARGS) > /dev/null

@@ -1,7 +1,7 @@
 //! Scenarios against the real `rehydra` binary: start-up time with the
-//! compile cache cold and warm, and command throughput over HTTP on the
-//! embedded store with a small closed-loop load generator (loopback only,
-//! bounded in time).
+//! compile cache cold and warm, hot-reload latency, and command throughput
+//! over HTTP on the embedded store with a small closed-loop load generator
+//! (loopback only, bounded in time).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +66,12 @@ impl HostDir {
     /// in `<dir>/<cache>`, logging warnings only, and waits until it is
     /// ready.
     pub fn start(&self, data: &str, cache: &str) -> Host {
+        self.start_watching(data, cache, false)
+    }
+
+    /// [`start`](Self::start), with the plugin directory watched for new
+    /// versions when `watch` is set.
+    pub fn start_watching(&self, data: &str, cache: &str, watch: bool) -> Host {
         let d = self.path();
         let t0 = Instant::now();
         let mut child = Command::new(binary())
@@ -76,7 +82,8 @@ impl HostDir {
             .arg(format!("embedded://{}", d.join(data).display()))
             .arg("--cache-dir")
             .arg(d.join(cache))
-            .args(["--http", "127.0.0.1:0", "--no-watch"])
+            .args(["--http", "127.0.0.1:0", "--grpc", "off"])
+            .args(if watch { None } else { Some("--no-watch") })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -109,6 +116,92 @@ pub fn startup(runs: usize) -> (Duration, Duration) {
         drop(host);
         let host = dir.start(&format!("data-warm-{i}"), &cache);
         warm.push(host.ready_after.as_secs_f64());
+    }
+    (
+        Duration::from_secs_f64(crate::stats::median(cold)),
+        Duration::from_secs_f64(crate::stats::median(warm)),
+    )
+}
+
+/// The second version of bank-account the reload scenario deploys:
+/// `target/test-plugins/bank-account-withdrawal-fee.wasm`.
+fn next_version_wasm() -> PathBuf {
+    let path = target_dir()
+        .join("test-plugins")
+        .join("bank-account-withdrawal-fee.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test-plugins` (make bench does)",
+        path.display()
+    );
+    path
+}
+
+/// The hash of the bank-account version the host serves now.
+async fn served_hash(http: &reqwest::Client, base: &str) -> Option<String> {
+    let body: serde_json::Value = http
+        .get(format!("{base}/v1/plugins"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    body["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["aggregate_type"] == "bank-account")?["hash"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Renames `bytes` over the plugin file (as a deploy should) and returns
+/// the time until the host serves a version other than `old_hash`.
+async fn deploy_and_wait(
+    http: &reqwest::Client,
+    host: &Host,
+    plugins: &Path,
+    bytes: &[u8],
+    old_hash: &str,
+) -> Duration {
+    let tmp = plugins.join("bank-account.wasm.tmp");
+    std::fs::write(&tmp, bytes).expect("writing the new version");
+    let t0 = Instant::now();
+    std::fs::rename(&tmp, plugins.join("bank-account.wasm")).expect("deploying it");
+    loop {
+        match served_hash(http, &host.base).await {
+            Some(h) if h != old_hash => return t0.elapsed(),
+            _ if t0.elapsed() > Duration::from_secs(120) => {
+                panic!("the new version was not served within 120 s")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Scenario (e, continued): hot-reload latency, from renaming a new
+/// version into the watched plugin directory until `/v1/plugins` shows it
+/// served (the watcher's debounce, reading, hashing, compiling or taking
+/// from the cache, validating, swapping). Cold: the version is not in the
+/// compile cache; warm: it is (rolling back to the version the host
+/// started with). Median times of `runs`, each on a fresh directory.
+pub async fn reload(runs: usize) -> (Duration, Duration) {
+    let v1 = std::fs::read(bank_account_wasm()).expect("reading bank-account");
+    let v2 = std::fs::read(next_version_wasm()).expect("reading its next version");
+    let http = reqwest::Client::new();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let dir = HostDir::new();
+        let plugins = dir.path().join("plugins");
+        let host = dir.start_watching("data", "cache", true);
+        let first = served_hash(&http, &host.base)
+            .await
+            .expect("bank-account is served");
+        let took = deploy_and_wait(&http, &host, &plugins, &v2, &first).await;
+        cold.push(took.as_secs_f64());
+        let second = served_hash(&http, &host.base).await.expect("still served");
+        let took = deploy_and_wait(&http, &host, &plugins, &v1, &second).await;
+        warm.push(took.as_secs_f64());
     }
     (
         Duration::from_secs_f64(crate::stats::median(cold)),

@@ -11,7 +11,7 @@
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `memory`    | RSS growth per resident aggregate                            |
-//! | `startup`   | binary start to ready, compile cache cold and warm          |
+//! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
 //! | `wasm`      | the bank-account component vs the same code natively: through `Aggregates::execute`, and one `Plugin::handle` call |
 //! | `peer`      | the same bank account on `cqrs-es` + `MemStore` vs `memory://` |
 //!
@@ -293,7 +293,14 @@ async fn main() {
             .await
             .expect("the start-up scenario");
         out!(
-            "### Start-up: process spawn to `listening on`, one 166 KB plugin\n\n| compile cache | time to ready |\n|---|---:|\n| cold | {} |\n| warm | {} |\n",
+            "### Start-up: process spawn to `plugins ready`, one 166 KB plugin\n\n| compile cache | time to ready |\n|---|---:|\n| cold | {} |\n| warm | {} |\n",
+            fmt_dur(cold),
+            fmt_dur(warm)
+        );
+        eprintln!("hot reload…");
+        let (cold, warm) = http::reload(o.runs).await;
+        out!(
+            "### Hot reload: renaming a new version of bank-account into the watched plugin directory, until `/v1/plugins` serves it\n\n| the new version in the compile cache | time until served |\n|---|---:|\n| no (compiled) | {} |\n| yes (a rollback) | {} |\n",
             fmt_dur(cold),
             fmt_dur(warm)
         );
