@@ -160,6 +160,11 @@ struct RunArgs {
     /// POST /v1/plugins/reload still do).
     #[arg(long)]
     no_watch: bool,
+    /// How long the plugin directory must be quiet after a change before
+    /// it is rescanned (a copy writes a file in many steps; renaming a
+    /// finished file into place is instant and safe with a short wait).
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    watch_debounce: Duration,
     /// Passivate an aggregate after this long without a command.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -418,6 +423,7 @@ async fn run(args: RunArgs) -> ExitCode {
             max_command_bytes: args.max_command_bytes,
         },
         watch: !args.no_watch,
+        watch_debounce: args.watch_debounce,
     };
     match server::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

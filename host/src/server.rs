@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub http_config: HttpConfig,
     /// Reload plugins when files in the plugin directory change.
     pub watch: bool,
+    /// How long the plugin directory must be quiet before a rescan.
+    pub watch_debounce: std::time::Duration,
 }
 
 /// Runs the host until it is told to stop.
@@ -85,6 +87,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         Some(crate::plugin::watch::watch(
             registry.clone(),
             &config.plugins,
+            config.watch_debounce,
         )?)
     } else {
         None

@@ -315,7 +315,8 @@ async fn a_broken_file_never_replaces_a_working_version() {
 
 #[tokio::test]
 async fn removing_the_file_unroutes_the_type() {
-    let host = Host::start(&["bank-account", "users"]);
+    // A short debounce (the default is 300 ms): the watch still notices.
+    let host = Host::start_with(&["bank-account", "users"], &["--watch-debounce", "20ms"]);
     host.command("bank-account", "r", "open", json!({"owner": "Ada"}))
         .await;
     std::fs::remove_file(plugin_file(&host)).unwrap();

@@ -11,17 +11,23 @@ use notify::{RecursiveMode, Watcher as _};
 
 use super::PluginRegistry;
 
-/// How long the directory must be quiet before a rescan: a copy or a build
-/// writes a file in many steps.
-pub const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How long the directory must be quiet before a rescan, by default
+/// (`--watch-debounce`): a copy or a build writes a file in many steps.
+/// Most of a warm reload's latency is this wait (BENCHMARKS.md).
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Keeps the directory watch alive; dropping it stops watching.
 pub struct DirectoryWatch {
     _watcher: notify::RecommendedWatcher,
 }
 
-/// Watches `dir` and rescans the registry after changes to `.wasm` files.
-pub fn watch(registry: Arc<PluginRegistry>, dir: &Path) -> anyhow::Result<DirectoryWatch> {
+/// Watches `dir` and rescans the registry once `.wasm` files in it have
+/// changed and the directory has then been quiet for `debounce`.
+pub fn watch(
+    registry: Arc<PluginRegistry>,
+    dir: &Path,
+    debounce: Duration,
+) -> anyhow::Result<DirectoryWatch> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
@@ -46,7 +52,7 @@ pub fn watch(registry: Arc<PluginRegistry>, dir: &Path) -> anyhow::Result<Direct
         while rx.recv().await.is_some() {
             // Wait for the directory to be quiet.
             loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                match tokio::time::timeout(debounce, rx.recv()).await {
                     Ok(Some(())) => continue,
                     Ok(None) => return,
                     Err(_) => break,
