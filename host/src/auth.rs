@@ -9,12 +9,15 @@
 //!
 //! Tokens are kept only as SHA-256 digests: a look-up compares digests, so
 //! how long a comparison takes says nothing about how much of a guess was
-//! right.
+//! right. SIGHUP re-reads the file ([`TokenFile::reload`]), so tokens can be
+//! rotated without a restart; a file with errors is refused and the tokens
+//! in force stay.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::command::validate_id;
@@ -124,6 +127,52 @@ impl Tokens {
     }
 }
 
+/// The token file in force: the tokens read from it, swapped whole when it
+/// is read again.
+pub struct TokenFile {
+    path: PathBuf,
+    tokens: ArcSwap<Tokens>,
+}
+
+impl TokenFile {
+    /// Reads the file (see [`Tokens::load`]).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            tokens: ArcSwap::from_pointee(Tokens::load(path)?),
+        })
+    }
+
+    /// Reads the file again and, if it is valid, puts its tokens in force;
+    /// if not, the tokens in force stay. Returns how many there are now.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let tokens = Tokens::load(&self.path)?;
+        let n = tokens.len();
+        self.tokens.store(std::sync::Arc::new(tokens));
+        Ok(n)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many tokens are in force.
+    pub fn len(&self) -> usize {
+        self.tokens.load().len()
+    }
+
+    /// Whether none are (never true: an empty file is refused).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.load().is_empty()
+    }
+
+    /// [`Tokens::authenticate`] with the tokens in force.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, CommandError> {
+        self.tokens.load().authenticate(authorization)
+    }
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -182,6 +231,34 @@ mod tests {
         );
         assert!(e("# nothing\n").contains("no tokens"));
         assert!(e("0123456789abcdef-alice al/ice").contains("line 1:"));
+    }
+
+    #[test]
+    fn a_reload_swaps_valid_files_in_and_keeps_the_tokens_on_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "first-token-0123456789 ops\n").unwrap();
+        let file = TokenFile::load(&path).unwrap();
+        assert!(
+            file.authenticate(Some("Bearer first-token-0123456789"))
+                .is_ok()
+        );
+        std::fs::write(&path, "second-token-0123456789 ops\n").unwrap();
+        assert_eq!(file.reload().unwrap(), 1);
+        assert!(
+            file.authenticate(Some("Bearer first-token-0123456789"))
+                .is_err()
+        );
+        assert!(
+            file.authenticate(Some("Bearer second-token-0123456789"))
+                .is_ok()
+        );
+        std::fs::write(&path, "short ops\n").unwrap();
+        assert!(file.reload().is_err());
+        assert!(
+            file.authenticate(Some("Bearer second-token-0123456789"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use crate::actor::{ActorConfig, Aggregates};
 use crate::api::http::{self, HttpConfig};
 use crate::api::{ApiContext, grpc};
-use crate::auth::Tokens;
+use crate::auth::TokenFile;
 use crate::plugin::PluginRegistry;
 use crate::plugin::engine::SandboxLimits;
 use crate::subscription::{SubscriptionConfig, Subscriptions};
@@ -51,7 +51,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // Bad tokens are a configuration error: fail before anything else.
     let tokens = match &config.auth_tokens {
         Some(path) => {
-            let tokens = Tokens::load(path)?;
+            let tokens = TokenFile::load(path)?;
             tracing::info!(principals = tokens.len(), file = %path.display(), "authentication on: every call needs a bearer token");
             Some(Arc::new(tokens))
         }
@@ -92,7 +92,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    reload_on_sighup(registry.clone());
+    reload_on_sighup(registry.clone(), tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), config.subscriptions.clone());
     let aggregates = Aggregates::new(store, registry, config.actors.clone());
     let context = ApiContext {
@@ -204,8 +204,9 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<tokio:
 }
 
 /// SIGHUP rescans the plugin directory, as the watch and
-/// `POST /v1/plugins/reload` do.
-fn reload_on_sighup(registry: Arc<PluginRegistry>) {
+/// `POST /v1/plugins/reload` do, and re-reads the token file (a file with
+/// errors is refused; the tokens in force stay).
+fn reload_on_sighup(registry: Arc<PluginRegistry>, tokens: Option<Arc<TokenFile>>) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -213,6 +214,16 @@ fn reload_on_sighup(registry: Arc<PluginRegistry>) {
             return;
         };
         while hup.recv().await.is_some() {
+            if let Some(file) = &tokens {
+                match file.reload() {
+                    Ok(n) => {
+                        tracing::info!(principals = n, file = %file.path().display(), "SIGHUP: token file reloaded")
+                    }
+                    Err(e) => tracing::error!(
+                        "SIGHUP: token file refused; the tokens in force stay: {e:#}"
+                    ),
+                }
+            }
             tracing::info!("SIGHUP: rescanning the plugin directory");
             if let Err(e) = registry.rescan().await {
                 tracing::error!("rescanning the plugin directory failed: {e:#}");
@@ -220,7 +231,7 @@ fn reload_on_sighup(registry: Arc<PluginRegistry>) {
         }
     });
     #[cfg(not(unix))]
-    let _ = registry;
+    let _ = (registry, tokens);
 }
 
 async fn shutdown_signal() {

@@ -922,3 +922,59 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_resumes_without_loss() {
     assert_eq!(seen.len(), total);
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
 }
+
+#[tokio::test]
+async fn sighup_rotates_tokens_and_keeps_them_when_the_file_is_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "old-token-0123456789 ops\n").unwrap();
+    let host = Host::start_with(
+        &["bank-account"],
+        &["--auth-tokens", tokens.to_str().unwrap()],
+    );
+    let http = reqwest::Client::new();
+    let status_with = |token: &'static str| {
+        let (http, url) = (http.clone(), format!("{}/v1/plugins", host.base));
+        async move {
+            http.get(url)
+                .header("authorization", format!("Bearer {token}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &host.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let wait_for_log = |needle: &str, count: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while host.log().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                host.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(status_with("old-token-0123456789").await, 200);
+
+    std::fs::write(&tokens, "new-token-0123456789 ops\n").unwrap();
+    hup();
+    wait_for_log("token file reloaded", 1);
+    assert_eq!(status_with("old-token-0123456789").await, 401);
+    assert_eq!(status_with("new-token-0123456789").await, 200);
+
+    // A broken file is refused; the tokens in force stay.
+    std::fs::write(&tokens, "short ops\n").unwrap();
+    hup();
+    wait_for_log("token file refused", 1);
+    assert_eq!(status_with("new-token-0123456789").await, 200);
+}

@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status};
 
 use super::{ApiContext, command_payload, optional_id, read_stream_page};
-use crate::auth::{Principal, Tokens};
+use crate::auth::{Principal, TokenFile};
 use crate::command::CommandRequest;
 use crate::error::CommandError;
 use crate::plugin::CommandMode;
@@ -144,7 +144,7 @@ pub fn services(context: ApiContext) -> GrpcServices {
 /// configured, and puts the principal in the request's extensions.
 #[derive(Clone)]
 pub struct Authenticator {
-    tokens: Option<std::sync::Arc<Tokens>>,
+    tokens: Option<std::sync::Arc<TokenFile>>,
 }
 
 impl tonic::service::Interceptor for Authenticator {

@@ -13,7 +13,7 @@ pub mod http;
 use std::sync::Arc;
 
 use crate::actor::Aggregates;
-use crate::auth::Tokens;
+use crate::auth::TokenFile;
 use crate::command::{MAX_ID_LEN, validate_id};
 use crate::error::CommandError;
 use crate::store::RecordedEvent;
@@ -27,7 +27,7 @@ pub struct ApiContext {
     /// Where subscriptions are opened.
     pub subscriptions: Subscriptions,
     /// The accepted tokens; `None`: no authentication.
-    pub tokens: Option<Arc<Tokens>>,
+    pub tokens: Option<Arc<TokenFile>>,
     /// The largest accepted command payload, in bytes.
     pub max_command_bytes: usize,
 }
