@@ -300,13 +300,7 @@ pub async fn throughput(
                     (lat, errors)
                 }));
             }
-            let mut all = Vec::new();
-            let mut errors = 0;
-            for t in tasks {
-                let (lat, e) = t.await.expect("a client task");
-                all.extend(lat);
-                errors += e;
-            }
+            let (all, errors) = crate::stats::join_clients(tasks).await;
             let r = RunResult::from_latencies(all, start.elapsed(), errors);
             eprintln!(
                 "  http n={n} c={c}: {:.0}/s p99 {:?} ({} errors)",

@@ -196,13 +196,7 @@ pub async fn drive(
             (lat, errors)
         }));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, e) = t.await.expect("a client task");
-        all.extend(lat);
-        errors += e;
-    }
+    let (all, errors) = crate::stats::join_clients(tasks).await;
     let elapsed = start.elapsed();
     RunResult::from_latencies(all, elapsed, errors)
         .with_cpu(crate::stats::process_cpu().saturating_sub(cpu_start))

@@ -69,6 +69,20 @@ impl RunResult {
     }
 }
 
+/// Waits for closed-loop client tasks, each returning its latencies (ns)
+/// and error count, and pools what they measured.
+pub async fn join_clients(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u64>, usize)>>,
+) -> (Vec<u64>, usize) {
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (lat, e) = t.await.expect("a client task");
+        all.extend(lat);
+        errors += e;
+    }
+    (all, errors)
+}
+
 /// The CPU time this process has used so far, user and system, all
 /// threads (`/proc/self/stat`, in ticks of 10 ms: Linux reports it in
 /// USER_HZ, which is 100); zero if it cannot be read.
