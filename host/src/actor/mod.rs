@@ -172,11 +172,11 @@ impl Aggregates {
         let files: Vec<String> = loading
             .iter()
             .map(|p| {
-                let secs = p.since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
                 format!(
-                    "{} ({:.1} MB, {secs} s so far)",
+                    "{} ({:.1} MB, {} s so far)",
                     p.path.file_name().unwrap_or_default().to_string_lossy(),
-                    p.size as f64 / 1e6
+                    p.size as f64 / 1e6,
+                    p.compiling_for_s()
                 )
             })
             .collect();

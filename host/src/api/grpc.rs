@@ -359,7 +359,7 @@ impl Plugins for GrpcApi {
             .map(|p| pb::LoadingPlugin {
                 path: p.path.display().to_string(),
                 size: p.size,
-                compiling_for_s: p.since.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+                compiling_for_s: p.compiling_for_s(),
             })
             .collect();
         Ok(Response::new(pb::ListPluginsResponse {

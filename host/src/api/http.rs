@@ -400,10 +400,7 @@ async fn plugins(State(app): State<AppState>) -> Response {
     let loading: Vec<serde_json::Value> = registry
         .loading()
         .iter()
-        .map(|p| {
-            let secs = p.since.elapsed().map(|d| d.as_secs()).unwrap_or(0);
-            json!({ "path": p.path, "size": p.size, "compiling_for_s": secs })
-        })
+        .map(|p| json!({ "path": p.path, "size": p.size, "compiling_for_s": p.compiling_for_s() }))
         .collect();
     axum::Json(json!({ "plugins": plugins, "failed": failures, "loading": loading }))
         .into_response()

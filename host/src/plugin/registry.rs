@@ -70,6 +70,13 @@ pub struct PendingLoad {
     pub since: SystemTime,
 }
 
+impl PendingLoad {
+    /// Whole seconds it has been compiling.
+    pub fn compiling_for_s(&self) -> u64 {
+        self.since.elapsed().map(|d| d.as_secs()).unwrap_or(0)
+    }
+}
+
 /// Components at least this large and not in the compile cache are
 /// compiled in the background at start-up: they take seconds to minutes.
 const SLOW_COMPILE_BYTES: usize = 2_000_000;
@@ -285,11 +292,17 @@ impl PluginRegistry {
         }
         // Quick first (the sort is stable, so name order within each group).
         candidates.sort_by_key(|c| c.slow);
-        let split = candidates
-            .iter()
-            .position(|c| c.slow)
-            .unwrap_or(candidates.len());
-        let slow = candidates.split_off(split);
+        // At start-up the slow ones are left to the background; otherwise
+        // they load here, after the quick ones.
+        let slow = if defer_slow {
+            let split = candidates
+                .iter()
+                .position(|c| c.slow)
+                .unwrap_or(candidates.len());
+            candidates.split_off(split)
+        } else {
+            Vec::new()
+        };
         for c in candidates {
             self.load_candidate(c, &mut report).await;
         }
@@ -297,15 +310,6 @@ impl PluginRegistry {
             *f = report.failed.clone();
         }
         if slow.is_empty() {
-            return Ok(report);
-        }
-        if !defer_slow {
-            for c in slow {
-                self.load_candidate(c, &mut report).await;
-            }
-            if let Ok(mut f) = self.failures.lock() {
-                *f = report.failed.clone();
-            }
             return Ok(report);
         }
         self.pending.send_replace(
