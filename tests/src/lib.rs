@@ -137,13 +137,21 @@ pub fn wait_until_ready(child: &mut Child, timeout: Duration) -> Option<Ready> {
         if let Some(url) = l.strip_prefix("grpc listening on ") {
             grpc = Some(url.trim().to_string());
         }
-        l.strip_prefix("listening on ")
-            .map(|u| u.trim().to_string())
+        listening_url(l)
     })?;
-    wait_for_line(&lines, deadline, |l| {
-        (l.trim() == "plugins ready").then_some(())
-    })?;
+    wait_for_line(&lines, deadline, plugins_ready)?;
     Some(Ready { http, grpc })
+}
+
+/// The HTTP URL in the host's `listening on http://ADDR` line.
+pub fn listening_url(line: &str) -> Option<String> {
+    line.strip_prefix("listening on ")
+        .map(|u| u.trim().to_string())
+}
+
+/// Whether the line is the host's `plugins ready`.
+pub fn plugins_ready(line: &str) -> Option<()> {
+    (line.trim() == "plugins ready").then_some(())
 }
 
 /// Takes a child's piped stdout and hands its lines over a channel, read by

@@ -6,7 +6,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rehydra_e2e::{binary, code, plugin, stdout_lines, wait_for_line};
+use rehydra_e2e::{
+    binary, code, listening_url, plugin, plugins_ready, stdout_lines, wait_for_line,
+};
 use serde_json::{Value, json};
 
 async fn get(http: &reqwest::Client, url: String) -> Value {
@@ -81,10 +83,11 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
 
     let mut child = start();
     let lines = stdout_lines(&mut child).unwrap();
-    let base = wait_for_line(&lines, Instant::now() + Duration::from_secs(120), |l| {
-        l.strip_prefix("listening on ")
-            .map(|u| u.trim().to_string())
-    })
+    let base = wait_for_line(
+        &lines,
+        Instant::now() + Duration::from_secs(120),
+        listening_url,
+    )
     .unwrap_or_else(|| panic!("the host did not listen; its log:\n{}", log()));
 
     // The JS compile takes tens of seconds; the host already serves.
@@ -118,9 +121,11 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
     assert_eq!(health["plugins_loading"], 1, "{health}");
 
     // Once compiled it is served, and nothing else was disturbed.
-    wait_for_line(&lines, Instant::now() + Duration::from_secs(300), |l| {
-        (l.trim() == "plugins ready").then_some(())
-    })
+    wait_for_line(
+        &lines,
+        Instant::now() + Duration::from_secs(300),
+        plugins_ready,
+    )
     .unwrap_or_else(|| panic!("the JS plugin never became ready; log:\n{}", log()));
     let (status, _, body) = open(&http, &base, "bank-account-js").await;
     assert_eq!(status, 200, "{body}");
@@ -139,10 +144,11 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
     // before the host says it listens.
     let mut child = start();
     let lines = stdout_lines(&mut child).unwrap();
-    let base = wait_for_line(&lines, Instant::now() + Duration::from_secs(120), |l| {
-        l.strip_prefix("listening on ")
-            .map(|u| u.trim().to_string())
-    })
+    let base = wait_for_line(
+        &lines,
+        Instant::now() + Duration::from_secs(120),
+        listening_url,
+    )
     .unwrap_or_else(|| panic!("the host did not listen again; its log:\n{}", log()));
     let listed = get(&http, format!("{base}/v1/plugins")).await;
     assert_eq!(listed["loading"], json!([]), "{listed}");
