@@ -264,7 +264,8 @@ impl SeedMetadata {
         }
     }
 
-    fn bytes(self, command: &str, message_id: &str) -> Vec<u8> {
+    /// The metadata bytes of an event written for `command`.
+    pub fn bytes(self, command: &str, message_id: &str) -> Vec<u8> {
         match self {
             SeedMetadata::Empty => b"{}".to_vec(),
             SeedMetadata::Host => json!({

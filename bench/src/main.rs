@@ -8,6 +8,7 @@
 //! | name        | what                                                        |
 //! |-------------|-------------------------------------------------------------|
 //! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`, 1 / 1,000 / 100,000 aggregates |
+//! | `store`     | appends straight into `embedded://`, no actors or plugins: the writer's ceiling |
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `memory`    | RSS growth per resident aggregate                            |
@@ -25,6 +26,7 @@ mod inproc;
 mod native;
 mod peer;
 mod stats;
+mod store;
 
 use std::time::Duration;
 
@@ -191,6 +193,17 @@ async fn main() {
                     out!("{}", load_row("in-process", kind.label(), n, c, &r));
                 }
             }
+        }
+        out!();
+    }
+
+    if o.wants("store") {
+        eprintln!("store appends…");
+        out!(
+            "### The store alone: one-event appends into `embedded://`, no actors or plugins\n\n{LOAD_HEADER}"
+        );
+        for (c, r) in store::appends(1000, &levels, o.runs, o.secs).await {
+            out!("{}", load_row("store append", "embedded://", 1000, c, &r));
         }
         out!();
     }
