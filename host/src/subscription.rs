@@ -496,12 +496,12 @@ mod tests {
         ) -> Result<Vec<RecordedEvent>, crate::store::StoreError> {
             self.0.read_all(from, limit).await
         }
-        async fn find_by_message_id(
+        async fn find_command_events(
             &self,
             stream: &str,
-            message_id: &str,
+            first_event_id: uuid::Uuid,
         ) -> Result<Vec<RecordedEvent>, crate::store::StoreError> {
-            self.0.find_by_message_id(stream, message_id).await
+            self.0.find_command_events(stream, first_event_id).await
         }
         async fn head_position(&self) -> Result<u64, crate::store::StoreError> {
             self.0.head_position().await

@@ -153,8 +153,12 @@ impl EventStore for GatedStore {
     async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_all(from, limit).await
     }
-    async fn find_by_message_id(&self, s: &str, m: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.find_by_message_id(s, m).await
+    async fn find_command_events(
+        &self,
+        s: &str,
+        first: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.find_command_events(s, first).await
     }
     async fn head_position(&self) -> Result<u64, StoreError> {
         self.inner.head_position().await

@@ -101,9 +101,11 @@ impl Inner {
         let ids = CommandIds::assign(req);
 
         if req.idempotency_key.is_some() {
+            // The command's first event would have this id (the ids are
+            // derived from the message id), whichever attempt stored it.
             let earlier = self
                 .store
-                .find_by_message_id(stream, &ids.message_id)
+                .find_command_events(stream, event_id(stream, &ids.message_id, 0))
                 .await?;
             if !earlier.is_empty() {
                 return replayed_outcome(req, &earlier);

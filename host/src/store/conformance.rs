@@ -51,7 +51,7 @@ macro_rules! conformance_suite {
             missing_stream_is_empty,
             read_all_in_global_order,
             idempotent_retry,
-            find_by_message_id,
+            find_command_events,
             bytes_round_trip,
             large_event,
             concurrent_appends_same_stream,
@@ -358,7 +358,7 @@ pub(crate) async fn missing_stream_is_empty(store: Arc<dyn EventStore>) {
     assert_eq!(store.stream_version(&s).await.expect("version"), 0);
     assert!(
         store
-            .find_by_message_id(&s, "nothing")
+            .find_command_events(&s, Uuid::new_v4())
             .await
             .expect("find")
             .is_empty()
@@ -494,8 +494,9 @@ pub(crate) async fn idempotent_retry(store: Arc<dyn EventStore>) {
     assert_eq!(ours, 4, "retries appended nothing to the global order");
 }
 
-/// Events can be found by the command that produced them, per stream.
-pub(crate) async fn find_by_message_id(store: Arc<dyn EventStore>) {
+/// A command's events can be found by its first event's id, per stream, and
+/// the search stops where the next command's events begin.
+pub(crate) async fn find_command_events(store: Arc<dyn EventStore>) {
     let s = new_stream("find");
     let other = new_stream("find");
     let m1 = Uuid::new_v4().to_string();
@@ -516,22 +517,36 @@ pub(crate) async fn find_by_message_id(store: Arc<dyn EventStore>) {
         .await
         .expect("cmd2");
 
-    let found = store.find_by_message_id(&s, &m1).await.expect("find m1");
-    assert_eq!(found.len(), 2);
+    let found = store
+        .find_command_events(&s, cmd1[0].event_id)
+        .await
+        .expect("find cmd1");
+    assert_eq!(found.len(), 2, "both of cmd1's events, not cmd2's");
     assert_stored(&found[0], &s, 1, &cmd1[0]);
     assert_stored(&found[1], &s, 2, &cmd1[1]);
-    let found = store.find_by_message_id(&s, &m2).await.expect("find m2");
+    let found = store
+        .find_command_events(&s, cmd2[0].event_id)
+        .await
+        .expect("find cmd2");
     assert_eq!(found.len(), 1);
     assert_stored(&found[0], &s, 3, &cmd2[0]);
     let found = store
-        .find_by_message_id(&other, &m1)
+        .find_command_events(&other, elsewhere[0].event_id)
         .await
         .expect("find in other");
     assert_eq!(found.len(), 1);
     assert_stored(&found[0], &other, 1, &elsewhere[0]);
     assert!(
         store
-            .find_by_message_id(&s, "no-such-message")
+            .find_command_events(&s, elsewhere[0].event_id)
+            .await
+            .expect("find another stream's event")
+            .is_empty(),
+        "an event of another stream is not this stream's"
+    );
+    assert!(
+        store
+            .find_command_events(&s, Uuid::new_v4())
             .await
             .expect("find none")
             .is_empty()
@@ -570,7 +585,7 @@ pub(crate) async fn bytes_round_trip(store: Arc<dyn EventStore>) {
         .expect("read_all");
     assert_eq!(by_position, by_stream);
     let by_message = store
-        .find_by_message_id(&s, &message_id)
+        .find_command_events(&s, sent[0].event_id)
         .await
         .expect("find");
     assert_eq!(by_message, by_stream);
@@ -1102,6 +1117,84 @@ mod embedded_only {
             )
             .expect("schema version");
         assert_eq!(version, SCHEMA_VERSION.to_string());
+    }
+
+    /// A store written by a build with schema version 1 (the schema below
+    /// is that build's, verbatim) opens, loses the `(stream, message_id)`
+    /// index, and keeps its events findable and appendable.
+    #[tokio::test]
+    async fn a_version_1_store_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = raw(dir.path());
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE rehydra_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE events (
+                 position   INTEGER PRIMARY KEY,
+                 stream     TEXT NOT NULL,
+                 version    INTEGER NOT NULL,
+                 event_id   BLOB NOT NULL,
+                 event_type TEXT NOT NULL,
+                 data       BLOB NOT NULL,
+                 metadata   BLOB NOT NULL,
+                 message_id TEXT NOT NULL,
+                 UNIQUE (stream, version)
+             );
+             CREATE UNIQUE INDEX events_event_id ON events (event_id);
+             CREATE INDEX events_stream_message_id ON events (stream, message_id);
+             INSERT INTO rehydra_meta (key, value) VALUES ('schema_version', '1');",
+        )
+        .expect("a version 1 schema");
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        for (version, id) in [(1, first), (2, second)] {
+            conn.execute(
+                "INSERT INTO events (stream, version, event_id, event_type, data, metadata, message_id)
+                 VALUES ('old-1', ?1, ?2, 'Happened', CAST('{}' AS BLOB), CAST('{}' AS BLOB), 'm-1')",
+                rusqlite::params![version, id.as_bytes()],
+            )
+            .expect("an event written by version 1");
+        }
+        drop(conn);
+
+        let store = EmbeddedStore::open(dir.path()).await.expect("open");
+        let found = store
+            .find_command_events("old-1", first)
+            .await
+            .expect("find the old command's events");
+        let ids: Vec<Uuid> = found.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids, vec![first, second]);
+        let next = store
+            .append(
+                "old-1",
+                ExpectedVersion::Exact(2),
+                vec![event_for("m-2", 3)],
+            )
+            .await
+            .expect("append after the migration");
+        assert_eq!(next.version, 3);
+        store.close().await;
+
+        let conn = raw(dir.path());
+        let version: String = conn
+            .query_row(
+                "SELECT value FROM rehydra_meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("schema version");
+        assert_eq!(version, SCHEMA_VERSION.to_string());
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("list indexes");
+        assert!(
+            !indexes.iter().any(|i| i == "events_stream_message_id"),
+            "{indexes:?}"
+        );
+        assert!(
+            indexes.iter().any(|i| i == "events_event_id"),
+            "{indexes:?}"
+        );
     }
 
     #[tokio::test]

@@ -11,9 +11,10 @@
 //!
 //! Writes: one writer thread owns the only read-write connection and commits
 //! *groups* of appends. It takes everything queued (up to [`MAX_BATCH`]
-//! appends, from any streams), runs them in one transaction with each append
-//! in its own savepoint (a conflict or error in one leaves the others alone),
-//! commits once, and only then answers each caller. With `synchronous=FULL`
+//! appends, from any streams), runs them in one transaction (a conflict or
+//! error in one append leaves the others alone: a one-event append fails as
+//! one statement, a longer one runs in a savepoint), commits once, and only
+//! then answers each caller. With `synchronous=FULL`
 //! the commit is fsynced before anyone is told it succeeded, and one fsync
 //! serves the whole group, which is what makes durable throughput exceed the
 //! disk's fsync rate.
@@ -21,6 +22,13 @@
 //! Reads: a small pool of read-only connections used from
 //! `spawn_blocking`. WAL lets them read a committed snapshot while the writer
 //! works.
+//!
+//! What an append writes is what limits durable throughput: the commit
+//! writes every page the group changed to the WAL and fsyncs it, and each
+//! append changes a page of every index it touches at a random place. So
+//! the schema has as few indexes as the reads need — the events table by
+//! position, `(stream, version)` and the event id — and the writer looks an
+//! event id up only when an append fails (a retry is recognised then).
 //!
 //! An empty append reports the stream's version and the position of its last
 //! event (0 for a missing stream). An event id already stored in another
@@ -55,8 +63,15 @@ pub const DB_FILE: &str = "events.sqlite3";
 /// The lock file's name inside the data directory.
 pub const LOCK_FILE: &str = "LOCK";
 /// The schema version this build writes; a database with a higher one was
-/// written by a newer rehydra and is refused rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// written by a newer rehydra and is refused rather than misread, and one
+/// with a lower one is migrated when it is opened.
+///
+/// - 1: the first schema.
+/// - 2: no index on `(stream, message_id)`. It cost every append a write to
+///   a random page of that index (a third of the WAL bytes per append,
+///   BENCHMARKS.md); a command's events are found through the event-id
+///   index instead ([`EventStore::find_command_events`]).
+pub const SCHEMA_VERSION: u32 = 2;
 /// The most appends committed in one transaction. Bounds the latency a large
 /// group adds and the memory it holds; beyond it, the next group follows.
 pub const MAX_BATCH: usize = 512;
@@ -343,21 +358,37 @@ impl EventStore for EmbeddedStore {
         .await
     }
 
-    async fn find_by_message_id(
+    async fn find_command_events(
         &self,
         stream: &str,
-        message_id: &str,
+        first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let stream = stream.to_owned();
-        let message_id = message_id.to_owned();
         self.read(move |conn| {
+            // The first event through the event-id index, then the stream
+            // from there on, read only as far as the command's events go.
             let mut stmt = conn
                 .prepare_cached(select_events!(
-                    "WHERE stream = ?1 AND message_id = ?2 ORDER BY version"
+                    "WHERE stream = ?1 AND version >= \
+                     (SELECT version FROM events WHERE event_id = ?2 AND stream = ?1) \
+                     ORDER BY version"
                 ))
                 .map_err(sql_error)?;
-            let rows = stmt.query(params![stream, message_id]).map_err(sql_error)?;
-            collect_events(rows)
+            let mut rows = stmt
+                .query(params![stream, first_event_id.as_bytes()])
+                .map_err(sql_error)?;
+            let mut events: Vec<RecordedEvent> = Vec::new();
+            while let Some(row) = rows.next().map_err(sql_error)? {
+                let event = event_from_row(row)?;
+                if events
+                    .first()
+                    .is_some_and(|first| first.message_id != event.message_id)
+                {
+                    break;
+                }
+                events.push(event);
+            }
+            Ok(events)
         })
         .await
     }
@@ -590,8 +621,23 @@ fn migrate(conn: &Connection, db_path: &Path) -> anyhow::Result<()> {
                 db_path.display()
             );
         }
-        // Version 1 is the only one so far; migrations from older versions
-        // will be applied here, inside this transaction.
+        if version < 2 {
+            tx.execute_batch("DROP INDEX IF EXISTS events_stream_message_id")?;
+        }
+        if version < SCHEMA_VERSION {
+            tx.execute(
+                "UPDATE rehydra_meta SET value = ?1 WHERE key = 'schema_version'",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+            tx.commit()
+                .with_context(|| format!("cannot migrate {}", db_path.display()))?;
+            tracing::info!(
+                path = %db_path.display(),
+                from = version,
+                to = SCHEMA_VERSION,
+                "event store schema migrated"
+            );
+        }
         return Ok(());
     }
 
@@ -623,8 +669,7 @@ fn migrate(conn: &Connection, db_path: &Path) -> anyhow::Result<()> {
              message_id TEXT NOT NULL,
              UNIQUE (stream, version)
          );
-         CREATE UNIQUE INDEX events_event_id ON events (event_id);
-         CREATE INDEX events_stream_message_id ON events (stream, message_id);",
+         CREATE UNIQUE INDEX events_event_id ON events (event_id);",
     )?;
     tx.execute(
         "INSERT INTO rehydra_meta (key, value) VALUES ('schema_version', ?1)",
@@ -751,14 +796,20 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// One append inside its own savepoint, so its failure undoes only its own
-/// rows and the rest of the batch still commits.
+/// One append, whose failure undoes only its own rows so that the rest of
+/// the batch still commits. An append of several events runs in a savepoint;
+/// an append of one event does not need one, because its only write is one
+/// `INSERT`, which SQLite undoes by itself when it fails. (The savepoint's
+/// two statements were a tenth of an append's SQL.)
 fn append_in_savepoint(
     conn: &Connection,
     stream: &str,
     expected: ExpectedVersion,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
+    if events.len() <= 1 {
+        return append_one(conn, stream, expected, events);
+    }
     run(conn, "SAVEPOINT append").map_err(sql_error)?;
     let result = append_one(conn, stream, expected, events);
     if result.is_err() {
@@ -776,19 +827,15 @@ fn append_one(
     expected: ExpectedVersion,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
-    // A retry is recognised before the expectation is checked: the original
-    // append already moved the version on.
-    if let Some(first) = events.first()
-        && let Some((stored_in, _, _)) = find_event_id(conn, first.event_id)?
-    {
-        if stored_in != stream {
-            return Err(id_in_other_stream(first.event_id, &stored_in, stream));
-        }
-        return retry_result(conn, stream, events);
-    }
-
     let (version, last_position) = stream_head(conn, stream)?;
     if !expected.matches(version) {
+        // A retry of an append that was stored finds the version moved on:
+        // it is recognised by its first event's id, and answered as before.
+        // (Looking the id up only on this path and on a uniqueness failure
+        // saves every other append a random probe of the event-id index.)
+        if let Some(retried) = recognise_retry(conn, stream, events)? {
+            return Ok(retried);
+        }
         return Err(StoreError::WrongExpectedVersion {
             stream: stream.to_owned(),
             expected,
@@ -821,17 +868,45 @@ fn append_one(
             event.message_id,
         ]);
         if let Err(e) = inserted {
-            if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) {
-                return Err(explain_duplicate_id(conn, stream, version, event.event_id)
-                    .unwrap_or_else(|| sql_error(e)));
+            if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
+                return Err(sql_error(e));
             }
-            return Err(sql_error(e));
+            // The first event's id is stored already: a retry (with an
+            // expectation that still matches, such as `Any`), or an id
+            // reused across streams. Nothing of this append was written.
+            if result.version == version + 1
+                && let Some(retried) = recognise_retry(conn, stream, events)?
+            {
+                return Ok(retried);
+            }
+            return Err(explain_duplicate_id(conn, stream, version, event.event_id)
+                .unwrap_or_else(|| sql_error(e)));
         }
         // The rowid SQLite chose: one more than the largest, so positions
         // grow in commit order with a single writer.
         result.position = from_sql_int(conn.last_insert_rowid(), "position")?;
     }
     Ok(result)
+}
+
+/// If `events` were stored before (their first event's id is in `stream`),
+/// the outcome of that append; an id stored in another stream is an error
+/// that no retry can fix.
+fn recognise_retry(
+    conn: &Connection,
+    stream: &str,
+    events: &[EventData],
+) -> Result<Option<AppendResult>, StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(None);
+    };
+    match find_event_id(conn, first.event_id)? {
+        None => Ok(None),
+        Some((stored_in, _, _)) if stored_in != stream => {
+            Err(id_in_other_stream(first.event_id, &stored_in, stream))
+        }
+        Some(_) => retry_result(conn, stream, events).map(Some),
+    }
 }
 
 /// Why inserting `id` broke a uniqueness rule, if it is the event id's.

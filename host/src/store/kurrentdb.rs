@@ -44,6 +44,7 @@ use kurrentdb::{
     SubscriptionFilter,
 };
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
 
@@ -956,13 +957,15 @@ impl EventStore for KurrentDbStore {
         Ok(self.read_all_from(from_position, limit, &[]).await?.0)
     }
 
-    async fn find_by_message_id(
+    async fn find_command_events(
         &self,
         stream: &str,
-        message_id: &str,
+        first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        // KurrentDB has no index on metadata: scan the stream.
-        let mut found = Vec::new();
+        // KurrentDB cannot look an event up by id: scan the stream, and stop
+        // at the first page that holds the command's events and the next
+        // event after them.
+        let mut scanned: Vec<RecordedEvent> = Vec::new();
         let mut revision = 0;
         loop {
             let page = self.read_revisions(stream, revision, PAGE).await?;
@@ -970,9 +973,15 @@ impl EventStore for KurrentDbStore {
             if let Some(last) = page.last() {
                 revision = last.version;
             }
-            found.extend(page.into_iter().filter(|e| e.message_id == message_id));
-            if !full {
-                return Ok(found);
+            // Keep only what can still be the command's: from its first
+            // event on, once seen.
+            scanned.extend(page);
+            let found = super::command_events(&scanned, first_event_id);
+            match found.last() {
+                Some(last) if !full || last.version < revision => return Ok(found),
+                Some(_) => {}
+                None if !full => return Ok(Vec::new()),
+                None => scanned.clear(),
             }
         }
     }

@@ -308,7 +308,13 @@ mod resilience {
         message_id: &str,
         version: &mut u64,
     ) -> Result<u64, StoreError> {
-        let earlier = store.find_by_message_id(stream, message_id).await?;
+        let id = |i: u32| {
+            Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{stream}\n{message_id}\n{i}").as_bytes(),
+            )
+        };
+        let earlier = store.find_command_events(stream, id(0)).await?;
         if let Some(last) = earlier.last() {
             *version = (*version).max(last.version);
             return Ok(last.version);
@@ -317,10 +323,7 @@ mod resilience {
             let events: Vec<EventData> = (0..2)
                 .map(|i| {
                     let mut e = event_for(message_id, i);
-                    e.event_id = Uuid::new_v5(
-                        &Uuid::NAMESPACE_OID,
-                        format!("{stream}\n{message_id}\n{i}").as_bytes(),
-                    );
+                    e.event_id = id(i);
                     e
                 })
                 .collect();

@@ -242,21 +242,27 @@ impl EventStore for MemoryStore {
         Ok(inner.events[start..end].to_vec())
     }
 
-    async fn find_by_message_id(
+    async fn find_command_events(
         &self,
         stream: &str,
-        message_id: &str,
+        first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        // A scan of one stream: streams are short (one aggregate), and this is
-        // only used to answer a repeated idempotency key.
         let inner = self.lock()?;
-        Ok(inner
-            .stream_events(stream)
-            .iter()
-            .map(|&i| &inner.events[i])
-            .filter(|e| e.message_id == message_id)
-            .cloned()
-            .collect())
+        let Some(&at) = inner.by_id.get(&first_event_id) else {
+            return Ok(Vec::new());
+        };
+        // Versions are 1-based indices into the stream's list.
+        let from =
+            usize::try_from(inner.events[at].version.saturating_sub(1)).unwrap_or(usize::MAX);
+        let in_stream = inner.stream_events(stream);
+        Ok(super::command_events(
+            in_stream
+                .get(from..)
+                .unwrap_or(&[])
+                .iter()
+                .map(|&i| &inner.events[i]),
+            first_event_id,
+        ))
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

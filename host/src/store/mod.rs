@@ -89,6 +89,28 @@ pub struct RecordedEvent {
     pub message_id: String,
 }
 
+/// From a stream's events in version order, the ones one command appended:
+/// the event with id `first_event_id` and the contiguous events after it with
+/// its message id (see [`EventStore::find_command_events`]). For the stores
+/// that scan a stream.
+pub(crate) fn command_events<E: std::borrow::Borrow<RecordedEvent>>(
+    events: impl IntoIterator<Item = E>,
+    first_event_id: Uuid,
+) -> Vec<RecordedEvent> {
+    let mut events = events
+        .into_iter()
+        .skip_while(|e| e.borrow().event_id != first_event_id);
+    let Some(first) = events.next() else {
+        return Vec::new();
+    };
+    let first = first.borrow().clone();
+    let rest: Vec<RecordedEvent> = events
+        .take_while(|e| e.borrow().message_id == first.message_id)
+        .map(|e| e.borrow().clone())
+        .collect();
+    std::iter::once(first).chain(rest).collect()
+}
+
 /// The outcome of a successful append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendResult {
@@ -162,13 +184,19 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
-    /// The events of `stream` produced by the command `message_id`, in version
-    /// order; empty if there are none. Used to answer a repeated idempotency
-    /// key with the original outcome.
-    async fn find_by_message_id(
+    /// The events one command appended to `stream`, in version order: the
+    /// event with id `first_event_id` and the events right after it that
+    /// carry the same message id (an append is atomic, so a command's events
+    /// are contiguous). Empty if `stream` holds no event with that id. Used
+    /// to answer a repeated idempotency key with the original outcome; the
+    /// caller knows the id because event ids are derived from the message id
+    /// ([`crate::command::event_id`]), and a store with an event-id index
+    /// finds it without a per-message index, which would cost every append
+    /// a random index write.
+    async fn find_command_events(
         &self,
         stream: &str,
-        message_id: &str,
+        first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// The global position of the last event stored (0 when there is none).
