@@ -131,6 +131,15 @@ fn machine() -> String {
     format!("{cpus} CPUs ({model}), {mem_gib:.1} GiB RAM")
 }
 
+/// Which build this is, for the report's header.
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "`dev` profile (dependencies, bench/ and the natively linked plugin at opt-level 2, host opt-level 1, debug assertions on)"
+    } else {
+        "`bench-release` profile (everything at opt-level 3, no debug assertions)"
+    }
+}
+
 /// The 1-, 5- and 15-minute load averages: how busy the shared machine was.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -174,8 +183,9 @@ async fn main() {
     };
     let _ = OUT.set(std::sync::Mutex::new(sink));
     out!(
-        "Machine: {}. Build: `dev` profile (dependencies, bench/ and the natively linked plugin at opt-level 2, host opt-level 1). Medians of {} runs of {} s. Load average at start: {}.\n",
+        "Machine: {}. Build: {}. Medians of {} runs of {} s. Load average at start: {}.\n",
         machine(),
+        build_profile(),
         o.runs,
         o.secs,
         load_average()
