@@ -22,12 +22,12 @@ use std::sync::Arc;
 mod bank_account;
 
 use bank_account::BankAccount;
+use rehydra::plugin::ReplayEvent;
 use rehydra::plugin::engine::SandboxLimits;
 use rehydra::plugin::{
     CommandInput, CommandMode, CommandSpec, Decision, NativeAggregate, NewEvent, Plugin,
     PluginInfo, PluginRegistry, Rejection, StateBytes,
 };
-use rehydra::store::RecordedEvent;
 use rehydra_guest::dispatch::{self, EncodedState, EventRef, HandleError};
 
 /// The bank account, natively.
@@ -80,7 +80,7 @@ impl NativeAggregate for NativeBankAccount {
         }
     }
 
-    fn apply(&self, state: &StateBytes, events: &[RecordedEvent]) -> Result<StateBytes, String> {
+    fn apply(&self, state: &StateBytes, events: &[ReplayEvent]) -> Result<StateBytes, String> {
         let state = EncodedState {
             schema: state.schema,
             bytes: state.bytes.clone(),

@@ -4,7 +4,7 @@
  * Write an event-sourced aggregate as plain JavaScript: declare what the
  * plugin is (aggregate type, stream prefix, state schema), the fields of
  * its state, one handler per command and one `apply` per event. The SDK does
- * the rest of the `aggregate` world of `rehydra:aggregate@0.1.0`: JSON in and
+ * the rest of the `aggregate` world of `rehydra:aggregate@0.2.0`: JSON in and
  * out, field errors, rejections, and computing the new state from the
  * events exactly as a rebuild from the store would.
  *
@@ -33,6 +33,11 @@
  * a missing field "is required", a value of the wrong type gets serde's
  * wording ("invalid type: string \"ten\", expected u64"), and so on, so that
  * the same plugin written in either language answers alike.
+ *
+ * An event's `apply` gets its data only. The metadata the host stored with
+ * it arrives as one JSON string (`metadata` of each event passed to the
+ * exported `apply`), which the SDK leaves unparsed: rehydration never pays
+ * for it. A command's metadata is the handler's `ctx`.
  *
  * Build a component with `build.mjs` beside this file (componentize-js).
  * The component imports nothing but the world's `log` function: console

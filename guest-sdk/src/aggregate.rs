@@ -159,5 +159,10 @@ pub trait Aggregate {
 
     /// Fold one event into the state. It must not fail: the event has
     /// happened. Keep it free of decisions and validation.
+    ///
+    /// It sees the event's data only. The metadata the host stored with the
+    /// event (ids, timestamp, principal) reaches the plugin as one JSON
+    /// string, which the SDK does not read: rehydration never pays to
+    /// parse it.
     fn apply(state: &mut Self::State, event: Self::Event);
 }

@@ -59,6 +59,8 @@ impl<A: Aggregate> Guest for Plugin<A> {
             schema: s.schema,
             bytes: s.bytes,
         };
+        // Each event's metadata (JSON text) is left unread: `apply` has no
+        // use for it, and parsing it would cost on every rehydration.
         let events = events.iter().map(|e| EventRef {
             event_type: &e.event_type,
             data: &e.data,

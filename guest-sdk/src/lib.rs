@@ -135,7 +135,8 @@
 //! read back from the JSON that will be stored — through
 //! [`apply`](Aggregate::apply) to compute the new state. Rebuilding the
 //! aggregate from its stream later runs the very same `apply`, so the two
-//! always agree.
+//! always agree. `apply` gets each event's data only: the SDK leaves the
+//! event's stored metadata (one JSON string in the contract) unparsed.
 //!
 //! * Data that does not fit the command becomes [`Rejection::Invalid`],
 //!   naming the field (`"by"`); a missing field is `"is required"`. A
@@ -190,7 +191,8 @@ pub use decision::Decision;
 pub use rejection::{FieldError, FieldErrors, Rejection};
 
 /// The bindings wit-bindgen generates for the `aggregate` world of
-/// `wit/aggregate.wit`. Not part of the API: use [`export_aggregate!`].
+/// `wit/aggregate.wit` (`rehydra:aggregate@0.2.0`). Not part of the API:
+/// use [`export_aggregate!`].
 #[doc(hidden)]
 #[allow(missing_docs, clippy::too_many_arguments)]
 pub mod bindings {

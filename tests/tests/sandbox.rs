@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use rehydra::plugin::bindings::WIT_PACKAGE;
 use rehydra_e2e::{Host, code, plugin, test_plugin};
 use serde_json::{Value, json};
 
@@ -194,7 +195,7 @@ async fn broken_plugin_files_are_refused_and_the_rest_load() {
         ("copy-of-bank-account.wasm", "already provided"),
         ("noise.wasm", "not a WebAssembly component"),
         ("core-module.wasm", "not a WebAssembly component"),
-        ("other-world.wasm", "rehydra:aggregate@0.1.0"),
+        ("other-world.wasm", WIT_PACKAGE),
         ("describe-traps.wasm", "describe() failed (trap)"),
     ];
     for (file, fragment) in expect {

@@ -215,7 +215,7 @@ test('handle emits events in declaration order, with the new state and a reply',
 
 test('the state after handle equals the state rebuilt from the events', () => {
   const decisions = session();
-  const events = decisions.flatMap((d) => d.events).map((e, i) => ({ ...e, version: BigInt(i + 1), metadata: [] }));
+  const events = decisions.flatMap((d) => d.events).map((e, i) => ({ ...e, version: BigInt(i + 1), metadata: '{}' }));
   const rebuilt = tab.apply(tab.initialState(), events);
   assert.deepEqual(rebuilt, decisions[2].state);
 });
@@ -289,11 +289,11 @@ test('state of another schema, or unreadable, is incompatible', () => {
 test('apply names the event it cannot read', () => {
   const s = tab.initialState();
   assert.throws(
-    () => tab.apply(s, [{ eventType: 'Spilled', data: bytes('{}'), version: 7n, metadata: [] }]),
+    () => tab.apply(s, [{ eventType: 'Spilled', data: bytes('{}'), version: 7n, metadata: '{}' }]),
     (e) => e === 'cannot read event 7 (`Spilled`): unknown event type',
   );
   assert.throws(
-    () => tab.apply(s, [{ eventType: 'Ordered', data: bytes('{"item":"x"}'), version: 2n, metadata: [] }]),
+    () => tab.apply(s, [{ eventType: 'Ordered', data: bytes('{"item":"x"}'), version: 2n, metadata: '{}' }]),
     (e) => e === 'cannot read event 2 (`Ordered`): field `price`: is required',
   );
 });

@@ -130,6 +130,32 @@ pub enum Rejection {
     IncompatibleState(u32),
 }
 
+/// A stored event as `apply` receives it: the host-side twin of the WIT
+/// `recorded-event`, which both kinds of plugin are given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayEvent {
+    /// The event type.
+    pub event_type: String,
+    /// The payload (JSON).
+    pub data: Vec<u8>,
+    /// The aggregate's version once this event is applied (1-based).
+    pub version: u64,
+    /// The stored metadata JSON object, as text and unparsed (see the WIT's
+    /// `recorded-event.metadata`; empty when the stored bytes are not UTF-8).
+    pub metadata: String,
+}
+
+impl From<RecordedEvent> for ReplayEvent {
+    fn from(e: RecordedEvent) -> Self {
+        ReplayEvent {
+            event_type: e.event_type,
+            data: e.data,
+            version: e.version,
+            metadata: metadata_text(e.metadata),
+        }
+    }
+}
+
 /// A command as the plugin receives it.
 #[derive(Debug, Clone)]
 pub struct CommandInput<'a> {
@@ -218,7 +244,8 @@ pub trait NativeAggregate: Send + Sync + 'static {
     ) -> Result<Result<Decision, Rejection>, String>;
 
     /// Folds `events` into `state` (the `apply` export); `Err` refuses them.
-    fn apply(&self, state: &StateBytes, events: &[RecordedEvent]) -> Result<StateBytes, String>;
+    /// The events come as a component gets them: metadata as unparsed text.
+    fn apply(&self, state: &StateBytes, events: &[ReplayEvent]) -> Result<StateBytes, String>;
 }
 
 impl std::fmt::Debug for Plugin {
@@ -360,6 +387,7 @@ impl Plugin {
         self.check_quarantine()?;
         let first_version = events.first().map(|e| e.version).unwrap_or_default();
         if let Backend::Native(logic) = &self.backend {
+            let events: Vec<ReplayEvent> = events.into_iter().map(ReplayEvent::from).collect();
             let result = logic.apply(state, &events);
             return self.finish_apply(result, first_version);
         }
@@ -602,26 +630,25 @@ fn handle_args(state: &StateBytes, command: &CommandInput<'_>) -> (wit::State, w
     (s, c)
 }
 
-/// Event metadata is a JSON object in the store; the guest sees it as
-/// string pairs (non-string values as their JSON text).
+/// A stored event as the WIT `recorded-event`: every field moves, none is
+/// copied or parsed.
 fn to_wit_event(e: RecordedEvent) -> wit::RecordedEvent {
-    let metadata =
-        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&e.metadata) {
-            Ok(map) => map
-                .into_iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k, s),
-                    other => (k, other.to_string()),
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
     wit::RecordedEvent {
         event_type: e.event_type,
         data: e.data,
         version: e.version,
-        metadata,
+        metadata: metadata_text(e.metadata),
     }
+}
+
+/// An event's stored metadata as the text `apply` is given: the bytes
+/// themselves, after a UTF-8 check and without a copy. The host writes
+/// UTF-8 JSON, so only an event another tool wrote (into a KurrentDB
+/// stream) can fail the check; its metadata becomes the empty string. A
+/// WIT `string` cannot carry such bytes, and a lossy conversion would give
+/// the plugin altered values that look genuine.
+fn metadata_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// Whether `s` is a valid name for an aggregate type, command or event type:
@@ -642,3 +669,72 @@ pub fn is_valid_stream_prefix(s: &str) -> bool {
 
 /// Shared by `Arc` everywhere a command runs.
 pub type PluginRef = Arc<Plugin>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(metadata: &[u8]) -> RecordedEvent {
+        RecordedEvent {
+            stream: "account-1".into(),
+            version: 7,
+            position: 42,
+            event_id: uuid::Uuid::nil(),
+            event_type: "Deposited".into(),
+            data: br#"{"amount":5}"#.to_vec(),
+            metadata: metadata.to_vec(),
+            message_id: "m-1".into(),
+        }
+    }
+
+    /// The metadata reaches the guest byte for byte: not parsed, so not
+    /// reordered, reformatted or stripped of non-string values.
+    #[test]
+    fn stored_metadata_reaches_the_guest_unchanged() {
+        let cases: [&[u8]; 5] = [
+            br#"{"$causationId":"c","$correlationId":"c","commandType":"deposit","messageId":"m-1","plugin":"bank-account","pluginHash":"ab12","reply":{"balance":5},"timestamp":"2026-01-01T00:00:00.000Z"}"#,
+            "{ \"z\": 1,\n  \"a\": [true, null, 1.50], \"\u{e9}\": \"\\u00e9\" }".as_bytes(),
+            b"{}",
+            // Another tool's metadata: text that is not a JSON object.
+            b"written by a tool",
+            b"",
+        ];
+        for metadata in cases {
+            let e = to_wit_event(stored(metadata));
+            assert_eq!(e.metadata.as_bytes(), metadata);
+            assert_eq!(
+                (e.event_type.as_str(), e.data.as_slice(), e.version),
+                ("Deposited", &br#"{"amount":5}"#[..], 7)
+            );
+        }
+    }
+
+    /// Bytes a WIT `string` cannot carry arrive as the empty string; the
+    /// rest of the event is untouched.
+    #[test]
+    fn metadata_that_is_not_utf8_arrives_empty() {
+        for metadata in [&b"\xff\xfe"[..], b"{\"k\":\"\xc3\x28\"}"] {
+            let e = to_wit_event(stored(metadata));
+            assert_eq!(e.metadata, "");
+            assert_eq!((e.event_type.as_str(), e.version), ("Deposited", 7));
+        }
+    }
+
+    /// The native seam gets what a component gets.
+    #[test]
+    fn native_logic_sees_the_events_as_a_component_does() {
+        for metadata in [&br#"{"messageId":"m-1"}"#[..], b"\xff"] {
+            let wit = to_wit_event(stored(metadata));
+            let native = ReplayEvent::from(stored(metadata));
+            assert_eq!(
+                native,
+                ReplayEvent {
+                    event_type: wit.event_type,
+                    data: wit.data,
+                    version: wit.version,
+                    metadata: wit.metadata,
+                }
+            );
+        }
+    }
+}
