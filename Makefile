@@ -89,7 +89,7 @@ sdk-test:
 # Hostile plugin files for the sandbox tests, kept out of $(PLUGIN_DIR):
 # `faulty` built with each feature that breaks it in another way.
 TEST_PLUGIN_DIR := $(TARGET_DIR)/test-plugins
-HOSTILE_VARIANTS := describe-traps other-world
+HOSTILE_VARIANTS := describe-traps other-world contract-0-1
 # Later versions of bank-account, for the hot-reload tests.
 BANK_VERSIONS := withdrawal-fee schema-2
 test-plugins: plugins

@@ -164,6 +164,11 @@ async fn broken_plugin_files_are_refused_and_the_rest_load() {
             "describe-traps.wasm".to_string(),
             std::fs::read(test_plugin("faulty-describe-traps")).unwrap(),
         ),
+        // A working plugin, built against the previous contract.
+        (
+            "contract-0-1.wasm".to_string(),
+            std::fs::read(test_plugin("faulty-contract-0-1")).unwrap(),
+        ),
         ("README.txt".to_string(), b"not a plugin".to_vec()),
     ];
     let host = Host::start_files(&files, &[]);
@@ -190,13 +195,24 @@ async fn broken_plugin_files_are_refused_and_the_rest_load() {
             (name, f["error"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(failed.len(), 5, "{failed:#?}");
+    assert_eq!(failed.len(), 6, "{failed:#?}");
+    let speaks = format!("this host speaks {WIT_PACKAGE}");
     let expect = [
         ("copy-of-bank-account.wasm", "already provided"),
         ("noise.wasm", "not a WebAssembly component"),
         ("core-module.wasm", "not a WebAssembly component"),
         ("other-world.wasm", WIT_PACKAGE),
         ("describe-traps.wasm", "describe() failed (trap)"),
+        // Which contract it has, which one the host has, what to do.
+        (
+            "contract-0-1.wasm",
+            "built against the contract rehydra:aggregate@0.1.0",
+        ),
+        ("contract-0-1.wasm", &speaks),
+        (
+            "contract-0-1.wasm",
+            "rebuild the plugin against the current Rehydra SDK",
+        ),
     ];
     for (file, fragment) in expect {
         let error = failed

@@ -24,13 +24,21 @@
 //! | `admin-only` | succeeds only for the principal `admin` | `forbidden` otherwise (shows the principal reaches the plugin) |
 //!
 //! Feature `describe-traps` builds a variant whose `describe()` panics;
-//! feature `other-world` builds a component of another WIT package version.
+//! feature `other-world` builds a component of another world of another
+//! WIT package version; feature `contract-0-1` builds this plugin against
+//! the previous contract, `rehydra:aggregate@0.1.0` (a frozen copy in
+//! `wit-0.1.0/`), as a plugin nobody rebuilt would be.
 
 #[cfg(not(feature = "other-world"))]
 // The generated export glue takes one argument per flattened WIT value.
 #[allow(clippy::too_many_arguments)]
 mod faulty {
+    #[cfg(not(feature = "contract-0-1"))]
     wit_bindgen::generate!({ path: "../../wit", world: "aggregate" });
+    // The code below compiles against either: it never reads an event's
+    // metadata, the one thing 0.2.0 changed.
+    #[cfg(feature = "contract-0-1")]
+    wit_bindgen::generate!({ path: "wit-0.1.0", world: "aggregate" });
 
     use rehydra::aggregate::types::{CommandInfo, CommandMode, NewEvent};
 

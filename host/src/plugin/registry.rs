@@ -19,7 +19,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::rehydra::aggregate::types as wit;
-use super::bindings::{AggregatePre, WIT_PACKAGE};
+use super::bindings::{AggregatePre, WIT_PACKAGE, WIT_VERSION};
 use super::cache::{CacheOutcome, CompileCache};
 use super::engine::{EpochTicker, SandboxLimits, new_engine};
 use super::instance::{GuestState, InstancePool, add_to_linker};
@@ -502,6 +502,7 @@ impl PluginRegistry {
     }
 
     fn instantiate_pre(&self, component: &Component) -> anyhow::Result<AggregatePre<GuestState>> {
+        self.check_contract(component)?;
         let pre = self.linker.instantiate_pre(component).map_err(|e| {
             anyhow::anyhow!(
                 "the component does not fit this host: {e:#}. A plugin must export the world \
@@ -515,6 +516,68 @@ impl PluginRegistry {
             )
         })
     }
+
+    /// Refuses a component built against a contract version this host
+    /// cannot serve, with a message naming both versions, rather than the
+    /// linker's about a missing import. The version is read from the names
+    /// of the contract's interfaces the component imports
+    /// (`rehydra:aggregate/types@0.1.0`; a plugin built from the WIT
+    /// imports `types`). A component that imports none of them is left to
+    /// the linker and the export check.
+    fn check_contract(&self, component: &Component) -> anyhow::Result<()> {
+        let ty = component.component_type();
+        let built_against = ty
+            .imports(&self.engine)
+            .find_map(|(name, _)| imported_contract_version(name));
+        match built_against.and_then(contract_mismatch) {
+            Some(message) => bail!(message),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The contract version in the name of an imported interface of the
+/// contract: `0.1.0` for `rehydra:aggregate/types@0.1.0`.
+fn imported_contract_version(import: &str) -> Option<&str> {
+    let (_, version) = import.strip_prefix("rehydra:aggregate/")?.split_once('@')?;
+    Some(version)
+}
+
+/// Why a plugin built against contract version `plugin` cannot load on this
+/// host, or `None` when it can: the same major version, and for 0.x the
+/// same minor version too (the rule in the WIT's header).
+fn contract_mismatch(plugin: &str) -> Option<String> {
+    let (theirs, ours) = (release(plugin), release(WIT_VERSION));
+    if let (Some(theirs), Some(ours)) = (theirs, ours)
+        && theirs.0 == ours.0
+        && (ours.0 != 0 || theirs.1 == ours.1)
+    {
+        return None;
+    }
+    let advice = if theirs > ours {
+        format!(
+            "run a Rehydra host that speaks it, or rebuild the plugin against this host's \
+             SDK ({WIT_PACKAGE})"
+        )
+    } else {
+        "rebuild the plugin against the current Rehydra SDK: rehydra-guest for Rust; for \
+         JavaScript or Python, this host's rehydra.js or rehydra.py with its \
+         wit/aggregate.wit"
+            .to_string()
+    };
+    Some(format!(
+        "the plugin was built against the contract rehydra:aggregate@{plugin}, but this host \
+         speaks {WIT_PACKAGE}, which cannot run it; {advice}"
+    ))
+}
+
+/// The major, minor and patch numbers of a semantic version, without its
+/// pre-release or build suffix; `None` if it is not one.
+fn release(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.split(['-', '+']).next()?;
+    let mut numbers = core.split('.').map(|n| n.parse::<u64>().ok());
+    let parsed = (numbers.next()??, numbers.next()??, numbers.next()??);
+    numbers.next().is_none().then_some(parsed)
 }
 
 /// How often a long compilation reports that it is still going.
@@ -590,4 +653,59 @@ fn validate_info(info: wit::Info) -> anyhow::Result<PluginInfo> {
         commands,
         event_types: info.event_types,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_version_is_read_from_an_import_name() {
+        assert_eq!(
+            imported_contract_version("rehydra:aggregate/types@0.1.0"),
+            Some("0.1.0")
+        );
+        assert_eq!(imported_contract_version("wasi:io/streams@0.2.6"), None);
+        assert_eq!(imported_contract_version("rehydra:aggregate/types"), None);
+        assert_eq!(imported_contract_version("log"), None);
+    }
+
+    #[test]
+    fn only_a_compatible_contract_version_loads() {
+        assert_eq!(contract_mismatch(WIT_VERSION), None);
+        let (major, minor, patch) = release(WIT_VERSION).expect("the host's version parses");
+        assert_eq!(major, 0, "the cases below assume a 0.x contract");
+        assert_eq!(contract_mismatch(&format!("0.{minor}.{}", patch + 1)), None);
+
+        let older = contract_mismatch("0.1.0").expect("0.1.0 is refused");
+        assert!(
+            older.contains("built against the contract rehydra:aggregate@0.1.0"),
+            "{older}"
+        );
+        assert!(older.contains(&format!("speaks {WIT_PACKAGE}")), "{older}");
+        assert!(
+            older.contains("rebuild the plugin against the current"),
+            "{older}"
+        );
+
+        for newer in [format!("0.{}.0", minor + 1), "1.0.0".to_string()] {
+            let message = contract_mismatch(&newer).expect("a newer contract is refused");
+            assert!(message.contains(&format!("@{newer},")), "{message}");
+            assert!(
+                message.contains("run a Rehydra host that speaks it"),
+                "{message}"
+            );
+        }
+        let garbled = contract_mismatch("next").expect("an unreadable version is refused");
+        assert!(garbled.contains("rehydra:aggregate@next"), "{garbled}");
+    }
+
+    #[test]
+    fn release_numbers_parse() {
+        assert_eq!(release("0.2.0"), Some((0, 2, 0)));
+        assert_eq!(release("1.2.3-rc.1+build"), Some((1, 2, 3)));
+        assert_eq!(release("1.2"), None);
+        assert_eq!(release("1.2.3.4"), None);
+        assert_eq!(release("x.2.3"), None);
+    }
 }
