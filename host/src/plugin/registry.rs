@@ -518,12 +518,13 @@ impl PluginRegistry {
     }
 
     /// Refuses a component built against a contract version this host
-    /// cannot serve, with a message naming both versions, rather than the
-    /// linker's about a missing import. The version is read from the names
-    /// of the contract's interfaces the component imports
-    /// (`rehydra:aggregate/types@0.1.0`; a plugin built from the WIT
-    /// imports `types`). A component that imports none of them is left to
-    /// the linker and the export check.
+    /// cannot serve, with a message naming both versions and what to do;
+    /// otherwise it would fail wasmtime's type check of its exports (for
+    /// 0.1.0: "type mismatch for field metadata"), which says neither. The
+    /// version is read from the names of the contract's interfaces the
+    /// component imports (`rehydra:aggregate/types@0.1.0`; a plugin built
+    /// from the WIT imports `types`). A component that imports none of
+    /// them is left to the linker and the export check.
     fn check_contract(&self, component: &Component) -> anyhow::Result<()> {
         let ty = component.component_type();
         let built_against = ty
