@@ -249,7 +249,8 @@ pub async fn throughput(
 pub enum SeedMetadata {
     /// What the host writes with every event: seven keys (ids, command,
     /// plugin, content hash, timestamp), about 300 bytes. The guest's
-    /// `apply` receives them as string pairs.
+    /// `apply` receives them as one JSON string (contract 0.2.0; as 14
+    /// separate strings before).
     Host,
     /// `{}`: what the first cut of this suite seeded.
     Empty,
