@@ -1096,6 +1096,15 @@ mod embedded_only {
         rusqlite::Connection::open(dir.join(DB_FILE)).expect("raw open")
     }
 
+    fn stored_schema_version(conn: &rusqlite::Connection) -> String {
+        conn.query_row(
+            "SELECT value FROM rehydra_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema version")
+    }
+
     #[tokio::test]
     async fn the_database_is_wal_with_a_schema_version() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1109,14 +1118,7 @@ mod embedded_only {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("mode");
         assert_eq!(mode, "wal");
-        let version: String = conn
-            .query_row(
-                "SELECT value FROM rehydra_meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("schema version");
-        assert_eq!(version, SCHEMA_VERSION.to_string());
+        assert_eq!(stored_schema_version(&conn), SCHEMA_VERSION.to_string());
     }
 
     /// A store written by a build with schema version 1 (the schema below
@@ -1175,14 +1177,7 @@ mod embedded_only {
         store.close().await;
 
         let conn = raw(dir.path());
-        let version: String = conn
-            .query_row(
-                "SELECT value FROM rehydra_meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("schema version");
-        assert_eq!(version, SCHEMA_VERSION.to_string());
+        assert_eq!(stored_schema_version(&conn), SCHEMA_VERSION.to_string());
         let indexes: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
