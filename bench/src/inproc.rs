@@ -169,13 +169,9 @@ pub async fn drive(
     concurrency: usize,
     secs: f64,
 ) -> RunResult {
-    let start = Instant::now();
-    let cpu_start = crate::stats::process_cpu();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
+    crate::stats::closed_loop(concurrency, secs, |t, deadline| {
         let aggregates = aggregates.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mut lat = Vec::with_capacity(4096);
             let mut errors = 0usize;
             let mine = client_accounts(t, concurrency, n);
@@ -194,12 +190,9 @@ pub async fn drive(
                 }
             }
             (lat, errors)
-        }));
-    }
-    let (all, errors) = crate::stats::join_clients(tasks).await;
-    let elapsed = start.elapsed();
-    RunResult::from_latencies(all, elapsed, errors)
-        .with_cpu(crate::stats::process_cpu().saturating_sub(cpu_start))
+        }
+    })
+    .await
 }
 
 /// Scenario (a): `runs` runs, each on a fresh store with `n` freshly opened

@@ -83,6 +83,26 @@ pub async fn join_clients(
     (all, errors)
 }
 
+/// Runs `concurrency` closed-loop clients until `secs` have passed and
+/// reports what they measured, with this process's CPU time per operation.
+/// `client(t, deadline)` is client `t`'s task: it returns its latencies (ns)
+/// and error count.
+pub async fn closed_loop<F, Fut>(concurrency: usize, secs: f64, client: F) -> RunResult
+where
+    F: Fn(usize, std::time::Instant) -> Fut,
+    Fut: std::future::Future<Output = (Vec<u64>, usize)> + Send + 'static,
+{
+    let start = std::time::Instant::now();
+    let cpu_start = process_cpu();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let tasks = (0..concurrency)
+        .map(|t| tokio::spawn(client(t, deadline)))
+        .collect();
+    let (all, errors) = join_clients(tasks).await;
+    RunResult::from_latencies(all, start.elapsed(), errors)
+        .with_cpu(process_cpu().saturating_sub(cpu_start))
+}
+
 /// The CPU time this process has used so far, user and system, all
 /// threads (`/proc/self/stat`, in ticks of 10 ms: Linux reports it in
 /// USER_HZ, which is 100); zero if it cannot be read.

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rehydra::store::{EventData, EventStore, ExpectedVersion};
 use serde_json::json;
@@ -37,14 +37,10 @@ async fn drive(
     concurrency: usize,
     secs: f64,
 ) -> RunResult {
-    let start = Instant::now();
-    let cpu_start = crate::stats::process_cpu();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
+    crate::stats::closed_loop(concurrency, secs, |t, deadline| {
         let store = store.clone();
         let versions = versions.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mine = client_accounts(t, concurrency, streams);
             // A client that owns its streams knows their versions, as an
             // actor does.
@@ -77,11 +73,9 @@ async fn drive(
                 }
             }
             (lat, errors)
-        }));
-    }
-    let (all, errors) = crate::stats::join_clients(tasks).await;
-    RunResult::from_latencies(all, start.elapsed(), errors)
-        .with_cpu(crate::stats::process_cpu().saturating_sub(cpu_start))
+        }
+    })
+    .await
 }
 
 /// `runs` runs at each concurrency level over `streams` streams, each run
