@@ -195,6 +195,23 @@ pub async fn drive(
     .await
 }
 
+/// A fresh store of `kind` and an `Aggregates` over it with `n` accounts
+/// opened, as every load run starts.
+async fn with_accounts(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+) -> (OpenStore, Arc<Aggregates>) {
+    let store = OpenStore::new(kind).await;
+    let aggregates = Arc::new(Aggregates::new(
+        store.store.clone(),
+        registry.clone(),
+        ActorConfig::default(),
+    ));
+    open_accounts(&aggregates, n, 64).await;
+    (store, aggregates)
+}
+
 /// Scenario (a): `runs` runs, each on a fresh store with `n` freshly opened
 /// accounts, at each concurrency level; one median result per level.
 pub async fn throughput(
@@ -209,13 +226,7 @@ pub async fn throughput(
     for _ in 0..runs {
         // One store per run, reused across levels: the accounts' versions
         // grow, but each command still reads and appends one event.
-        let store = OpenStore::new(kind).await;
-        let aggregates = Arc::new(Aggregates::new(
-            store.store.clone(),
-            registry.clone(),
-            ActorConfig::default(),
-        ));
-        open_accounts(&aggregates, n, 64).await;
+        let (store, aggregates) = with_accounts(registry, kind, n).await;
         for (i, &c) in concurrency.iter().enumerate() {
             let r = drive(&aggregates, n, c, secs).await;
             eprintln!(
@@ -575,13 +586,7 @@ pub async fn fresh_run(
     clients: usize,
     secs: f64,
 ) -> RunResult {
-    let store = OpenStore::new(kind).await;
-    let aggregates = Arc::new(Aggregates::new(
-        store.store.clone(),
-        registry.clone(),
-        ActorConfig::default(),
-    ));
-    open_accounts(&aggregates, n, 64).await;
+    let (store, aggregates) = with_accounts(registry, kind, n).await;
     let r = drive(&aggregates, n, clients, secs).await;
     drop(aggregates);
     store.close().await;
