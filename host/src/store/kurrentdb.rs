@@ -973,8 +973,8 @@ impl EventStore for KurrentDbStore {
             if let Some(last) = page.last() {
                 revision = last.version;
             }
-            // Keep only what can still be the command's: from its first
-            // event on, once seen.
+            // A page without the first event is dropped; once it is seen,
+            // pages are kept until the command's events end within one.
             scanned.extend(page);
             let found = super::command_events(&scanned, first_event_id);
             match found.last() {
