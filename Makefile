@@ -18,14 +18,32 @@ PLUGIN_DIR := $(TARGET_DIR)/plugins
 JS_EXAMPLES := bank-account-js
 PY_EXAMPLES := bank-account-py
 
-.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench bench-release interop
+.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench bench-release interop wasm-target
 all: plugins host
+
+# The Rust target the example plugins build for, added to the active
+# toolchain when it is missing. rust-toolchain.toml lists it, but rustup adds
+# a toolchain file's targets only when it installs the toolchain itself; on a
+# machine where the pinned toolchain was already there, the target is not.
+# A no-op (a fraction of a second) when the target is installed. Without
+# rustup, the target must come with the toolchain: say so rather than let
+# cargo fail with "can't find crate for `std`".
+wasm-target:
+	@if command -v rustup >/dev/null 2>&1; then \
+	  rustup target list --installed | grep -qx '$(WASM_TARGET)' || { \
+	    echo "  installing the Rust target $(WASM_TARGET) (rustup target add $(WASM_TARGET))"; \
+	    rustup target add $(WASM_TARGET); }; \
+	elif [ ! -d "$$(rustc --print target-libdir --target $(WASM_TARGET) 2>/dev/null)" ]; then \
+	  echo "error: the Rust target $(WASM_TARGET) is not installed and there is no rustup to install it." >&2; \
+	  echo "  Install rustup (https://rustup.rs) and run make again, or add $(WASM_TARGET) to your Rust toolchain." >&2; \
+	  exit 1; \
+	fi
 
 # Build every example as a component and copy it to
 # $(PLUGIN_DIR)/<example>.wasm. Cargo names the output after the crate, with
 # `-` turned into `_`. Each copy is renamed into place, so that a host
 # watching the directory never loads a half-written file.
-plugins:
+plugins: wasm-target
 	$(CARGO) build --release --target $(WASM_TARGET) $(addprefix -p ,$(EXAMPLES))
 	@mkdir -p $(PLUGIN_DIR)
 	@set -e; for ex in $(EXAMPLES); do \
@@ -145,7 +163,7 @@ test: plugins test-plugins host sdk-test interop
 	$(CARGO) test -- --test-threads 2
 
 # Formatting and lints, as CI checks them (the examples for their real target).
-lint:
+lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy -p rehydra-bench --all-targets -- -D warnings
