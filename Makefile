@@ -18,7 +18,7 @@ PLUGIN_DIR := $(TARGET_DIR)/plugins
 JS_EXAMPLES := bank-account-js
 PY_EXAMPLES := bank-account-py
 
-.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench bench-release interop wasm-target
+.PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench bench-release interop wasm-target system-packages
 all: plugins host
 
 # The Rust target the example plugins build for, added to the active
@@ -71,10 +71,15 @@ PY_TOOLS := $(PY_VENV)/.installed
 PYTHON ?= python3
 
 $(JS_TOOLS): $(JS_SDK)/package.json $(JS_SDK)/package-lock.json
+	@command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1 || { \
+	  echo "error: the JavaScript example plugin needs Node.js 20.6+ with npm, and there is no node or npm on PATH." >&2; \
+	  echo "  Install Node.js 20.6 or later with npm and run make again." >&2; exit 1; }
 	cd $(JS_SDK) && npm install --no-save --no-audit --no-fund
 	@touch $@
 
 $(PY_TOOLS): $(PY_SDK)/requirements.txt
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { \
+	  echo "error: the Python example plugin needs $(PYTHON) with venv (Python 3.10+; on Debian: apt-get install python3-venv)." >&2; exit 1; }
 	$(PYTHON) -m venv $(PY_VENV)
 	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PY_SDK)/requirements.txt
 	@touch $@
@@ -155,11 +160,16 @@ host:
 run: plugins host
 	$(TARGET_DIR)/debug/rehydra run --plugins $(PLUGIN_DIR) --store embedded://./rehydra-data $(ARGS)
 
+# Debian packages the tests run for real (the PostgreSQL server), installed
+# with apt-get when missing; see the script for what it checks.
+system-packages:
+	@scripts/ensure-system-packages
+
 # Every test: host unit tests (and the store conformance suite), the SDK's
 # unit and doc tests, and the end-to-end tests against the built binary and
 # plugins. Test binaries run one at a time: the machine has two cores and
 # each end-to-end test starts its own host.
-test: plugins test-plugins host sdk-test interop
+test: system-packages plugins test-plugins host sdk-test interop
 	$(CARGO) test -- --test-threads 2
 
 # Formatting and lints, as CI checks them (the examples for their real target).

@@ -121,7 +121,9 @@ struct RunArgs {
     /// The directory of plugin .wasm files.
     #[arg(long, env = "REHYDRA_PLUGINS", default_value = "./plugins")]
     plugins: PathBuf,
-    /// The event store: embedded://PATH (SQLite, durable) or memory:// (tests).
+    /// The event store: embedded://PATH (SQLite, durable), memory:// (tests;
+    /// nothing survives), or a KurrentDB/EventStoreDB cluster:
+    /// kurrentdb://, esdb://, kurrentdb+discover://, esdb+discover://.
     #[arg(
         long,
         env = "REHYDRA_STORE",

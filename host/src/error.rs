@@ -1,8 +1,10 @@
 //! The error model: every way a command or query can fail, with the stable
-//! machine-readable code clients rely on (see DESIGN.md, "Error model").
+//! machine-readable code clients rely on (the README's table of codes lists
+//! them with their HTTP and gRPC statuses).
 //!
-//! The core returns [`CommandError`]; each API (HTTP, CLI, later gRPC) maps
-//! it to its own status codes, but the code string is the same everywhere.
+//! The core returns [`CommandError`]; each API (HTTP, gRPC, and the CLI
+//! through HTTP) maps it to its own status codes, but the code string is the
+//! same everywhere.
 
 use serde::Serialize;
 

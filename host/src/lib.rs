@@ -3,11 +3,15 @@
 //!
 //! A request flows `api` → `actor` → `plugin` and `store`:
 //!
-//! - [`api`]: HTTP/JSON; maps the error model to statuses.
+//! - [`api`]: the HTTP/JSON and gRPC servers; each maps the error model to
+//!   its own statuses.
+//! - [`auth`]: bearer tokens and the principal they stand for.
 //! - [`actor`]: one mailbox per live aggregate; concurrency, idempotency,
 //!   rehydration, passivation.
 //! - [`plugin`]: wasmtime, the sandbox, the WIT bindings, the registry.
 //! - [`store`]: the event store trait and its backends.
+//! - [`subscription`]: following the global event log (gRPC streams, SSE,
+//!   `rehydra subscribe`).
 //! - [`command`], [`error`]: the domain's requests, outcomes and errors.
 //! - [`server`], [`cli`], [`client`]: the binary's entry points.
 //! - [`scaffold`]: `rehydra new`, plugin projects from templates.

@@ -12,7 +12,7 @@
 //!
 //! Every response body is JSON, except the event stream of `/v1/subscribe`;
 //! errors are `{"error":{"code":…,"message":…,"details":…}}` with the codes
-//! of the error model in DESIGN.md. With tokens configured, every route but
+//! of the error model ([`crate::error`]). With tokens configured, every route but
 //! `/healthz` needs `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;

@@ -1,8 +1,8 @@
 //! The event store: where aggregates' events live.
 //!
 //! Every backend implements [`EventStore`]; the rest of the host never knows
-//! which one it talks to. Versions follow DESIGN.md: an aggregate's version is
-//! the number of events in its stream (0 = the stream does not exist), and the
+//! which one it talks to. Versions are the host's, not a backend's: an
+//! aggregate's version is the number of events in its stream (0 = the stream does not exist), and the
 //! first event of a stream has version 1. Backends map that to their own
 //! numbering.
 //!
