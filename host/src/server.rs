@@ -59,7 +59,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     let store = crate::store::open(&config.store)
         .await
-        .with_context(|| format!("opening the event store {}", config.store))?;
+        .with_context(|| {
+            format!(
+                "opening the event store {}",
+                crate::store::redact_url(&config.store)
+            )
+        })?;
     tracing::info!(store = %store.describe(), "event store open");
 
     let registry = Arc::new(PluginRegistry::new(

@@ -993,6 +993,10 @@ impl EventStore for KurrentDbStore {
     // No commit_signal: other hosts may write to the cluster, so
     // subscriptions poll it (see `subscription`).
 
+    fn shared_by_hosts(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         self.described.clone()
     }

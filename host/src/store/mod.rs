@@ -11,6 +11,8 @@
 //! - [`memory`]: in process, for tests and benchmarks (`memory://`).
 //! - [`kurrentdb`]: a KurrentDB / EventStoreDB cluster over gRPC
 //!   (`kurrentdb://`, `esdb://`, `kurrentdb+discover://`, `esdb+discover://`).
+//! - [`postgres`]: PostgreSQL, shared by several hosts (`postgres://`,
+//!   `postgresql://`, libpq's URL form).
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -19,6 +21,9 @@ pub mod kurrentdb;
 #[cfg(test)]
 mod kurrentdb_tests;
 pub mod memory;
+pub mod postgres;
+#[cfg(test)]
+mod postgres_tests;
 
 use std::sync::Arc;
 
@@ -74,8 +79,10 @@ pub struct RecordedEvent {
     pub stream: String,
     /// The stream's version once this event is applied (1-based).
     pub version: u64,
-    /// Position in the store's global order (1-based, strictly increasing in
-    /// commit order; gaps are allowed).
+    /// Position in the store's global order (1-based; gaps are allowed). A
+    /// reader that has seen position `p` never later finds an event below
+    /// `p`: the order is the commit order, or (PostgreSQL) one that readers
+    /// can only see grow at its end.
     pub position: u64,
     /// The event's unique id.
     pub event_id: Uuid,
@@ -211,6 +218,14 @@ pub trait EventStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether other processes (other hosts) may write to this store too,
+    /// so that what this host has cached can be behind the store. A host
+    /// then checks a stream's version in the store before it answers a
+    /// state read from its cache.
+    fn shared_by_hosts(&self) -> bool {
+        false
+    }
+
     /// A short human-readable description (backend and location) for logs.
     fn describe(&self) -> String;
 
@@ -221,9 +236,10 @@ pub trait EventStore: Send + Sync + 'static {
     }
 }
 
-/// Opens the store named by `url`: `embedded://PATH`, `memory://`, or a
-/// KurrentDB connection string (`kurrentdb://`, `esdb://`,
-/// `kurrentdb+discover://`, `esdb+discover://`).
+/// Opens the store named by `url`: `embedded://PATH`, `memory://`, a
+/// PostgreSQL URL (`postgres://`, `postgresql://`), or a KurrentDB
+/// connection string (`kurrentdb://`, `esdb://`, `kurrentdb+discover://`,
+/// `esdb+discover://`).
 pub async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
     if let Some(path) = url.strip_prefix("embedded://") {
         let store = embedded::EmbeddedStore::open(std::path::Path::new(path)).await?;
@@ -232,10 +248,19 @@ pub async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
         Ok(Arc::new(memory::MemoryStore::new()))
     } else if kurrentdb::is_kurrentdb_url(url) {
         Ok(Arc::new(kurrentdb::KurrentDbStore::open(url).await?))
+    } else if postgres::is_postgres_url(url) {
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
         anyhow::bail!(
-            "unsupported store URL {url:?}: use embedded://PATH (for example embedded://./rehydra-data), memory://, \
-             or a KurrentDB connection string such as kurrentdb://localhost:2113?tls=false"
+            "unsupported store URL {:?}: use embedded://PATH (for example embedded://./rehydra-data), memory://, \
+             postgres://USER@HOST:PORT/DATABASE, or a KurrentDB connection string such as \
+             kurrentdb://localhost:2113?tls=false",
+            redact_url(url)
         )
     }
+}
+
+/// `url` with any password masked, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    postgres::redact(url)
 }
