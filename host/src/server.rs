@@ -57,14 +57,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let store = crate::store::open(&config.store)
-        .await
-        .with_context(|| {
-            format!(
-                "opening the event store {}",
-                crate::store::redact_url(&config.store)
-            )
-        })?;
+    let store = crate::store::open(&config.store).await.with_context(|| {
+        format!(
+            "opening the event store {}",
+            crate::store::redact_url(&config.store)
+        )
+    })?;
     tracing::info!(store = %store.describe(), "event store open");
 
     let registry = Arc::new(PluginRegistry::new(

@@ -239,20 +239,31 @@ impl Host {
         host
     }
 
-    /// The arguments of `rehydra run` for this host's directory.
+    /// The arguments of `rehydra run` for this host's directory: the
+    /// embedded store in `data/` and the shared compile cache unless the
+    /// test passes its own `--store` or `--cache-dir`.
     fn run_args(&self) -> Vec<String> {
         let d = self.dir.path();
+        let given = |flag: &str| self.extra_args.iter().any(|a| a == flag);
         let mut args = vec![
             "run".to_string(),
             "--plugins".into(),
             d.join("plugins").display().to_string(),
-            "--store".into(),
-            format!("embedded://{}", d.join("data").display()),
-            "--cache-dir".into(),
-            compile_cache_dir().display().to_string(),
             "--http".into(),
             "127.0.0.1:0".into(),
         ];
+        if !given("--store") {
+            args.extend([
+                "--store".into(),
+                format!("embedded://{}", d.join("data").display()),
+            ]);
+        }
+        if !given("--cache-dir") {
+            args.extend([
+                "--cache-dir".into(),
+                compile_cache_dir().display().to_string(),
+            ]);
+        }
         // A free loopback port for gRPC, unless the test chose its own.
         if !self.extra_args.iter().any(|a| a == "--grpc") {
             args.extend(["--grpc".to_string(), "127.0.0.1:0".into()]);

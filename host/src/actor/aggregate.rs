@@ -369,6 +369,17 @@ impl Inner {
         };
         let stream = plugin.info.stream_name(id);
         let live = match live.filter(|l| l.state.schema == plugin.info.state_schema) {
+            // Other hosts may have written since this one cached the state:
+            // a read must still show every version acknowledged before it
+            // began, so ask the store for what follows (one indexed read
+            // that finds nothing when the cache is current).
+            Some(mut l) if self.store.shared_by_hosts() => {
+                match self.catch_up(&plugin, &stream, &mut l).await {
+                    Ok(()) => l,
+                    // Half-applied is not cached: the next read starts over.
+                    Err(e) => return (Err(e), None),
+                }
+            }
             Some(l) => l,
             None => match self.rehydrate(&plugin, &stream).await {
                 Ok(l) => l,

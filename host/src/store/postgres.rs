@@ -266,10 +266,20 @@ impl PostgresStore {
         let rx = Arc::new(tokio::sync::Mutex::new(writer::Queue::new(rx)));
         let mut tasks = Vec::new();
         for _ in 0..WRITERS {
-            tasks.push(tokio::spawn(writer::run(Arc::clone(&shared), Arc::clone(&rx))));
+            tasks.push(tokio::spawn(writer::run(
+                Arc::clone(&shared),
+                Arc::clone(&rx),
+            )));
         }
-        tasks.push(tokio::spawn(listener::announce(Arc::clone(&shared), announced)));
-        tasks.push(tokio::spawn(listener::listen(Arc::clone(&shared), config, connector)));
+        tasks.push(tokio::spawn(listener::announce(
+            Arc::clone(&shared),
+            announced,
+        )));
+        tasks.push(tokio::spawn(listener::listen(
+            Arc::clone(&shared),
+            config,
+            connector,
+        )));
         Ok(PostgresStore {
             shared,
             queue,

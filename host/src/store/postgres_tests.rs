@@ -60,9 +60,10 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_transaction_is_never_skipped_by_readers() {
     let (store, server) = make().await;
-    let (slow, connection) = tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls)
-        .await
-        .expect("a raw connection");
+    let (slow, connection) =
+        tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("a raw connection");
     tokio::spawn(connection);
     let head_before = store.head_position().await.expect("head");
 
@@ -101,7 +102,10 @@ async fn a_slow_transaction_is_never_skipped_by_readers() {
     );
     // The log does not show it yet: the slow transaction could still put an
     // event before it.
-    let visible = store.read_all(head_before + 1, 100).await.expect("read_all");
+    let visible = store
+        .read_all(head_before + 1, 100)
+        .await
+        .expect("read_all");
     assert!(
         visible.is_empty(),
         "nothing past an open older transaction is visible: {visible:?}"
@@ -109,7 +113,10 @@ async fn a_slow_transaction_is_never_skipped_by_readers() {
     assert_eq!(store.head_position().await.expect("head"), head_before);
 
     slow.batch_execute("COMMIT").await.expect("commit");
-    let all = store.read_all(head_before + 1, 100).await.expect("read_all");
+    let all = store
+        .read_all(head_before + 1, 100)
+        .await
+        .expect("read_all");
     let streams: Vec<&str> = all.iter().map(|e| e.stream.as_str()).collect();
     assert_eq!(
         streams,
@@ -131,7 +138,10 @@ async fn two_hosts_on_one_database_agree() {
     let b: Arc<dyn EventStore> = Arc::new(open(&server.url("postgres")).await);
     let streams: Vec<String> = (0..5).map(|_| new_stream("shared")).collect();
     let mut tasks = Vec::new();
-    for (n, host) in [a.clone(), b.clone(), a.clone(), b.clone()].into_iter().enumerate() {
+    for (n, host) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
         let streams = streams.clone();
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
@@ -173,7 +183,10 @@ async fn two_hosts_on_one_database_agree() {
             .collect();
         ours.sort();
         let stored: Vec<(u64, Uuid)> = stored.iter().map(|e| (e.version, e.event_id)).collect();
-        assert_eq!(ours, stored, "every acknowledged append, once, at its version");
+        assert_eq!(
+            ours, stored,
+            "every acknowledged append, once, at its version"
+        );
     }
     let from_a = a.read_all(0, 10_000).await.expect("read_all a");
     let from_b = b.read_all(0, 10_000).await.expect("read_all b");
@@ -239,11 +252,20 @@ async fn schemas_are_versioned_and_separate() {
     let one = open(&format!("{base}?schema=one")).await;
     let two = open(&format!("{base}?schema=two")).await;
     let s = new_stream("schema");
-    one.append(&s, ExpectedVersion::NoStream, events(2)).await.expect("append");
+    one.append(&s, ExpectedVersion::NoStream, events(2))
+        .await
+        .expect("append");
     assert_eq!(one.stream_version(&s).await.expect("version"), 2);
-    assert_eq!(two.stream_version(&s).await.expect("version"), 0, "another schema, another store");
     assert_eq!(
-        server.sql("SELECT value FROM one.meta WHERE key = 'schema_version'").expect("meta").trim(),
+        two.stream_version(&s).await.expect("version"),
+        0,
+        "another schema, another store"
+    );
+    assert_eq!(
+        server
+            .sql("SELECT value FROM one.meta WHERE key = 'schema_version'")
+            .expect("meta")
+            .trim(),
         SCHEMA_VERSION.to_string()
     );
     // Reopening finds the store as it was.
@@ -254,14 +276,18 @@ async fn schemas_are_versioned_and_separate() {
     server
         .sql("UPDATE two.meta SET value = '99' WHERE key = 'schema_version'")
         .expect("pretend a newer host wrote it");
-    let newer = PostgresStore::open(&format!("{base}?schema=two")).await.unwrap_err();
+    let newer = PostgresStore::open(&format!("{base}?schema=two"))
+        .await
+        .unwrap_err();
     let text = format!("{newer:#}");
     assert!(text.contains("newer") && text.contains("99"), "{text}");
 
     server
         .sql("CREATE SCHEMA app; CREATE TABLE app.orders (id int)")
         .expect("a foreign schema");
-    let foreign = PostgresStore::open(&format!("{base}?schema=app")).await.unwrap_err();
+    let foreign = PostgresStore::open(&format!("{base}?schema=app"))
+        .await
+        .unwrap_err();
     let text = format!("{foreign:#}");
     assert!(text.contains("not a Rehydra store"), "{text}");
 }
@@ -274,19 +300,28 @@ async fn an_outage_is_unavailable_then_recovers_by_itself() {
     let mut server = server().await;
     let store = open(&server.url("postgres")).await;
     let s = new_stream("outage");
-    store.append(&s, ExpectedVersion::NoStream, events(1)).await.expect("append");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1))
+        .await
+        .expect("append");
     assert!(store.health().await.is_ok());
 
     tokio::task::block_in_place(|| server.stop()).expect("stop the server");
     let started = Instant::now();
     let failed = store.append(&s, ExpectedVersion::Exact(1), events(1)).await;
-    assert!(matches!(failed, Err(StoreError::Unavailable(_))), "got {failed:?}");
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "got {failed:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "failed within a bounded time, not after {:?}",
         started.elapsed()
     );
-    assert!(matches!(store.health().await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        store.health().await,
+        Err(StoreError::Unavailable(_))
+    ));
     assert!(matches!(
         store.read_stream(&s, 1, 10).await,
         Err(StoreError::Unavailable(_))
@@ -294,7 +329,10 @@ async fn an_outage_is_unavailable_then_recovers_by_itself() {
 
     tokio::task::block_in_place(|| server.start_again()).expect("start the server again");
     assert!(
-        eventually(Duration::from_secs(30), || async { store.health().await.is_ok() }).await,
+        eventually(Duration::from_secs(30), || async {
+            store.health().await.is_ok()
+        })
+        .await,
         "healthy again"
     );
     let after = store

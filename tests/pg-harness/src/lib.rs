@@ -55,7 +55,15 @@ impl PgServer {
             .command("initdb")
             .args(["-D"])
             .arg(&data)
-            .args(["-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+            .args([
+                "-U",
+                USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
             .output()
             .context("running initdb")?;
         if !out.status.success() {
@@ -78,7 +86,8 @@ impl PgServer {
             .context("creating a directory for a test PostgreSQL server")?;
         let run_as = server_user()?;
         if let Some((uid, gid)) = run_as {
-            chown(dir.path(), Some(uid), Some(gid)).context("giving the server's directory to its user")?;
+            chown(dir.path(), Some(uid), Some(gid))
+                .context("giving the server's directory to its user")?;
         }
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
         Ok(PgServer {
@@ -95,11 +104,20 @@ impl PgServer {
     /// from a base backup. With `synchronous`, this server then waits for
     /// the standby to confirm each commit (`synchronous_standby_names`).
     pub fn start_standby(&self, synchronous: bool) -> anyhow::Result<PgServer> {
-        let mut standby = Self::prepare(&self.settings.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut standby =
+            Self::prepare(&self.settings.iter().map(String::as_str).collect::<Vec<_>>())?;
         let data = standby.data_dir();
         let out = standby
             .command("pg_basebackup")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-D"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                "-D",
+            ])
             .arg(&data)
             .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
             .output()
@@ -125,7 +143,9 @@ impl PgServer {
             // Wait until the primary counts the standby as synchronous.
             let deadline = Instant::now() + START_TIMEOUT;
             loop {
-                let state = self.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'")?;
+                let state = self.sql(
+                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'",
+                )?;
                 if state.trim() == "sync" {
                     break;
                 }
@@ -183,7 +203,10 @@ impl PgServer {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "max_connections=200"])
             .args(["-c", "shared_buffers=32MB"]);
         for s in &self.settings {
@@ -216,7 +239,10 @@ impl PgServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("postgres did not accept connections within {START_TIMEOUT:?}; its log:\n{}", self.log());
+                bail!(
+                    "postgres did not accept connections within {START_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -273,13 +299,25 @@ impl PgServer {
     /// Runs `sql` with psql in `database`.
     pub fn sql_in(&self, database: &str, sql: &str) -> anyhow::Result<String> {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", database])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                "-d",
+                database,
+            ])
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .env("PGCONNECT_TIMEOUT", "5")
             .output()
             .context("running psql")?;
         if !out.status.success() {
-            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -354,7 +392,10 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 /// The user the server must run as: none when not root; the `postgres`
 /// user (or `nobody`) when root.
 fn server_user() -> anyhow::Result<Option<(u32, u32)>> {
-    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Ok(None);
     }

@@ -216,11 +216,9 @@ fn apply_env(config: &mut tokio_postgres::Config, env: &dyn Env) -> anyhow::Resu
     }
     if config.get_connect_timeout().is_none() {
         let timeout = match env.var("PGCONNECT_TIMEOUT") {
-            Some(secs) => Duration::from_secs(
-                secs.trim()
-                    .parse()
-                    .with_context(|| format!("PGCONNECT_TIMEOUT={secs:?} is not a number of seconds"))?,
-            ),
+            Some(secs) => Duration::from_secs(secs.trim().parse().with_context(|| {
+                format!("PGCONNECT_TIMEOUT={secs:?} is not a number of seconds")
+            })?),
             None => DEFAULT_CONNECT_TIMEOUT,
         };
         config.connect_timeout(timeout);
@@ -347,7 +345,10 @@ mod tests {
         assert_eq!(url.config.get_user(), Some("app"));
         assert_eq!(url.config.get_dbname(), Some("events"));
         assert_eq!(url.config.get_ports(), &[5433]);
-        assert_eq!(url.config.get_connect_timeout(), Some(&DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&DEFAULT_CONNECT_TIMEOUT)
+        );
         assert_eq!(url.config.get_application_name(), Some("rehydra"));
     }
 
@@ -368,7 +369,10 @@ mod tests {
         assert_eq!(url.schema, "bank");
         assert_eq!(url.ssl_mode, SslMode::VerifyFull);
         assert_eq!(url.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        assert_eq!(url.config.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&Duration::from_secs(2))
+        );
         assert_eq!(url.config.get_password(), Some(&b"s3cret"[..]));
         assert!(!url.redacted.contains("s3cret"), "{}", url.redacted);
     }
@@ -391,9 +395,13 @@ mod tests {
         assert_eq!(url.config.get_password(), Some(&b"envpass"[..]));
         assert_eq!(url.config.get_dbname(), Some("envdb"));
         assert_eq!(url.ssl_mode, SslMode::Require);
-        assert_eq!(url.config.get_connect_timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
         // The URL wins over the environment.
-        let url = PgUrl::parse_with("postgres://urluser:urlpass@h/db?sslmode=disable", &vars).unwrap();
+        let url =
+            PgUrl::parse_with("postgres://urluser:urlpass@h/db?sslmode=disable", &vars).unwrap();
         assert_eq!(url.config.get_user(), Some("urluser"));
         assert_eq!(url.config.get_password(), Some(&b"urlpass"[..]));
         assert_eq!(url.config.get_dbname(), Some("db"));
@@ -402,15 +410,28 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_with_what_to_write() {
-        let error = |url: &str| format!("{:#}", PgUrl::parse_with(url, &env(&[("USER", "me")])).unwrap_err());
+        let error = |url: &str| {
+            format!(
+                "{:#}",
+                PgUrl::parse_with(url, &env(&[("USER", "me")])).unwrap_err()
+            )
+        };
         assert!(error("postgres://h/db?sslmode=sometimes").contains("verify-full"));
         assert!(error("postgres://h/db?schema=Bad-Name").contains("schema"));
         assert!(error("postgres://h/db?schema=x%2").contains("%-escape"));
         assert!(error("postgres://h/db?sslcert=/c.pem").contains("client certificates"));
         let unknown = error("postgres://u:pw@h/db?frobnicate=1");
         assert!(unknown.contains("postgres://USER"), "{unknown}");
-        assert!(!unknown.contains("pw@"), "the password is masked: {unknown}");
-        assert!(PgUrl::parse_with("postgres://h/db", &env(&[])).unwrap_err().to_string().contains("user"));
+        assert!(
+            !unknown.contains("pw@"),
+            "the password is masked: {unknown}"
+        );
+        assert!(
+            PgUrl::parse_with("postgres://h/db", &env(&[]))
+                .unwrap_err()
+                .to_string()
+                .contains("user")
+        );
     }
 
     #[test]

@@ -101,10 +101,11 @@ async fn connect(
     config: &tokio_postgres::Config,
     connector: MakeRustlsConnect,
 ) -> Result<(tokio_postgres::Client, mpsc::Receiver<u64>), String> {
-    let (client, mut connection) = tokio::time::timeout(OPERATION_TIMEOUT * 2, config.connect(connector))
-        .await
-        .map_err(|_| "connecting timed out".to_owned())?
-        .map_err(|e| super::error_chain(&e))?;
+    let (client, mut connection) =
+        tokio::time::timeout(OPERATION_TIMEOUT * 2, config.connect(connector))
+            .await
+            .map_err(|_| "connecting timed out".to_owned())?
+            .map_err(|e| super::error_chain(&e))?;
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         loop {

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -76,13 +76,24 @@ fn roots(root_cert: Option<&Path>) -> anyhow::Result<RootCertStore> {
         Some(path) => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .with_context(|| {
-                    format!("cannot read sslrootcert {}: name a PEM file of CA certificates", path.display())
+                    format!(
+                        "cannot read sslrootcert {}: name a PEM file of CA certificates",
+                        path.display()
+                    )
                 })?
                 .collect::<Result<_, _>>()
-                .with_context(|| format!("sslrootcert {} is not a PEM file of certificates", path.display()))?;
+                .with_context(|| {
+                    format!(
+                        "sslrootcert {} is not a PEM file of certificates",
+                        path.display()
+                    )
+                })?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                bail!("sslrootcert {} holds no usable CA certificate", path.display());
+                bail!(
+                    "sslrootcert {} holds no usable CA certificate",
+                    path.display()
+                );
             }
         }
         None => {
@@ -117,7 +128,9 @@ struct Verifier {
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier").field("check", &self.check).finish()
+        f.debug_struct("Verifier")
+            .field("check", &self.check)
+            .finish()
     }
 }
 
@@ -133,7 +146,8 @@ impl ServerCertVerifier for Verifier {
         let Some(webpki) = &self.webpki else {
             return Ok(ServerCertVerified::assertion());
         };
-        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Ok(verified) => Ok(verified),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },

@@ -33,10 +33,7 @@ impl AppendRequest {
         events: Vec<EventData>,
         reply: oneshot::Sender<Result<AppendResult, StoreError>>,
     ) -> Self {
-        let bytes = events
-            .iter()
-            .map(|e| e.data.len() + e.metadata.len())
-            .sum();
+        let bytes = events.iter().map(|e| e.data.len() + e.metadata.len()).sum();
         AppendRequest {
             stream,
             expected,
@@ -132,7 +129,9 @@ async fn commit(shared: &Shared, mut group: Vec<AppendRequest>) {
                 }
                 if last_position > 0 {
                     shared.commits.send_modify(|p| *p = (*p).max(last_position));
-                    shared.announce.send_modify(|p| *p = (*p).max(last_position));
+                    shared
+                        .announce
+                        .send_modify(|p| *p = (*p).max(last_position));
                 }
                 return;
             }
@@ -212,8 +211,7 @@ async fn run_group(
             .query(
                 &statement,
                 &[
-                    &streams, &kinds, &expected, &counts, &ids, &types, &data, &metadata,
-                    &messages,
+                    &streams, &kinds, &expected, &counts, &ids, &types, &data, &metadata, &messages,
                 ],
             )
             .await
@@ -280,8 +278,11 @@ fn group_error(shared: &Shared, e: &tokio_postgres::Error) -> GroupError {
         {
             return GroupError::DuplicateId(index);
         }
-        if [SqlState::T_R_DEADLOCK_DETECTED, SqlState::T_R_SERIALIZATION_FAILURE]
-            .contains(db.code())
+        if [
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+        ]
+        .contains(db.code())
         {
             return GroupError::Transient(shared.error(e));
         }
