@@ -185,6 +185,7 @@ lint: wasm-target
 # because the cqrs-es peer's MemStore prints a line per load and store).
 # Extra flags: make bench ARGS='--runs 5 --secs 3'
 bench: plugins test-plugins host
+	@scripts/ensure-system-packages --bench
 	$(CARGO) build -p rehydra-bench
 	@mkdir -p $(TARGET_DIR)/bench
 	$(TARGET_DIR)/debug/rehydra-bench --out $(TARGET_DIR)/bench/results.md.tmp $(ARGS) > /dev/null
@@ -194,6 +195,7 @@ bench: plugins test-plugins host
 # The same suite with the host and the bench fully optimised (profile
 # `bench-release`; a first build takes 15-20 minutes on two cores).
 bench-release: plugins test-plugins
+	@scripts/ensure-system-packages --bench
 	$(CARGO) build --profile bench-release -p rehydra -p rehydra-bench
 	@mkdir -p $(TARGET_DIR)/bench
 	REHYDRA_BIN=$(TARGET_DIR)/bench-release/rehydra $(TARGET_DIR)/bench-release/rehydra-bench --out $(TARGET_DIR)/bench/results-release.md.tmp $(ARGS) > /dev/null
