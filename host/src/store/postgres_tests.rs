@@ -356,3 +356,61 @@ async fn the_password_is_masked() {
     assert!(!described.contains("not-the-password"), "{described}");
     assert!(described.contains("rehydra:***@"), "{described}");
 }
+
+/// `sslmode` means what it means to libpq: `require` encrypts without
+/// verifying, `verify-full` checks the chain against `sslrootcert` and the
+/// host name, and a certificate from another CA is refused with a message
+/// that names TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_encrypts_and_verifies_as_libpq_does() {
+    let (server, ca) = tokio::task::spawn_blocking(PgServer::start_with_tls)
+        .await
+        .expect("join")
+        .expect("a PostgreSQL server with TLS");
+    let base = server.url("postgres");
+    let encrypted = || {
+        server
+            .sql(
+                "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                 WHERE ssl AND application_name = 'rehydra'",
+            )
+            .expect("pg_stat_ssl")
+            .trim()
+            .parse::<u32>()
+            .expect("a count")
+    };
+
+    let required = open(&format!("{base}?sslmode=require")).await;
+    let s = new_stream("tls");
+    required
+        .append(&s, ExpectedVersion::NoStream, events(1))
+        .await
+        .expect("append over TLS");
+    assert!(encrypted() > 0, "the store's connections are encrypted");
+    drop(required);
+
+    let verified = open(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    ))
+    .await;
+    assert_eq!(verified.stream_version(&s).await.expect("version"), 1);
+    drop(verified);
+
+    // Another CA: the server's certificate does not chain to it.
+    let (_other, other_ca) = tokio::task::spawn_blocking(PgServer::start_with_tls)
+        .await
+        .expect("join")
+        .expect("a second server, for its CA");
+    let refused = PostgresStore::open(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        other_ca.display()
+    ))
+    .await
+    .unwrap_err();
+    let text = format!("{refused:#}");
+    assert!(
+        text.to_lowercase().contains("certificate"),
+        "the error says why: {text}"
+    );
+}

@@ -77,6 +77,106 @@ impl PgServer {
         Ok(server)
     }
 
+    /// Like [`PgServer::start`], with TLS on: a private CA and a server
+    /// certificate for `localhost` and `127.0.0.1` made with the `openssl`
+    /// command. Returns the server and the CA certificate's path (PEM),
+    /// for `sslrootcert`.
+    pub fn start_with_tls() -> anyhow::Result<(Self, PathBuf)> {
+        let mut server = Self::prepare(&[])?;
+        let data = server.data_dir();
+        let out = server
+            .command("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .output()
+            .context("running initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let dir = server.dir.path().to_path_buf();
+        let openssl = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .context("running openssl (Debian's openssl package)")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rehydra test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ])?;
+        fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ])?;
+        for file in ["server.key", "server.pem"] {
+            if let Some((uid, gid)) = server.run_as {
+                chown(dir.join(file), Some(uid), Some(gid))?;
+            }
+            fs::set_permissions(dir.join(file), fs::Permissions::from_mode(0o600))?;
+        }
+        server.settings.extend([
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", dir.join("server.pem").display()),
+            format!("ssl_key_file={}", dir.join("server.key").display()),
+        ]);
+        server.start_again()?;
+        Ok((server, dir.join("ca.pem")))
+    }
+
     /// A fresh directory and port, nothing started.
     fn prepare(settings: &[&str]) -> anyhow::Result<Self> {
         let bin = bin_dir()?;
