@@ -48,6 +48,14 @@ use uuid::Uuid;
 
 use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
 
+mod live;
+mod wire;
+
+use wire::{
+    InvalidPosition, at, classify, convert, is_invalid_position, rehydra_position, stream_state,
+    to_wire,
+};
+
 /// How long and how hard the backend keeps trying.
 #[derive(Debug, Clone)]
 pub struct Resilience {
@@ -116,6 +124,19 @@ impl std::fmt::Debug for KurrentDbStore {
             .field("at", &self.described)
             .finish()
     }
+}
+
+/// One record of a `$all` page: its position, and the event unless it
+/// belongs to a system stream (`$…`).
+struct AllRecord {
+    position: Position,
+    event: Option<RecordedEvent>,
+}
+
+/// What one append attempt ended with.
+enum Appended {
+    Written(kurrentdb::WriteResult),
+    Conflict(CurrentRevision),
 }
 
 /// Why one attempt failed.
@@ -558,106 +579,6 @@ impl KurrentDbStore {
         }
     }
 
-    /// Follows `$all` from Rehydra position `from` (inclusive): first the
-    /// stored events, then new ones as they are committed, for streams whose
-    /// names start with one of `prefixes` (all non-system streams if empty).
-    ///
-    /// Uses KurrentDB's `subscribe_to_all` with a stream-prefix filter. When
-    /// the connection drops it resubscribes from the last position it
-    /// delivered, so no event is lost or repeated. The receiver gets an
-    /// error, and nothing more, if the store stays unreachable for longer
-    /// than the retry budget. Dropping the receiver ends the subscription.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        from: u64,
-        prefixes: Vec<String>,
-    ) -> mpsc::Receiver<Result<RecordedEvent, StoreError>> {
-        let (tx, rx) = mpsc::channel(256);
-        let store = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(e) = store.follow(from, &prefixes, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        rx
-    }
-
-    async fn follow(
-        &self,
-        from: u64,
-        prefixes: &[String],
-        tx: &mpsc::Sender<Result<RecordedEvent, StoreError>>,
-    ) -> Result<(), StoreError> {
-        // Catch up by reading, to learn a record position to subscribe from.
-        let mut next = from.max(1);
-        let mut resume: Option<Position> = None;
-        loop {
-            let (page, last) = self.read_all_from(next, PAGE, prefixes).await?;
-            if let Some(p) = last {
-                resume = Some(p);
-                next = rehydra_position(p) + 1;
-            }
-            let done = page.len() < PAGE;
-            for e in page {
-                if tx.send(Ok(e)).await.is_err() {
-                    return Ok(());
-                }
-            }
-            if done {
-                break;
-            }
-        }
-        if resume.is_none() {
-            resume = self.last_position().await?;
-        }
-        // Then live, resubscribing after every drop.
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            let client = self.conn().client.clone();
-            let mut options = SubscribeToAllOptions::default().position(match resume {
-                Some(p) => StreamPosition::Position(p),
-                None => StreamPosition::Start,
-            });
-            let mut filter = SubscriptionFilter::on_stream_name();
-            for p in prefixes {
-                filter = filter.add_prefix(p);
-            }
-            if !prefixes.is_empty() {
-                options = options.filter(filter);
-            }
-            let mut sub = client.subscribe_to_all(&options).await;
-            let error = loop {
-                match sub.next_subscription_event().await {
-                    Ok(SubscriptionEvent::EventAppeared(e)) => {
-                        failing_since = None;
-                        let e = e.get_original_event();
-                        resume = Some(e.position);
-                        if rehydra_position(e.position) < next || e.stream_id().starts_with('$') {
-                            continue;
-                        }
-                        if tx.send(Ok(convert(e)?)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(SubscriptionEvent::Checkpoint(p)) => resume = Some(p),
-                    Ok(_) => failing_since = None,
-                    Err(e) => break e,
-                }
-            };
-            let since = *failing_since.get_or_insert_with(Instant::now);
-            let generation = self.conn().generation;
-            let message = error.to_string();
-            self.note_failure(generation, &message, true);
-            if since.elapsed() > self.resilience.budget {
-                return Err(StoreError::Unavailable(format!(
-                    "the subscription to KurrentDB ({}) could not be resumed within {:?}: {message}",
-                    self.described, self.resilience.budget
-                )));
-            }
-            tokio::time::sleep(self.resilience.first_backoff * 5).await;
-        }
-    }
-
     /// The position of the last record in `$all`, if any.
     async fn last_position(&self) -> Result<Option<Position>, StoreError> {
         let deadline = self.resilience.attempt_timeout;
@@ -677,191 +598,6 @@ impl KurrentDbStore {
         })
         .await
     }
-}
-
-/// A `$all` read was refused because the position is not a record start.
-struct InvalidPosition;
-
-fn at(position: u64) -> StreamPosition<Position> {
-    StreamPosition::Position(Position {
-        commit: position,
-        prepare: position,
-    })
-}
-
-/// KurrentDB's position as a Rehydra position (commit position + 1). Old
-/// servers give no position on stream reads (all ones); that reads as 0.
-fn rehydra_position(p: Position) -> u64 {
-    if p.commit == u64::MAX {
-        0
-    } else {
-        p.commit + 1
-    }
-}
-
-fn is_invalid_position(e: &kurrentdb::Error) -> bool {
-    match e {
-        kurrentdb::Error::Grpc { code, message } => {
-            !matches!(
-                code,
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) && message.to_ascii_lowercase().contains("position")
-        }
-        _ => false,
-    }
-}
-
-/// Sorts a client error into "retry" and "give up".
-fn classify(e: kurrentdb::Error) -> Failure {
-    use kurrentdb::Error as E;
-    let message = e.to_string();
-    match e {
-        E::NotLeaderException(_) | E::ServerError(_) | E::DeadlineExceeded => Failure::Transient {
-            message,
-            rebuild: false,
-        },
-        E::ConnectionClosed | E::GrpcConnectionError(_) => Failure::Transient {
-            message,
-            rebuild: true,
-        },
-        E::Grpc {
-            code:
-                tonic::Code::Unavailable
-                | tonic::Code::Cancelled
-                | tonic::Code::Aborted
-                | tonic::Code::ResourceExhausted
-                | tonic::Code::Unknown,
-            ..
-        } => Failure::Transient {
-            message,
-            rebuild: false,
-        },
-        E::Grpc { message: m, .. } if m.contains("Maximum Append Size") => {
-            Failure::Fatal(StoreError::Unavailable(format!(
-                "KurrentDB refused the append: {m} Make the command's events smaller, or raise the server's \
-                 MaxAppendSize (KURRENTDB_MAX_APPEND_SIZE)"
-            )))
-        }
-        E::AccessDenied => Failure::Fatal(StoreError::Unavailable(
-            "KurrentDB denied access; check the user and password in the --store connection string \
-             (kurrentdb://user:password@host:port)"
-                .into(),
-        )),
-        E::ResourceDeleted => Failure::Fatal(StoreError::Corrupt(
-            "the stream was deleted (tombstoned) in KurrentDB; its aggregate cannot be written again".into(),
-        )),
-        other => Failure::Fatal(StoreError::Unavailable(format!("KurrentDB failed: {other}"))),
-    }
-}
-
-/// `ExpectedVersion` in KurrentDB's terms.
-fn stream_state(expected: ExpectedVersion) -> StreamState {
-    match expected {
-        ExpectedVersion::Any => StreamState::Any,
-        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => StreamState::NoStream,
-        ExpectedVersion::StreamExists => StreamState::StreamExists,
-        ExpectedVersion::Exact(v) => StreamState::StreamRevision(v - 1),
-    }
-}
-
-/// The bytes as a JSON value, if they are JSON with nothing around it (so
-/// that writing the value gives back the same bytes).
-fn verbatim_json(data: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
-    let text = std::str::from_utf8(data).ok()?;
-    let raw = serde_json::value::RawValue::from_string(text.to_owned()).ok()?;
-    (raw.get().len() == text.len()).then_some(raw)
-}
-
-/// What Rehydra sends to KurrentDB for one event.
-fn to_wire(e: &EventData) -> kurrentdb::EventData {
-    let base = match verbatim_json(&e.data) {
-        Some(raw) => kurrentdb::EventData::json(&e.event_type, &raw).ok(),
-        None => None,
-    };
-    base.unwrap_or_else(|| kurrentdb::EventData::binary(&e.event_type, Bytes::from(e.data.clone())))
-        .id(e.event_id)
-        .metadata(Bytes::from(encode_metadata(&e.metadata, &e.message_id)))
-}
-
-/// The custom metadata stored for an event: `metadata` itself when it is a
-/// JSON object with this `messageId`; otherwise a JSON object with the
-/// message id and the original bytes.
-fn encode_metadata(metadata: &[u8], message_id: &str) -> Vec<u8> {
-    if let Ok(serde_json::Value::Object(map)) =
-        serde_json::from_slice::<serde_json::Value>(metadata)
-        && map.get("messageId").and_then(|v| v.as_str()) == Some(message_id)
-        && !map.contains_key(WRAPPED_UTF8)
-        && !map.contains_key(WRAPPED_HEX)
-    {
-        return metadata.to_vec();
-    }
-    let mut wrapper = serde_json::Map::new();
-    wrapper.insert("messageId".into(), message_id.into());
-    match std::str::from_utf8(metadata) {
-        Ok(text) => wrapper.insert(WRAPPED_UTF8.into(), text.into()),
-        Err(_) => wrapper.insert(WRAPPED_HEX.into(), hex::encode(metadata).into()),
-    };
-    serde_json::Value::Object(wrapper).to_string().into_bytes()
-}
-
-/// The event's metadata bytes and message id, from its custom metadata.
-fn decode_metadata(stored: &[u8]) -> Result<(Vec<u8>, String), StoreError> {
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(stored)
-    else {
-        // Not written by Rehydra: no message id.
-        return Ok((stored.to_vec(), String::new()));
-    };
-    let message_id = map
-        .get("messageId")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    if let Some(text) = map.get(WRAPPED_UTF8).and_then(|v| v.as_str()) {
-        return Ok((text.as_bytes().to_vec(), message_id));
-    }
-    if let Some(hex_text) = map.get(WRAPPED_HEX).and_then(|v| v.as_str()) {
-        let bytes = hex::decode(hex_text)
-            .map_err(|e| StoreError::Corrupt(format!("unreadable wrapped event metadata: {e}")))?;
-        return Ok((bytes, message_id));
-    }
-    Ok((stored.to_vec(), message_id))
-}
-
-/// A KurrentDB event as Rehydra's.
-fn convert(e: &kurrentdb::RecordedEvent) -> Result<RecordedEvent, Failure> {
-    let (metadata, message_id) = decode_metadata(&e.custom_metadata).map_err(Failure::Fatal)?;
-    Ok(RecordedEvent {
-        stream: e.stream_id().to_owned(),
-        version: e.revision + 1,
-        position: rehydra_position(e.position),
-        event_id: e.id,
-        event_type: e.event_type.clone(),
-        data: e.data.to_vec(),
-        metadata,
-        message_id,
-    })
-}
-
-impl From<Failure> for StoreError {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::Fatal(e) => e,
-            Failure::Transient { message, .. } => StoreError::Unavailable(message),
-        }
-    }
-}
-
-/// One record of a `$all` page: its position, and the event unless it
-/// belongs to a system stream (`$…`).
-struct AllRecord {
-    position: Position,
-    event: Option<RecordedEvent>,
-}
-
-/// What one append attempt ended with.
-enum Appended {
-    Written(kurrentdb::WriteResult),
-    Conflict(CurrentRevision),
 }
 
 #[async_trait]
@@ -1022,79 +758,5 @@ mod tests {
             "kurrentdb://admin:***@h1:2113,h2:2113?tls=true"
         );
         assert_eq!(redact("esdb://h:2113"), "esdb://h:2113");
-    }
-
-    #[test]
-    fn versions_map_to_revisions() {
-        assert!(matches!(
-            stream_state(ExpectedVersion::Exact(0)),
-            StreamState::NoStream
-        ));
-        assert!(matches!(
-            stream_state(ExpectedVersion::Exact(5)),
-            StreamState::StreamRevision(4)
-        ));
-        assert!(matches!(
-            stream_state(ExpectedVersion::Any),
-            StreamState::Any
-        ));
-        assert!(matches!(
-            stream_state(ExpectedVersion::StreamExists),
-            StreamState::StreamExists
-        ));
-    }
-
-    #[test]
-    fn metadata_round_trips_with_its_message_id() {
-        let plain = br#"{"$correlationId":"c","messageId":"m-1"}"#;
-        assert_eq!(encode_metadata(plain, "m-1"), plain.to_vec());
-        assert_eq!(
-            decode_metadata(plain).expect("decode"),
-            (plain.to_vec(), "m-1".into())
-        );
-        for (bytes, id) in [
-            (&b""[..], "m-2"),
-            (&br#"{"messageId":"other"}"#[..], "m-3"),
-            (&b"\xff\x00 not utf8"[..], "m-4"),
-            (&b"[1,2]"[..], "m-5"),
-        ] {
-            let stored = encode_metadata(bytes, id);
-            assert_eq!(
-                decode_metadata(&stored).expect("decode"),
-                (bytes.to_vec(), id.into())
-            );
-        }
-        assert_eq!(
-            decode_metadata(b"not json").expect("decode"),
-            (b"not json".to_vec(), String::new())
-        );
-    }
-
-    #[test]
-    fn only_verbatim_json_is_marked_json() {
-        assert!(verbatim_json(br#"{"a":1}"#).is_some());
-        assert!(verbatim_json(b"{ \"a\" : 1 }").is_some());
-        assert!(verbatim_json(b"{\"a\":1}\n").is_none());
-        assert!(verbatim_json(b"").is_none());
-        assert!(verbatim_json(b"\xff").is_none());
-    }
-
-    #[test]
-    fn positions_are_one_based() {
-        assert_eq!(
-            rehydra_position(Position {
-                commit: 0,
-                prepare: 0
-            }),
-            1
-        );
-        assert_eq!(
-            rehydra_position(Position {
-                commit: 41,
-                prepare: 41
-            }),
-            42
-        );
-        assert_eq!(rehydra_position(Position::end()), 0);
     }
 }
