@@ -18,6 +18,7 @@ use rehydra::plugin::threads::GuestThreads;
 use rehydra::plugin::{CommandInput, PluginRegistry};
 use rehydra::store::embedded::EmbeddedStore;
 use rehydra::store::memory::MemoryStore;
+use rehydra::store::postgres::PostgresStore;
 use rehydra::store::{EventData, EventStore, ExpectedVersion};
 use serde_json::json;
 
@@ -30,6 +31,9 @@ pub enum StoreKind {
     Memory,
     /// `embedded://` (SQLite, fsync per group commit) in a temporary directory.
     Embedded,
+    /// `postgres://` on a fresh throwaway server ([`crate::postgres::Server`]),
+    /// durable (fsync and synchronous commit on).
+    Postgres,
 }
 
 impl StoreKind {
@@ -38,6 +42,7 @@ impl StoreKind {
         match self {
             StoreKind::Memory => "memory://",
             StoreKind::Embedded => "embedded://",
+            StoreKind::Postgres => "postgres://",
         }
     }
 }
@@ -48,6 +53,8 @@ pub struct OpenStore {
     pub store: Arc<dyn EventStore>,
     embedded: Option<Arc<EmbeddedStore>>,
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL server of a `postgres://` store.
+    pub server: Option<crate::postgres::Server>,
 }
 
 impl OpenStore {
@@ -58,6 +65,7 @@ impl OpenStore {
                 store: Arc::new(MemoryStore::new()),
                 embedded: None,
                 _dir: None,
+                server: None,
             },
             StoreKind::Embedded => {
                 let dir = tempfile::tempdir().expect("a temporary directory");
@@ -70,16 +78,44 @@ impl OpenStore {
                     store: store.clone(),
                     embedded: Some(store),
                     _dir: Some(dir),
+                    server: None,
+                }
+            }
+            StoreKind::Postgres => {
+                let server = crate::postgres::Server::start().await;
+                let store = PostgresStore::open(&server.url())
+                    .await
+                    .expect("opening the postgres:// store");
+                OpenStore {
+                    store: Arc::new(store),
+                    embedded: None,
+                    _dir: None,
+                    server: Some(server),
                 }
             }
         }
     }
 
+    /// The CPU time the store's database server has used so far; zero for
+    /// stores inside this process.
+    pub fn server_cpu(&self) -> Duration {
+        self.server
+            .as_ref()
+            .map_or(Duration::ZERO, crate::postgres::Server::cpu)
+    }
+
     /// Closes an embedded store (commits what is queued, releases its
-    /// directory) before the temporary directory goes.
+    /// directory) before the temporary directory goes; stops a PostgreSQL
+    /// server after its store is gone (the caller drops its other handles
+    /// to the store first).
     pub async fn close(self) {
         if let Some(e) = &self.embedded {
             e.close().await;
+        }
+        let OpenStore { store, server, .. } = self;
+        drop(store);
+        if let Some(server) = server {
+            server.stop().await;
         }
     }
 }
@@ -228,7 +264,10 @@ pub async fn throughput(
         // grow, but each command still reads and appends one event.
         let (store, aggregates) = with_accounts(registry, kind, n).await;
         for (i, &c) in concurrency.iter().enumerate() {
-            let r = drive(&aggregates, n, c, secs).await;
+            let server_cpu = store.server_cpu();
+            let r = drive(&aggregates, n, c, secs)
+                .await
+                .with_server_cpu(store.server_cpu().saturating_sub(server_cpu));
             eprintln!(
                 "  {} n={n} c={c}: {:.0}/s p99 {:?} ({} errors)",
                 kind.label(),

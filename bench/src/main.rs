@@ -7,8 +7,8 @@
 //!
 //! | name        | what                                                        |
 //! |-------------|-------------------------------------------------------------|
-//! | `inproc`    | `Aggregates::execute` on `memory://` and `embedded://`, 1 / 1,000 / 100,000 aggregates |
-//! | `store`     | appends straight into `embedded://`, no actors or plugins: the writer's ceiling |
+//! | `inproc`    | `Aggregates::execute` on `memory://`, `embedded://` and `postgres://`, 1 / 1,000 / 100,000 aggregates |
+//! | `store`     | appends straight into `embedded://` and `postgres://`, no actors or plugins: the writer's ceiling; and the same appends written by hand, run by pgbench |
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `memory`    | RSS growth per resident aggregate                            |
@@ -18,13 +18,17 @@
 //!
 //! Usage: `rehydra-bench [--out FILE] [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
 //! Needs `make plugins` and `cargo build -p rehydra` first (`make bench`
-//! does both).
+//! does both), and PostgreSQL's server programs and pgbench (Debian's
+//! `postgresql` package) for the `postgres://` rows, which start their own
+//! throwaway servers. `--only inproc-postgres` and `--only store-postgres`
+//! run just the `postgres://` part of `inproc` and `store`.
 
 mod alloc;
 mod http;
 mod inproc;
 mod native;
 mod peer;
+mod postgres;
 mod stats;
 mod store;
 
@@ -92,7 +96,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,http,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,http,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -106,6 +110,12 @@ impl Options {
         self.only
             .as_ref()
             .is_none_or(|only| only.iter().any(|o| o == name))
+    }
+
+    /// Whether a scenario's `postgres://` part runs: with the scenario, or
+    /// alone as `<scenario>-postgres`.
+    fn wants_postgres(&self, scenario: &str) -> bool {
+        self.wants(scenario) || self.wants(&format!("{scenario}-postgres"))
     }
 }
 
@@ -163,12 +173,19 @@ fn load_row(what: &str, store: &str, n: usize, c: usize, r: &RunResult) -> Strin
 }
 
 /// CPU per operation, or a dash where it was not measured (the HTTP host
-/// is another process).
+/// is another process); with a database server, this process's and the
+/// server's (`12.00 µs + 34.00 µs PG`).
 fn fmt_cpu(r: &RunResult) -> String {
     if r.cpu_per_op.is_zero() {
         "—".to_string()
-    } else {
+    } else if r.server_cpu_per_op.is_zero() {
         fmt_dur_precise(r.cpu_per_op)
+    } else {
+        format!(
+            "{} + {} PG",
+            fmt_dur_precise(r.cpu_per_op),
+            fmt_dur_precise(r.server_cpu_per_op)
+        )
     }
 }
 
@@ -193,10 +210,17 @@ async fn main() {
     let (registry, _plugin_dir) = inproc::registry().await;
     let levels = [1, 16, 256];
 
-    if o.wants("inproc") {
+    let inproc_kinds: Vec<StoreKind> = if o.wants("inproc") {
+        vec![StoreKind::Memory, StoreKind::Embedded, StoreKind::Postgres]
+    } else if o.wants_postgres("inproc") {
+        vec![StoreKind::Postgres]
+    } else {
+        Vec::new()
+    };
+    if !inproc_kinds.is_empty() {
         eprintln!("in-process throughput…");
         out!("### In-process: deposits through `Aggregates::execute`\n\n{LOAD_HEADER}");
-        for kind in [StoreKind::Memory, StoreKind::Embedded] {
+        for kind in inproc_kinds {
             for n in [1, 1000, 100_000] {
                 for (c, r) in inproc::throughput(&registry, kind, n, &levels, o.runs, o.secs).await
                 {
@@ -207,13 +231,63 @@ async fn main() {
         out!();
     }
 
-    if o.wants("store") {
+    if o.wants_postgres("store") {
         eprintln!("store appends…");
         out!(
-            "### The store alone: one-event appends into `embedded://`, no actors or plugins\n\n{LOAD_HEADER}"
+            "### The store alone: one-event appends into `embedded://` and `postgres://`, no actors or plugins\n\n{LOAD_HEADER}"
         );
-        for (c, r) in store::appends(1000, &levels, o.runs, o.secs).await {
-            out!("{}", load_row("store append", "embedded://", 1000, c, &r));
+        if o.wants("store") {
+            for (c, r) in store::appends(1000, &levels, o.runs, o.secs).await {
+                out!("{}", load_row("store append", "embedded://", 1000, c, &r));
+            }
+        }
+        let pg = store::postgres_vs_pgbench(1000, &levels, o.runs, o.secs).await;
+        for l in &pg {
+            out!(
+                "{}",
+                load_row("store append", "postgres://", 1000, l.clients, &l.store)
+            );
+        }
+        out!();
+        out!(
+            "### PostgreSQL: the `postgres://` store against the same appends written by hand (pgbench), 1,000 streams, runs alternating\n\nEach on a fresh server with {}. pgbench: one transaction per append (`BEGIN`; `UPDATE streams … RETURNING version`; `INSERT INTO events …`; `COMMIT`), `-M prepared`, the same number of clients, each on its own share of the streams.\n\n| clients | postgres:// appends/s | postgres:// p99 | pgbench transactions/s | pgbench p99 | postgres:// / pgbench |\n|---:|---:|---:|---:|---:|---:|",
+            postgres::settings_text()
+        );
+        for l in &pg {
+            out!(
+                "| {} | {} | {} | {} | {} | {:.2}× |",
+                l.clients,
+                fmt_rate(l.store.per_sec),
+                fmt_dur(l.store.p99),
+                fmt_rate(l.pgbench.per_sec),
+                fmt_dur(l.pgbench.p99),
+                l.ratio
+            );
+        }
+        out!();
+        out!(
+            "### PostgreSQL: where the appends' time goes\n\n| what | clients | appends/s | p50 | p99 | p999 | appends per commit | transactions with an id per append | WAL per append | client CPU per append | server CPU per append | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for l in &pg {
+            for (what, r, w) in [
+                ("postgres:// store", &l.store, &l.store_work),
+                ("pgbench", &l.pgbench, &l.pgbench_work),
+            ] {
+                out!(
+                    "| {what} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.0} B | {} | {} | {} |",
+                    l.clients,
+                    fmt_rate(r.per_sec),
+                    fmt_dur(r.p50),
+                    fmt_dur(r.p99),
+                    fmt_dur(r.p999),
+                    w.appends_per_commit,
+                    w.xids_per_append,
+                    w.wal_per_append,
+                    fmt_dur_precise(r.cpu_per_op),
+                    fmt_dur_precise(r.server_cpu_per_op),
+                    r.errors
+                );
+            }
         }
         out!();
     }

@@ -23,6 +23,10 @@ pub struct RunResult {
     /// measured. Less sensitive than throughput to what else the shared
     /// machine runs.
     pub cpu_per_op: Duration,
+    /// CPU time a database server process tree used per completed
+    /// operation over the run (`postgres://` and pgbench rows), or zero
+    /// when there is no such server.
+    pub server_cpu_per_op: Duration,
 }
 
 impl RunResult {
@@ -38,6 +42,7 @@ impl RunResult {
             ops,
             errors,
             cpu_per_op: Duration::ZERO,
+            server_cpu_per_op: Duration::ZERO,
         }
     }
 
@@ -45,6 +50,13 @@ impl RunResult {
     /// over the completed operations.
     pub fn with_cpu(mut self, cpu: Duration) -> RunResult {
         self.cpu_per_op = cpu / self.ops.max(1) as u32;
+        self
+    }
+
+    /// The same, with `cpu` (a server's CPU time over the run) spread over
+    /// the completed operations.
+    pub fn with_server_cpu(mut self, cpu: Duration) -> RunResult {
+        self.server_cpu_per_op = cpu / self.ops.max(1) as u32;
         self
     }
 
@@ -65,6 +77,7 @@ impl RunResult {
             ops: runs.iter().map(|r| r.ops).sum(),
             errors: runs.iter().map(|r| r.errors).sum(),
             cpu_per_op: dur(&|r| r.cpu_per_op),
+            server_cpu_per_op: dur(&|r| r.server_cpu_per_op),
         }
     }
 }
@@ -104,23 +117,67 @@ where
 }
 
 /// The CPU time this process has used so far, user and system, all
-/// threads (`/proc/self/stat`, in ticks of 10 ms: Linux reports it in
-/// USER_HZ, which is 100); zero if it cannot be read.
+/// threads; zero if it cannot be read.
 pub fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu("self").map_or(Duration::ZERO, |c| c.own)
+}
+
+/// What `/proc/PID/stat` says about a process's CPU time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcCpu {
+    /// The parent's pid.
+    pub ppid: u32,
+    /// User and system time of the process itself, all threads.
+    pub own: Duration,
+    /// User and system time of its children that have exited and been
+    /// waited for.
+    pub reaped_children: Duration,
+}
+
+/// The CPU times of process `pid` (or `"self"`) from `/proc/PID/stat`, in
+/// ticks of 10 ms (Linux reports them in USER_HZ, which is 100); `None` if
+/// the process is gone or the file cannot be read.
+pub fn proc_cpu(pid: &str) -> Option<ProcCpu> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold
-    // spaces: state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
+    // spaces: state is field 3, ppid 4, utime 14, stime 15, cutime 16,
+    // cstime 17.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| {
         fields
             .get(i)
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    let ticks = |t: u64| Duration::from_millis(t * 10);
+    Some(ProcCpu {
+        ppid: u32::try_from(num(1)).unwrap_or(0),
+        own: ticks(num(11) + num(12)),
+        reaped_children: ticks(num(13) + num(14)),
+    })
+}
+
+/// The CPU time used so far by process `root`, its live children and every
+/// child it has waited for (a PostgreSQL postmaster and its backends,
+/// including those of closed connections).
+pub fn tree_cpu(root: u32) -> Duration {
+    let Some(top) = proc_cpu(&root.to_string()) else {
+        return Duration::ZERO;
+    };
+    let mut total = top.own + top.reaped_children;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(child) = proc_cpu(pid).filter(|c| c.ppid == root) {
+            total += child.own + child.reaped_children;
+        }
+    }
+    total
 }
 
 /// The `q` quantile (0..=1) of an ascending sample, nearest-rank; zero for

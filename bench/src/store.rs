@@ -1,11 +1,14 @@
-//! The event store alone: appends straight into `embedded://`, without
-//! actors or plugins, so the durable figures can be split into what the
-//! store's writer can take and what the command path adds on top.
+//! The event store alone: appends straight into `embedded://` and
+//! `postgres://`, without actors or plugins, so the durable figures can be
+//! split into what the store's writer can take and what the command path
+//! adds on top; and, for `postgres://`, the same appends written by hand
+//! and run by pgbench against a server with the same settings, alternating
+//! with the store's runs.
 //!
 //! Each client owns a disjoint share of the streams, knows their versions,
 //! and appends one `Deposited` event with the host's metadata at a time,
 //! with an exact expected version — what an actor does after its plugin
-//! decided. A fresh store per run.
+//! decided. A fresh store (and a fresh server) per run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +18,7 @@ use rehydra::store::{EventData, EventStore, ExpectedVersion};
 use serde_json::json;
 
 use crate::inproc::{OpenStore, SeedMetadata, StoreKind, client_accounts};
+use crate::postgres::ServerWork;
 use crate::stats::RunResult;
 
 /// One `Deposited` event as the host would append it for a deposit.
@@ -78,6 +82,26 @@ async fn drive(
     .await
 }
 
+/// A fresh store of `kind` holding `streams` streams of one event each, and
+/// the versions the clients start from.
+async fn seeded(kind: StoreKind, streams: usize) -> (OpenStore, Arc<Vec<AtomicU64>>) {
+    let open = OpenStore::new(kind).await;
+    for i in 0..streams {
+        let message_id = uuid::Uuid::new_v4().to_string();
+        open.store
+            .append(
+                &format!("bank_account-acc-{i}"),
+                ExpectedVersion::NoStream,
+                vec![deposited(&message_id)],
+            )
+            .await
+            .expect("creating a stream");
+    }
+    // Every stream holds one event now; the runs carry the versions on.
+    let versions = Arc::new((0..streams).map(|_| AtomicU64::new(1)).collect());
+    (open, versions)
+}
+
 /// `runs` runs at each concurrency level over `streams` streams, each run
 /// on a fresh `embedded://` store; one median result per level.
 pub async fn appends(
@@ -88,21 +112,7 @@ pub async fn appends(
 ) -> Vec<(usize, RunResult)> {
     let mut per_level: Vec<Vec<RunResult>> = vec![Vec::new(); concurrency.len()];
     for _ in 0..runs {
-        let open = OpenStore::new(StoreKind::Embedded).await;
-        for i in 0..streams {
-            let message_id = uuid::Uuid::new_v4().to_string();
-            open.store
-                .append(
-                    &format!("bank_account-acc-{i}"),
-                    ExpectedVersion::NoStream,
-                    vec![deposited(&message_id)],
-                )
-                .await
-                .expect("creating a stream");
-        }
-        // Every stream holds one event now; the runs carry the versions on.
-        let versions: Arc<Vec<AtomicU64>> =
-            Arc::new((0..streams).map(|_| AtomicU64::new(1)).collect());
+        let (open, versions) = seeded(StoreKind::Embedded, streams).await;
         for (i, &c) in concurrency.iter().enumerate() {
             let r = drive(&open.store, &versions, streams, c, secs).await;
             eprintln!(
@@ -118,4 +128,97 @@ pub async fn appends(
         .zip(per_level)
         .map(|(&c, rs)| (c, RunResult::median_of(&rs)))
         .collect()
+}
+
+/// One run (or the medians of several) of the `postgres://` store and
+/// the pgbench baseline at one concurrency level.
+#[derive(Debug, Clone, Copy)]
+pub struct PgLevel {
+    /// Clients (and pgbench clients).
+    pub clients: usize,
+    /// The store's appends.
+    pub store: RunResult,
+    /// What the store's appends cost the server.
+    pub store_work: ServerWork,
+    /// pgbench's transactions.
+    pub pgbench: RunResult,
+    /// What pgbench's transactions cost the server.
+    pub pgbench_work: ServerWork,
+    /// The store's appends/s over pgbench's transactions/s (of medians:
+    /// the median of the runs' ratios).
+    pub ratio: f64,
+}
+
+impl PgLevel {
+    /// Each figure's run-by-run median.
+    fn median_of(runs: &[PgLevel]) -> PgLevel {
+        let results = |f: fn(&PgLevel) -> RunResult| {
+            RunResult::median_of(&runs.iter().map(f).collect::<Vec<_>>())
+        };
+        let work = |f: fn(&PgLevel) -> ServerWork| {
+            ServerWork::median_of(&runs.iter().map(f).collect::<Vec<_>>())
+        };
+        PgLevel {
+            clients: runs.first().map_or(0, |r| r.clients),
+            store: results(|r| r.store),
+            store_work: work(|r| r.store_work),
+            pgbench: results(|r| r.pgbench),
+            pgbench_work: work(|r| r.pgbench_work),
+            ratio: crate::stats::median(runs.iter().map(|r| r.ratio).collect()),
+        }
+    }
+}
+
+/// `runs` runs over `streams` streams: in each, a fresh server with the
+/// `postgres://` store and another with the baseline's tables, then at each
+/// concurrency level the store's appends followed by pgbench's; one median
+/// per level.
+pub async fn postgres_vs_pgbench(
+    streams: usize,
+    concurrency: &[usize],
+    runs: usize,
+    secs: f64,
+) -> Vec<PgLevel> {
+    let mut per_level: Vec<Vec<PgLevel>> = vec![Vec::new(); concurrency.len()];
+    for _ in 0..runs {
+        let (open, versions) = seeded(StoreKind::Postgres, streams).await;
+        let baseline = crate::postgres::baseline_server(streams).await;
+        let server = open
+            .server
+            .as_ref()
+            .expect("a postgres:// store has a server");
+        for (i, &clients) in concurrency.iter().enumerate() {
+            let before = server.counters().await;
+            let cpu = server.cpu();
+            let store = drive(&open.store, &versions, streams, clients, secs)
+                .await
+                .with_server_cpu(server.cpu().saturating_sub(cpu));
+            let store_work = crate::postgres::store_work(server, before, store.ops).await;
+            let (pgbench, pgbench_work) =
+                crate::postgres::pgbench(&baseline, streams, clients, secs).await;
+            let level = PgLevel {
+                clients,
+                store,
+                store_work,
+                pgbench,
+                pgbench_work,
+                ratio: store.per_sec / pgbench.per_sec,
+            };
+            eprintln!(
+                "  postgres:// c={clients}: {:.0}/s p99 {:?} ({} errors, {:.1} appends per commit); pgbench {:.0}/s p99 {:?} ({} failed): {:.2}×",
+                store.per_sec,
+                store.p99,
+                store.errors,
+                store_work.appends_per_commit,
+                pgbench.per_sec,
+                pgbench.p99,
+                pgbench.errors,
+                level.ratio
+            );
+            per_level[i].push(level);
+        }
+        baseline.stop().await;
+        open.close().await;
+    }
+    per_level.iter().map(|l| PgLevel::median_of(l)).collect()
 }
