@@ -116,6 +116,9 @@ pub struct KurrentDbStore {
     resilience: Resilience,
     conn: Mutex<Conn>,
     health: Mutex<Health>,
+    /// The commit signal, driven by a live subscription to `$all`
+    /// (`live.rs`), started on first use.
+    live: std::sync::OnceLock<live::LiveSignal>,
 }
 
 impl std::fmt::Debug for KurrentDbStore {
@@ -207,6 +210,7 @@ impl KurrentDbStore {
                 failures: 0,
             }),
             health: Mutex::new(Health::default()),
+            live: std::sync::OnceLock::new(),
         })
     }
 
@@ -726,8 +730,9 @@ impl EventStore for KurrentDbStore {
         Ok(self.last_position().await?.map_or(0, rehydra_position))
     }
 
-    // No commit_signal: other hosts may write to the cluster, so
-    // subscriptions poll it (see `subscription`).
+    fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.live_signal())
+    }
 
     fn shared_by_hosts(&self) -> bool {
         true

@@ -48,6 +48,7 @@ async fn make() -> (Arc<dyn EventStore>, KurrentDbDouble) {
 /// The suite against the test double.
 mod against_double {
     crate::store::conformance::conformance_suite!(super::make);
+    crate::store::conformance::conformance_tests!(super::make; commit_signal_changes_after_an_append);
 }
 
 /// The suite against the real server at `REHYDRA_KURRENTDB_URL`.
@@ -198,6 +199,70 @@ mod resilience {
         assert_eq!(r.version, 2);
         store.check_health().await.expect("healthy again");
         assert!(store.rebuilds() >= 1, "the client was rebuilt");
+    }
+
+    /// The commit signal follows the cluster, not this process: another
+    /// host's append wakes it; with the node down it keeps changing (the
+    /// subscriptions poll), and once the node is back another host's
+    /// append wakes it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_commit_signal_follows_every_host_and_polls_while_the_cluster_is_away() {
+        let double = KurrentDbDouble::single().await.expect("double");
+        let here = open(&double, quick()).await;
+        let other = open(&double, quick()).await;
+        let mut signal = here.commit_signal().expect("a commit signal");
+        let changes = |signal: &mut tokio::sync::watch::Receiver<u64>| {
+            signal.borrow_and_update();
+            let mut signal = signal.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), signal.changed())
+                    .await
+                    .is_ok()
+            }
+        };
+        // Live, and no longer polling: the signal stays still for a while.
+        let quiet = |signal: &tokio::sync::watch::Receiver<u64>| {
+            let mut signal = signal.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    signal.borrow_and_update();
+                    let still = tokio::time::timeout(Duration::from_millis(700), signal.changed())
+                        .await
+                        .is_err();
+                    if still {
+                        return true;
+                    }
+                    if Instant::now() > deadline {
+                        return false;
+                    }
+                }
+            }
+        };
+        assert!(quiet(&signal).await, "the signal settles once live");
+        let woke = changes(&mut signal);
+        other
+            .append(
+                &new_stream("elsewhere"),
+                ExpectedVersion::NoStream,
+                events(1),
+            )
+            .await
+            .expect("another host's append");
+        assert!(woke.await, "another host's commit wakes this host");
+
+        double.kill(0);
+        assert!(changes(&mut signal).await, "polling while the node is down");
+        double.restart(0).await.expect("restart");
+        // Resubscribed after its back-off: quiet again, and woken by another
+        // host's append alone.
+        assert!(quiet(&signal).await, "the live subscription comes back");
+        let woke = changes(&mut signal);
+        other
+            .append(&new_stream("back"), ExpectedVersion::NoStream, events(1))
+            .await
+            .expect("an append once the node is back");
+        assert!(woke.await, "another host's commit wakes this host again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

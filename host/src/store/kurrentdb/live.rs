@@ -1,8 +1,118 @@
 //! Following `$all` live: a resumable subscription
-//! ([`KurrentDbStore::subscribe`]) that survives reconnects and failovers.
+//! ([`KurrentDbStore::subscribe`]) that survives reconnects and failovers,
+//! and the store's commit signal, which one such subscription drives.
+//!
+//! **The commit signal.** Other hosts write to the cluster too, so only the
+//! cluster can say when something was committed. The first call of
+//! [`EventStore::commit_signal`] starts one task per store that subscribes
+//! to `$all` from its end and bumps the signal on every event that appears
+//! (from any host), so the host's subscriptions (`subscription.rs`) wake at
+//! once instead of polling `read_all`. The subscription only wakes them; they
+//! still read `$all` from their own positions, so nothing depends on it
+//! delivering every event. When it breaks, the task bumps the signal every
+//! [`POLL_WHILE_DEAF`] (subscriptions poll) while it resubscribes with
+//! back-off, through a freshly built client (a fresh discovery, which finds
+//! a new leader), and bumps once more when it is back.
+
+use tokio::sync::watch;
 
 use super::wire::{convert, rehydra_position};
 use super::*;
+
+/// How often subscriptions are woken while the live subscription to `$all`
+/// is down.
+pub const POLL_WHILE_DEAF: Duration = Duration::from_millis(200);
+/// The longest pause between attempts to resubscribe.
+const RESUBSCRIBE_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The commit signal and the task that drives it, started on first use.
+pub(super) struct LiveSignal {
+    signal: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LiveSignal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KurrentDbStore {
+    /// The commit signal, starting the task that drives it on first use.
+    pub(super) fn live_signal(&self) -> watch::Receiver<u64> {
+        self.live
+            .get_or_init(|| {
+                let (signal, _) = watch::channel(0);
+                let task = tokio::spawn(drive_signal(
+                    self.settings.clone(),
+                    self.conn().client.clone(),
+                    signal.clone(),
+                    self.resilience.first_backoff,
+                    self.described.clone(),
+                ));
+                LiveSignal { signal, task }
+            })
+            .signal
+            .subscribe()
+    }
+}
+
+/// Bumps `signal` for every event appended to the cluster; see the module
+/// docs.
+async fn drive_signal(
+    settings: ClientSettings,
+    mut client: Client,
+    signal: watch::Sender<u64>,
+    first_backoff: Duration,
+    described: String,
+) {
+    let bump = || signal.send_modify(|n| *n = n.wrapping_add(1));
+    let mut wait = first_backoff;
+    let mut was_live = true;
+    loop {
+        let options = SubscribeToAllOptions::default().position(StreamPosition::End);
+        let mut subscription = client.subscribe_to_all(&options).await;
+        let mut confirmed = false;
+        let error = loop {
+            match subscription.next_subscription_event().await {
+                Ok(SubscriptionEvent::EventAppeared(e)) => {
+                    if !e.get_original_event().stream_id().starts_with('$') {
+                        bump();
+                    }
+                }
+                Ok(SubscriptionEvent::Confirmed(_)) => {
+                    confirmed = true;
+                    wait = first_backoff;
+                    if !was_live {
+                        tracing::info!(store = %described, "live subscription to $all is back");
+                        was_live = true;
+                    }
+                    // Whatever was committed while nobody listened.
+                    bump();
+                }
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        if was_live {
+            tracing::warn!(
+                store = %described, error = %error, confirmed,
+                "the live subscription to $all broke; subscriptions poll every {} ms until it is back",
+                POLL_WHILE_DEAF.as_millis()
+            );
+            was_live = false;
+        }
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            bump();
+            tokio::time::sleep(POLL_WHILE_DEAF).await;
+        }
+        wait = (wait * 2).min(RESUBSCRIBE_MAX_WAIT);
+        if let Ok(fresh) = Client::new(settings.clone()) {
+            client = fresh;
+        }
+    }
+}
 
 impl KurrentDbStore {
     /// Follows `$all` from Rehydra position `from` (inclusive): first the
