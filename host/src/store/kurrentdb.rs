@@ -348,14 +348,31 @@ impl KurrentDbStore {
         revision: u64,
         count: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_page(stream, StreamPosition::Position(revision), count, true)
+            .await
+    }
+
+    /// Up to `count` events of `stream` from `start`, forwards or backwards
+    /// (newest first).
+    async fn read_page(
+        &self,
+        stream: &str,
+        start: StreamPosition<u64>,
+        count: usize,
+        forwards: bool,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let deadline = self.resilience.attempt_timeout;
         self.run("a stream read", |client| async move {
             let options = ReadStreamOptions::default()
-                .forwards()
-                .position(StreamPosition::Position(revision))
+                .position(start)
                 .max_count(count)
                 .requires_leader(true)
                 .deadline(deadline);
+            let options = if forwards {
+                options.forwards()
+            } else {
+                options.backwards()
+            };
             let mut read = match client.read_stream(stream, &options).await {
                 Ok(read) => read,
                 Err(kurrentdb::Error::ResourceNotFound) => return Ok(Vec::new()),
@@ -702,26 +719,41 @@ impl EventStore for KurrentDbStore {
         stream: &str,
         first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        // KurrentDB cannot look an event up by id: scan the stream, and stop
-        // at the first page that holds the command's events and the next
-        // event after them.
+        // KurrentDB cannot look an event up by id. A repeated key is almost
+        // always a recent command's (a client retrying after a timeout or a
+        // lost host), so read the stream backwards from its end, a page at
+        // a time, until the command's first event; then read forwards from
+        // it for the rest of the command. A key that is not there costs a
+        // read of the whole stream (one page in memory at a time).
+        let mut start = StreamPosition::End;
+        let first_version = loop {
+            let page = self.read_page(stream, start, PAGE, false).await?;
+            if let Some(e) = page.iter().find(|e| e.event_id == first_event_id) {
+                break e.version;
+            }
+            match page.last().map(|e| e.version) {
+                // Revisions are versions - 1: the next page ends just
+                // before this one's oldest event.
+                Some(oldest) if page.len() == PAGE && oldest > 1 => {
+                    start = StreamPosition::Position(oldest - 2);
+                }
+                _ => return Ok(Vec::new()),
+            }
+        };
         let mut scanned: Vec<RecordedEvent> = Vec::new();
-        let mut revision = 0;
+        let mut revision = first_version.saturating_sub(1);
         loop {
             let page = self.read_revisions(stream, revision, PAGE).await?;
             let full = page.len() == PAGE;
             if let Some(last) = page.last() {
                 revision = last.version;
             }
-            // A page without the first event is dropped; once it is seen,
-            // pages are kept until the command's events end within one.
             scanned.extend(page);
             let found = super::command_events(&scanned, first_event_id);
             match found.last() {
                 Some(last) if !full || last.version < revision => return Ok(found),
                 Some(_) => {}
-                None if !full => return Ok(Vec::new()),
-                None => scanned.clear(),
+                None => return Ok(Vec::new()),
             }
         }
     }

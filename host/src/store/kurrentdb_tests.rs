@@ -505,3 +505,75 @@ mod resilience {
         );
     }
 }
+
+/// Idempotency look-ups read a long stream backwards from its end and find
+/// a command wherever it is, also when its events straddle a page.
+mod lookups {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_is_found_anywhere_in_a_long_stream() {
+        let (store, _double) = make().await;
+        let s = new_stream("long");
+        let filler = |n: u32| events(n);
+        // Versions 1-3: the oldest command.
+        let oldest = events(3);
+        store
+            .append(&s, ExpectedVersion::NoStream, oldest.clone())
+            .await
+            .expect("oldest");
+        store
+            .append(&s, ExpectedVersion::Exact(3), filler(1497))
+            .await
+            .expect("filler");
+        // Versions 1501-1503: inside the second page read backwards (the
+        // pages of a 3000-event stream are 3000-2001, 2000-1001, 1000-1).
+        let middle = events(3);
+        let mut version = 1500;
+        store
+            .append(&s, ExpectedVersion::Exact(version), middle.clone())
+            .await
+            .expect("middle");
+        version += 3;
+        store
+            .append(&s, ExpectedVersion::Exact(version), filler(496))
+            .await
+            .expect("filler");
+        version += 496;
+        let straddling = events(4);
+        // Versions 2000-2003: the first event in the second page, the rest
+        // in the first.
+        store
+            .append(&s, ExpectedVersion::Exact(version), straddling.clone())
+            .await
+            .expect("straddling");
+        version += 4;
+        store
+            .append(&s, ExpectedVersion::Exact(version), filler(997))
+            .await
+            .expect("filler");
+        assert_eq!(store.stream_version(&s).await.expect("version"), 3000);
+
+        for (command, first_version) in [(&oldest, 1), (&middle, 1501), (&straddling, 2000)] {
+            let found = store
+                .find_command_events(&s, command[0].event_id)
+                .await
+                .expect("find");
+            assert_eq!(
+                found.len(),
+                command.len(),
+                "the whole command at {first_version}"
+            );
+            for (i, (stored, sent)) in found.iter().zip(command.iter()).enumerate() {
+                assert_stored(stored, &s, first_version + i as u64, sent);
+            }
+        }
+        assert!(
+            store
+                .find_command_events(&s, Uuid::new_v4())
+                .await
+                .expect("find none")
+                .is_empty()
+        );
+    }
+}
