@@ -342,6 +342,32 @@ async fn three_hosts_on_one_database_keep_every_acknowledged_command_once() {
     sub_b.abort();
 }
 
+/// The same scenario on `kurrentdb://`, against the in-process KurrentDB
+/// **test double** (no KurrentDB server can run here): three hosts, the
+/// same aggregates, live subscribers on two of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hosts_on_one_kurrentdb_double_keep_every_acknowledged_command_once() {
+    let double =
+        kurrentdb_double::KurrentDbDouble::start(kurrentdb_double::DoubleConfig::default())
+            .await
+            .expect("the KurrentDB test double");
+    let (hosts, _caches) = hosts_on(&double.connection_string(), 3);
+    let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
+    let (sub_a, seen_a) = subscribe(&hosts[1]);
+    let (sub_b, seen_b) = subscribe(&hosts[2]);
+
+    let accounts = open_accounts(&bases, "kdb", 4).await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (acks, _) = deposit_load(bases, accounts.clone(), 6, 30, Duration::ZERO, acked).await;
+    assert_eq!(acks.len(), 180);
+
+    let all: Vec<&Host> = hosts.iter().collect();
+    let total = check_streams(&hosts[0], &all, &accounts, &acks).await;
+    check_subscribers(&[seen_a, seen_b], total).await;
+    sub_a.abort();
+    sub_b.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_killed_under_load_loses_nothing_and_applies_nothing_twice() {
     let server = start_server().await;
