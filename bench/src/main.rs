@@ -10,6 +10,7 @@
 //! | `inproc`    | `Aggregates::execute` on `memory://`, `embedded://` and `postgres://`, 1 / 1,000 / 100,000 aggregates |
 //! | `store`     | appends straight into `embedded://` and `postgres://`, no actors or plugins: the writer's ceiling; and the same appends written by hand, run by pgbench |
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
+//! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
@@ -24,6 +25,7 @@
 //! run just the `postgres://` part of `inproc` and `store`.
 
 mod alloc;
+mod cluster;
 mod http;
 mod inproc;
 mod native;
@@ -96,7 +98,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,http,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,http,cluster,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -339,6 +341,30 @@ async fn main() {
             for (c, r) in http::throughput(n, &levels, o.runs, o.secs).await {
                 out!("{}", load_row("HTTP", "embedded://", n, c, &r));
             }
+        }
+        out!();
+    }
+
+    if o.wants("cluster") {
+        eprintln!("three hosts behind nginx…");
+        out!(
+            "### Several hosts: {} `rehydra` hosts on one `postgres://` behind nginx (`deploy/nginx/rehydra.conf`), wrk with {} connections, deposits on random accounts of {}, runs alternating\n\n| routing | commands/s | p50 | p99 | conflicts retried per command | non-2xx responses | hosts' CPU per command | PostgreSQL CPU per command |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+            cluster::HOSTS,
+            cluster::CONNECTIONS,
+            fmt_rate(cluster::ACCOUNTS as f64)
+        );
+        for (routing, r) in cluster::compare(o.runs, o.secs).await {
+            out!(
+                "| {} | {} | {} | {} | {:.2} % | {:.2} % | {} | {} |",
+                routing.label(),
+                fmt_rate(r.per_sec),
+                fmt_dur(r.p50),
+                fmt_dur(r.p99),
+                r.conflict_rate * 100.0,
+                r.failed_rate * 100.0,
+                fmt_dur_precise(r.hosts_cpu),
+                fmt_dur_precise(r.server_cpu)
+            );
         }
         out!();
     }
