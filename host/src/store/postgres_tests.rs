@@ -414,3 +414,56 @@ async fn sslmode_encrypts_and_verifies_as_libpq_does() {
         "the error says why: {text}"
     );
 }
+
+/// A database that stops answering without closing anything (the network
+/// cut, simulated by freezing every server process) fails operations with
+/// `Unavailable` within the operation deadline, not never; once it answers
+/// again the store works by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_is_unavailable_within_the_deadline() {
+    let server = server().await;
+    let store = open(&server.url("postgres")).await;
+    let s = new_stream("silent");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1))
+        .await
+        .expect("append");
+
+    server.freeze().expect("freeze the server");
+    // Its outcome is unknown (the server may run it once it answers again),
+    // so it is retried with the same event ids, as the actor does.
+    let second = events(1);
+    let started = Instant::now();
+    let failed = store
+        .append(&s, ExpectedVersion::Exact(1), second.clone())
+        .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "got {failed:?}"
+    );
+    assert!(
+        took < super::postgres::OPERATION_TIMEOUT * 3,
+        "gave up within the deadline, not after {took:?}"
+    );
+    assert!(store.health().await.is_err(), "health reports it");
+
+    server.thaw().expect("thaw the server");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            store
+                .append(&s, ExpectedVersion::Exact(1), second.clone())
+                .await
+                .is_ok()
+        })
+        .await,
+        "the store recovers by itself"
+    );
+    let stored = read_whole(&store, &s).await;
+    assert_eq!(
+        stored.len(),
+        2,
+        "stored once, whether the first try or the retry wrote it"
+    );
+    assert_eq!(stored[1].event_id, second[0].event_id);
+}

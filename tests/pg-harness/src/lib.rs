@@ -390,6 +390,51 @@ impl PgServer {
         Ok(())
     }
 
+    /// Freezes the server and every process of it (SIGSTOP): connections
+    /// stay open but nothing answers, as when the network between a host
+    /// and the database is cut. [`thaw`](Self::thaw) resumes it.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal_all("STOP")
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal_all("CONT")
+    }
+
+    /// Sends `name` to the postmaster and each of its children.
+    fn signal_all(&self, name: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the server is not running")?;
+        let root = child.id();
+        let mut pids = vec![root];
+        for entry in fs::read_dir("/proc")?.filter_map(Result::ok) {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // The parent pid is the second field after the command's ")".
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if parent == Some(root) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &pid.to_string()])
+                .status()
+                .context("running kill")?;
+            if !status.success() {
+                bail!("kill -{name} {pid} failed");
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `sql` with psql as the superuser in database `postgres`; its
     /// output unaligned, tuples only.
     pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
@@ -435,6 +480,8 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
+        // A frozen server would ignore the shutdown request.
+        let _ = self.thaw();
         let _ = self.stop();
     }
 }
