@@ -121,9 +121,11 @@ struct RunArgs {
     /// The directory of plugin .wasm files.
     #[arg(long, env = "REHYDRA_PLUGINS", default_value = "./plugins")]
     plugins: PathBuf,
-    /// The event store: embedded://PATH (SQLite, durable), memory:// (tests;
-    /// nothing survives), or a KurrentDB/EventStoreDB cluster:
-    /// kurrentdb://, esdb://, kurrentdb+discover://, esdb+discover://.
+    /// The event store: embedded://PATH (SQLite, durable, one host),
+    /// memory:// (tests; nothing survives), PostgreSQL shared by several
+    /// hosts (postgres://USER@HOST:PORT/DB, libpq's URL form, ?schema=NAME),
+    /// or a KurrentDB/EventStoreDB cluster: kurrentdb://, esdb://,
+    /// kurrentdb+discover://, esdb+discover://.
     #[arg(
         long,
         env = "REHYDRA_STORE",

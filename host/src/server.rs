@@ -21,7 +21,7 @@ use crate::subscription::{SubscriptionConfig, Subscriptions};
 pub struct ServerConfig {
     /// The plugin directory.
     pub plugins: PathBuf,
-    /// The store URL (`embedded://PATH` or `memory://`).
+    /// The store URL (see [`crate::store::open`]).
     pub store: String,
     /// Where to serve HTTP.
     pub http: SocketAddr,
