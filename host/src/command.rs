@@ -113,6 +113,27 @@ pub struct CommandIds {
     pub causation_id: String,
     /// When the host received the command, RFC 3339 UTC.
     pub now: String,
+    /// With an idempotency key: the request's fingerprint
+    /// ([`request_fingerprint`]), stored with its events so that the key
+    /// cannot be reused for another request.
+    pub request_hash: Option<String>,
+}
+
+/// What identifies a request beyond its idempotency key: the command's
+/// name and its payload as canonical JSON (keys sorted, no insignificant
+/// whitespace), hashed (SHA-256, the first 16 bytes in hex). Two requests
+/// that differ only in how their JSON is written have one fingerprint.
+pub fn request_fingerprint(command: &str, data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::from_slice::<serde_json::Value>(data)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok())
+        .unwrap_or_else(|| data.to_vec());
+    let mut hash = Sha256::new();
+    hash.update(command.as_bytes());
+    hash.update([0]);
+    hash.update(&canonical);
+    hex::encode(&hash.finalize()[..16])
 }
 
 impl CommandIds {
@@ -133,6 +154,10 @@ impl CommandIds {
                 .unwrap_or_else(|| message_id.clone()),
             message_id,
             now: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_hash: req
+                .idempotency_key
+                .as_ref()
+                .map(|_| request_fingerprint(&req.command, &req.data)),
         }
     }
 

@@ -106,6 +106,20 @@ pub enum CommandError {
         /// The aggregate's actual version.
         actual: u64,
     },
+    /// An idempotency key already used for another request (another command,
+    /// or another payload): answering with the first request's outcome would
+    /// tell the client its new request was done when it was not.
+    #[error(
+        "Idempotency-Key {key:?} was already used for {earlier}; a key names one request: \
+         send a new request with a new key"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// What it was first used for (the command's name, and whether the
+        /// payload differs).
+        earlier: String,
+    },
     /// The plugin found invalid fields in the command.
     #[error("the command is invalid: {}", describe_fields(.0))]
     InvalidCommand(Vec<FieldError>),
@@ -197,6 +211,7 @@ impl CommandError {
             CommandError::AggregateNotFound { .. } => "aggregate_not_found",
             CommandError::AlreadyExists { .. } => "already_exists",
             CommandError::WrongExpectedVersion { .. } => "wrong_expected_version",
+            CommandError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
             CommandError::InvalidCommand(_) => "invalid_command",
             CommandError::Rejected(_) => "rejected",
             CommandError::Forbidden(_) => "forbidden",
@@ -226,6 +241,7 @@ impl CommandError {
                 Some(json!({ "plugin": plugin, "reason": kind.as_str() }))
             }
             CommandError::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            CommandError::IdempotencyKeyReused { key, .. } => Some(json!({ "key": key })),
             CommandError::SubscriberTooSlow {
                 buffer,
                 resume_from,

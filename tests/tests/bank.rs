@@ -230,6 +230,36 @@ async fn idempotent_retry_returns_the_original_outcome(plugin: &str) {
     assert_eq!(status, 200, "{plugin}: {after}");
     assert_eq!(after["events"], first["events"], "{plugin}");
 
+    // The same request written differently is the same request ...
+    let (status, respaced) = host
+        .command_raw(plugin, "acc-9", "deposit", "{ \"amount\" : 25 }", &headers)
+        .await;
+    assert_eq!(
+        (status, &respaced["replayed"]),
+        (200, &json!(true)),
+        "{plugin}: {respaced}"
+    );
+    // ... but the key cannot be reused for another payload or another
+    // command, also after the restart: that would report a deposit done
+    // that never was.
+    for (command, body) in [
+        ("deposit", r#"{"amount":26}"#),
+        ("withdraw", r#"{"amount":25}"#),
+    ] {
+        let (status, refused) = host
+            .command_raw(plugin, "acc-9", command, body, &headers)
+            .await;
+        assert_eq!(
+            (status, code(&refused)),
+            (422, "idempotency_key_reused"),
+            "{plugin} {command} {body}: {refused}"
+        );
+        assert_eq!(
+            refused["error"]["details"]["key"], "deposit-0001",
+            "{plugin}: {refused}"
+        );
+    }
+
     let (_, body) = host.get(&format!("/v1/aggregates/{plugin}/acc-9")).await;
     assert_eq!(
         body["version"], 3,

@@ -39,6 +39,9 @@ const CODES: &[&str] = &[
     "wrong_expected_version",
     "invalid_command",
     "rejected",
+    // Fuzzed requests reuse a few idempotency keys with other commands
+    // and payloads.
+    "idempotency_key_reused",
     "payload_too_large",
     "not_found",
     "method_not_allowed",

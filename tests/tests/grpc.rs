@@ -632,6 +632,25 @@ async fn server_sent_events_catch_up_go_live_and_resume_from_last_event_id() {
         let (status, body) = host.get(&format!("/v1/subscribe?{bad}")).await;
         assert_eq!((status, code(&body)), (400, "malformed_request"), "{bad}");
     }
+    // A Last-Event-ID that no event can follow, or that is no number: a
+    // clear 400, not a panic or a wrapped position.
+    for bad in ["18446744073709551615", "-1", "soon", "18446744073709551616"] {
+        let resp = http
+            .get(format!("{}/v1/subscribe", host.base))
+            .header("Last-Event-ID", bad)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status, code(&body)),
+            (400, "malformed_request"),
+            "{bad}: {body}"
+        );
+    }
+    let (status, _) = host.get("/healthz").await;
+    assert_eq!(status, 200, "the host is still serving");
 }
 
 #[tokio::test]

@@ -108,6 +108,7 @@ impl Inner {
                 .find_command_events(stream, event_id(stream, &ids.message_id, 0))
                 .await?;
             if !earlier.is_empty() {
+                same_request(req, &ids, &earlier[0])?;
                 return replayed_outcome(req, &earlier);
             }
         }
@@ -289,6 +290,7 @@ impl Inner {
                 // The reply rides on the last event so that a repeated
                 // idempotency key can return the original outcome.
                 reply: if i == last { reply } else { None },
+                request_hash: ids.request_hash.as_deref(),
                 timestamp: &ids.now,
             };
             let metadata = serde_json::to_vec(&metadata).map_err(|err| {
@@ -427,7 +429,50 @@ struct EventMetadata<'a> {
     principal: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply: Option<&'a serde_json::Value>,
+    #[serde(rename = "requestHash", skip_serializing_if = "Option::is_none")]
+    request_hash: Option<&'a str>,
     timestamp: &'a str,
+}
+
+/// Refuses a repeated idempotency key whose request is not the one that
+/// stored `first` (another command, or another payload). Events stored
+/// before fingerprints were (no `requestHash`) are compared by command name
+/// only.
+fn same_request(
+    req: &CommandRequest,
+    ids: &CommandIds,
+    first: &RecordedEvent,
+) -> Result<(), CommandError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        #[serde(rename = "commandType")]
+        command_type: Option<String>,
+        #[serde(rename = "requestHash")]
+        request_hash: Option<String>,
+    }
+    // Metadata another tool wrote may be anything: then there is nothing
+    // to compare, and the stored outcome is returned as before.
+    let Ok(stored) = serde_json::from_slice::<Stored>(&first.metadata) else {
+        return Ok(());
+    };
+    let reused = |earlier: String| CommandError::IdempotencyKeyReused {
+        key: ids.message_id.clone(),
+        earlier,
+    };
+    if let Some(command) = stored.command_type
+        && command != req.command
+    {
+        return Err(reused(format!("the command {command:?}")));
+    }
+    if let (Some(stored), Some(now)) = (stored.request_hash, ids.request_hash.as_deref())
+        && stored != now
+    {
+        return Err(reused(format!(
+            "a {:?} command with another payload",
+            req.command
+        )));
+    }
+    Ok(())
 }
 
 fn parse_reply(
@@ -497,6 +542,7 @@ mod tests {
                 plugin_hash: "abc123",
                 principal,
                 reply,
+                request_hash: None,
                 timestamp: "2026-01-01T00:00:00.000Z",
             };
             let mut old = serde_json::json!({

@@ -46,9 +46,9 @@ pub const ERROR_DETAILS_KEY: &str = "rehydra-error-details";
 /// The gRPC status code for an error.
 pub fn status_code_of(e: &CommandError) -> Code {
     match e {
-        CommandError::MalformedRequest(_) | CommandError::InvalidCommand(_) => {
-            Code::InvalidArgument
-        }
+        CommandError::MalformedRequest(_)
+        | CommandError::InvalidCommand(_)
+        | CommandError::IdempotencyKeyReused { .. } => Code::InvalidArgument,
         CommandError::UnknownAggregateType(_)
         | CommandError::UnknownCommand { .. }
         | CommandError::AggregateNotFound { .. }
@@ -409,6 +409,13 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (CommandError::Internal("bug".into()), Code::Internal),
+            (
+                CommandError::IdempotencyKeyReused {
+                    key: "k".into(),
+                    earlier: "the command \"open\"".into(),
+                },
+                Code::InvalidArgument,
+            ),
             (CommandError::NotFound("route".into()), Code::NotFound),
             (
                 CommandError::Unauthenticated("no".into()),

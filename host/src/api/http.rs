@@ -121,9 +121,9 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         CommandError::AlreadyExists { .. } | CommandError::WrongExpectedVersion { .. } => {
             StatusCode::CONFLICT
         }
-        CommandError::InvalidCommand(_) | CommandError::Rejected(_) => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
+        CommandError::InvalidCommand(_)
+        | CommandError::Rejected(_)
+        | CommandError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         CommandError::Forbidden(_) => StatusCode::FORBIDDEN,
         CommandError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         CommandError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -293,12 +293,24 @@ async fn subscribe(
         ))
     })?;
     let start = match headers.get("last-event-id") {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|last| Start::Position(last + 1))
-            .ok_or_else(|| malformed("Last-Event-ID must be a global position (a whole number)"))?,
+        Some(value) => {
+            let last = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    malformed("Last-Event-ID must be a global position (a whole number)")
+                })?;
+            // The event after the last one seen; no event can follow the
+            // largest position, so such an id was not one the host sent.
+            let next = last.checked_add(1).ok_or_else(|| {
+                malformed(format!(
+                    "Last-Event-ID {last} is past every position the host can send; \
+                     resume from the id of the last event received"
+                ))
+            })?;
+            Start::Position(next)
+        }
         None => parse_start(q.from.as_deref())?,
     };
     let filter = Filter::new(list(q.category), list(q.event_type))?;
