@@ -98,7 +98,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,http,cluster,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -319,6 +319,32 @@ async fn main() {
                 out!("{}", load_row("in-process", kind.label(), 1000, c, &r));
             }
         }
+    }
+
+    // Not in the default run either: the `postgres://` store with 16
+    // clients spread over 1, 2 and 4 stores on one server, to see whether
+    // more groups in flight raise its throughput.
+    if o.only
+        .as_ref()
+        .is_some_and(|only| only.iter().any(|x| x == "store-postgres-lanes"))
+    {
+        eprintln!("postgres:// groups in flight…");
+        out!(
+            "### `postgres://` with 16 clients spread over several stores on one server ({} writers each)\n\n| stores | writers | appends/s | p50 | p99 | appends per commit | CPU per append | errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|",
+            rehydra::store::postgres::WRITERS
+        );
+        for (k, r, per_commit) in store::postgres_lanes(1000, 16, o.runs, o.secs).await {
+            out!(
+                "| {k} | {} | {} | {} | {} | {per_commit:.1} | {} | {} |",
+                k * rehydra::store::postgres::WRITERS,
+                fmt_rate(r.per_sec),
+                fmt_dur(r.p50),
+                fmt_dur(r.p99),
+                fmt_cpu(&r),
+                r.errors
+            );
+        }
+        out!();
     }
 
     // Not in the default run either: one cold load of a 10,000-event

@@ -41,8 +41,27 @@ async fn drive(
     concurrency: usize,
     secs: f64,
 ) -> RunResult {
+    drive_spread(
+        std::slice::from_ref(store),
+        versions,
+        streams,
+        concurrency,
+        secs,
+    )
+    .await
+}
+
+/// [`drive`] with client `t` appending through `stores[t % stores.len()]`
+/// (stores over one database, as several hosts are).
+async fn drive_spread(
+    stores: &[Arc<dyn EventStore>],
+    versions: &Arc<Vec<AtomicU64>>,
+    streams: usize,
+    concurrency: usize,
+    secs: f64,
+) -> RunResult {
     crate::stats::closed_loop(concurrency, secs, |t, deadline| {
-        let store = store.clone();
+        let store = stores[t % stores.len()].clone();
         let versions = versions.clone();
         async move {
             let mine = client_accounts(t, concurrency, streams);
@@ -221,4 +240,61 @@ pub async fn postgres_vs_pgbench(
         open.close().await;
     }
     per_level.iter().map(|l| PgLevel::median_of(l)).collect()
+}
+
+/// How the `postgres://` store's throughput depends on the groups it can
+/// have in flight: `clients` clients spread over 1, 2 and 4 stores opened
+/// on one fresh server (each store has its own
+/// [`rehydra::store::postgres::WRITERS`] writers), `runs` runs of `secs`
+/// each; `(stores, median result, median appends per commit)` per count.
+pub async fn postgres_lanes(
+    streams: usize,
+    clients: usize,
+    runs: usize,
+    secs: f64,
+) -> Vec<(usize, RunResult, f64)> {
+    let counts = [1, 2, 4];
+    let mut per_count: Vec<Vec<(RunResult, ServerWork)>> = vec![Vec::new(); counts.len()];
+    for _ in 0..runs {
+        let (open, versions) = seeded(StoreKind::Postgres, streams).await;
+        let server = open
+            .server
+            .as_ref()
+            .expect("a postgres:// store has a server");
+        let mut stores = vec![open.store.clone()];
+        for _ in 1..counts[counts.len() - 1] {
+            let extra = rehydra::store::postgres::PostgresStore::open(&server.url())
+                .await
+                .expect("opening another postgres:// store");
+            stores.push(Arc::new(extra));
+        }
+        for (i, &k) in counts.iter().enumerate() {
+            let before = server.counters().await;
+            let cpu = server.cpu();
+            let r = drive_spread(&stores[..k], &versions, streams, clients, secs)
+                .await
+                .with_server_cpu(server.cpu().saturating_sub(cpu));
+            let work = crate::postgres::store_work(server, before, r.ops).await;
+            eprintln!(
+                "  postgres:// c={clients} over {k} stores: {:.0}/s p99 {:?} ({} errors, {:.1} appends per commit)",
+                r.per_sec, r.p99, r.errors, work.appends_per_commit
+            );
+            per_count[i].push((r, work));
+        }
+        drop(stores);
+        open.close().await;
+    }
+    counts
+        .iter()
+        .zip(per_count)
+        .map(|(&k, rs)| {
+            let results: Vec<RunResult> = rs.iter().map(|r| r.0).collect();
+            let works: Vec<ServerWork> = rs.iter().map(|r| r.1).collect();
+            (
+                k,
+                RunResult::median_of(&results),
+                ServerWork::median_of(&works).appends_per_commit,
+            )
+        })
+        .collect()
 }
