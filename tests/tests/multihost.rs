@@ -244,14 +244,12 @@ async fn check_streams(reader: &Host, hosts: &[&Host], accounts: &[String], acks
     total
 }
 
+/// What a subscriber saw: (stream, version, position) per event, in order.
+type Seen = Arc<std::sync::Mutex<Vec<(String, u64, u64)>>>;
+
 /// A live subscriber (gRPC, from the beginning, bank accounts only) that
 /// collects (stream, version, position) until dropped.
-fn subscribe(
-    host: &Host,
-) -> (
-    tokio::task::JoinHandle<()>,
-    Arc<std::sync::Mutex<Vec<(String, u64, u64)>>>,
-) {
+fn subscribe(host: &Host) -> (tokio::task::JoinHandle<()>, Seen) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let endpoint = host.grpc.clone();
     let into = seen.clone();
@@ -284,7 +282,7 @@ fn subscribe(
 
 /// Waits until every subscriber has `total` events, then checks that they
 /// saw the same events in the same strictly increasing order, once each.
-async fn check_subscribers(seen: &[Arc<std::sync::Mutex<Vec<(String, u64, u64)>>>], total: usize) {
+async fn check_subscribers(seen: &[Seen], total: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     for s in seen {
         while s.lock().expect("not poisoned").len() < total {

@@ -421,7 +421,7 @@ async fn sslmode_encrypts_and_verifies_as_libpq_does() {
 /// again the store works by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_database_is_unavailable_within_the_deadline() {
-    let server = server().await;
+    let mut server = server().await;
     let store = open(&server.url("postgres")).await;
     let s = new_stream("silent");
     store

@@ -38,6 +38,8 @@ pub struct PgServer {
     child: Option<Child>,
     /// Extra `-c name=value` settings given at every start.
     settings: Vec<String>,
+    /// Whether [`freeze`](Self::freeze) stopped it.
+    frozen: bool,
 }
 
 impl PgServer {
@@ -197,6 +199,7 @@ impl PgServer {
             run_as,
             child: None,
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+            frozen: false,
         })
     }
 
@@ -393,13 +396,17 @@ impl PgServer {
     /// Freezes the server and every process of it (SIGSTOP): connections
     /// stay open but nothing answers, as when the network between a host
     /// and the database is cut. [`thaw`](Self::thaw) resumes it.
-    pub fn freeze(&self) -> anyhow::Result<()> {
-        self.signal_all("STOP")
+    pub fn freeze(&mut self) -> anyhow::Result<()> {
+        self.signal_all("STOP")?;
+        self.frozen = true;
+        Ok(())
     }
 
     /// Resumes a frozen server (SIGCONT).
-    pub fn thaw(&self) -> anyhow::Result<()> {
-        self.signal_all("CONT")
+    pub fn thaw(&mut self) -> anyhow::Result<()> {
+        self.signal_all("CONT")?;
+        self.frozen = false;
+        Ok(())
     }
 
     /// Sends `name` to the postmaster and each of its children.
@@ -426,9 +433,12 @@ impl PgServer {
         for pid in pids {
             let status = Command::new("kill")
                 .args([&format!("-{name}"), &pid.to_string()])
+                .stderr(Stdio::null())
                 .status()
                 .context("running kill")?;
-            if !status.success() {
+            // A backend may exit between the listing and the signal; only
+            // the postmaster must get it.
+            if !status.success() && pid == root {
                 bail!("kill -{name} {pid} failed");
             }
         }
@@ -481,7 +491,9 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         // A frozen server would ignore the shutdown request.
-        let _ = self.thaw();
+        if self.frozen {
+            let _ = self.thaw();
+        }
         let _ = self.stop();
     }
 }
@@ -489,6 +501,7 @@ impl Drop for PgServer {
 fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
+        .stderr(Stdio::null())
         .status()
         .context("running kill")?;
     if !status.success() {

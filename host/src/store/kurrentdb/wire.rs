@@ -1,8 +1,8 @@
 //! How Rehydra's streams, versions, positions, metadata and errors map onto
-//! KurrentDB's: revisions are versions − 1, positions are commit positions
-//! + 1, the message id rides in the custom metadata, and the client's
-//! errors are sorted into transient and fatal (see the parent module's docs
-//! for the mapping as users see it).
+//! KurrentDB's: revisions are versions minus one, positions are commit
+//! positions plus one, the message id rides in the custom metadata, and the
+//! client's errors are sorted into transient and fatal (see the parent
+//! module's docs for the mapping as users see it).
 
 use super::*;
 
