@@ -47,6 +47,10 @@ enum Command {
         /// Makes retries safe: the same key returns the original outcome.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Only show what the command would do (its events, reply and the
+        /// state it would produce); store nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -258,6 +262,7 @@ async fn dispatch(command: Command) -> ExitCode {
             data,
             expect_version,
             idempotency_key,
+            dry_run,
             server,
         } => {
             let client = match server.client() {
@@ -270,9 +275,12 @@ async fn dispatch(command: Command) -> ExitCode {
                         &aggregate_type,
                         &id,
                         &command,
-                        data.as_deref(),
-                        expect_version,
-                        idempotency_key.as_deref(),
+                        &crate::client::SendOptions {
+                            data: data.as_deref(),
+                            expect_version,
+                            idempotency_key: idempotency_key.as_deref(),
+                            dry_run,
+                        },
                     )
                     .await,
             )

@@ -38,6 +38,19 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// What `rehydra send` may add to a command besides its name and target.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SendOptions<'a> {
+    /// The command's fields as a JSON object (`{}` when `None`).
+    pub data: Option<&'a str>,
+    /// Fail unless the aggregate is at this version (`If-Match`).
+    pub expect_version: Option<u64>,
+    /// The `Idempotency-Key`.
+    pub idempotency_key: Option<&'a str>,
+    /// Only report what the command would do (`?dry_run=true`).
+    pub dry_run: bool,
+}
+
 impl Client {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: &str) -> Self {
@@ -135,26 +148,25 @@ impl Client {
         aggregate_type: &str,
         id: &str,
         command: &str,
-        data: Option<&str>,
-        expect_version: Option<u64>,
-        idempotency_key: Option<&str>,
+        options: &SendOptions<'_>,
     ) -> Result<Value, ClientError> {
         let url = format!(
-            "{}/v1/aggregates/{}/{}/commands/{}",
+            "{}/v1/aggregates/{}/{}/commands/{}{}",
             self.base,
             segment(aggregate_type),
             segment(id),
-            segment(command)
+            segment(command),
+            if options.dry_run { "?dry_run=true" } else { "" }
         );
         let mut req = self
             .http
             .post(url)
             .header("content-type", "application/json")
-            .body(data.unwrap_or("{}").to_string());
-        if let Some(v) = expect_version {
+            .body(options.data.unwrap_or("{}").to_string());
+        if let Some(v) = options.expect_version {
             req = req.header("if-match", v.to_string());
         }
-        if let Some(k) = idempotency_key {
+        if let Some(k) = options.idempotency_key {
             req = req.header("idempotency-key", k);
         }
         self.finish(req).await

@@ -30,6 +30,10 @@ pub struct CommandRequest {
     pub causation_id: Option<String>,
     /// The authenticated caller, passed to the plugin.
     pub principal: Option<String>,
+    /// Only report what the command would do: run `handle` on the current
+    /// state and return the events, the reply and the state it would
+    /// produce, storing nothing (no events, no idempotency key).
+    pub dry_run: bool,
 }
 
 /// One event a command appended.
@@ -62,6 +66,14 @@ pub struct CommandOutcome {
     /// same idempotency key; nothing was appended this time.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// True for a dry run: `events` and `version` are what the command
+    /// would store, and nothing was stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// For a dry run, the state the command would produce (JSON; a string
+    /// if the plugin's state is not JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<serde_json::Value>,
 }
 
 /// An aggregate's current state, as a query returns it.

@@ -17,7 +17,132 @@ for_each_bank_account!(
     hundred_concurrent_commands_apply_exactly_once,
     idempotent_retry_returns_the_original_outcome,
     bad_requests_get_their_codes,
+    a_dry_run_reports_what_would_happen_and_stores_nothing,
 );
+
+/// `?dry_run=true` runs `handle` on the current state and answers with the
+/// events, reply and state the command would produce; nothing is stored,
+/// and the aggregate's next real command sees the state as it was.
+async fn a_dry_run_reports_what_would_happen_and_stores_nothing(plugin: &str) {
+    let host = Host::start(&[plugin]);
+    host.command(plugin, "dry-1", "open", json!({"owner": "Ada"}))
+        .await;
+    host.command(plugin, "dry-1", "deposit", json!({"amount": 100}))
+        .await;
+    let dry =
+        |command: &'static str, body: &'static str, headers: Vec<(&'static str, &'static str)>| {
+            let host = &host;
+            async move {
+                let resp = reqwest::Client::new()
+                    .post(format!(
+                        "{}/v1/aggregates/{plugin}/dry-1/commands/{command}?dry_run=true",
+                        host.base
+                    ))
+                    .header("content-type", "application/json")
+                    .headers(
+                        headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    reqwest::header::HeaderName::from_static(k),
+                                    reqwest::header::HeaderValue::from_static(v),
+                                )
+                            })
+                            .collect(),
+                    )
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("the host answers");
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.expect("JSON"))
+            }
+        };
+
+    let (status, body) = dry("withdraw", r#"{"amount":30}"#, vec![]).await;
+    assert_eq!(status, 200, "{plugin}: {body}");
+    assert_eq!(body["dry_run"], true, "{plugin}: {body}");
+    assert_eq!(
+        body["version"], 3,
+        "{plugin}: the version it would reach: {body}"
+    );
+    assert_eq!(
+        body["events"],
+        json!([{"type": "Withdrawn", "version": 3, "data": {"amount": 30}}]),
+        "{plugin}"
+    );
+    assert_eq!(
+        body["state"]["balance"], 70,
+        "{plugin}: the state it would produce: {body}"
+    );
+
+    // Nothing was stored, and the cached state is untouched.
+    let (_, state) = host.get(&format!("/v1/aggregates/{plugin}/dry-1")).await;
+    assert_eq!(
+        (
+            state["version"].as_u64(),
+            state["state"]["balance"].as_u64()
+        ),
+        (Some(2), Some(100)),
+        "{plugin}: {state}"
+    );
+    let (_, stream) = host
+        .get(&format!("/v1/streams/{}-dry-1", stream_prefix(plugin)))
+        .await;
+    assert_eq!(
+        stream["events"].as_array().map(Vec::len),
+        Some(2),
+        "{plugin}: {stream}"
+    );
+
+    // Refusals and failed checks are answered as for a real command.
+    let (status, body) = dry("withdraw", r#"{"amount":1000}"#, vec![]).await;
+    assert_eq!((status, code(&body)), (422, "rejected"), "{plugin}: {body}");
+    let (status, body) = dry("deposit", r#"{"amount":1}"#, vec![("if-match", "1")]).await;
+    assert_eq!(
+        (status, code(&body)),
+        (409, "wrong_expected_version"),
+        "{plugin}: {body}"
+    );
+    // An idempotency key is neither recorded nor replayed by a dry run.
+    let (status, body) = dry(
+        "deposit",
+        r#"{"amount":5}"#,
+        vec![("idempotency-key", "dry-key")],
+    )
+    .await;
+    assert_eq!(
+        (status, &body["dry_run"]),
+        (200, &json!(true)),
+        "{plugin}: {body}"
+    );
+    let (status, real) = host
+        .command_raw(
+            plugin,
+            "dry-1",
+            "deposit",
+            r#"{"amount":7}"#,
+            &[("idempotency-key", "dry-key")],
+        )
+        .await;
+    assert_eq!(status, 200, "{plugin}: {real}");
+    assert_eq!(
+        (real["version"].as_u64(), real.get("replayed")),
+        (Some(3), None),
+        "{plugin}: {real}"
+    );
+
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/{plugin}/dry-1/commands/deposit?dry_run=maybe",
+            host.base
+        ))
+        .body(r#"{"amount":1}"#)
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(resp.status().as_u16(), 400, "{plugin}");
+}
 
 async fn bank_flow(plugin: &str) {
     let host = Host::start(&[plugin]);

@@ -46,6 +46,26 @@ async fn cli_drives_a_running_host() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["version"], 2);
 
+    // --dry-run: what the command would do, nothing stored.
+    let (code, out, _) = host.cli(&[
+        "send",
+        "bank-account",
+        "acc-7",
+        "withdraw",
+        "--data",
+        r#"{"amount":15}"#,
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let would: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            would["dry_run"].as_bool(),
+            would["state"]["balance"].as_u64()
+        ),
+        (Some(true), Some(25))
+    );
+
     // A refused command: non-zero exit, the error body on stdout, the code on stderr.
     let (code, out, err) = host.cli(&[
         "send",

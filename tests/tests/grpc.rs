@@ -105,7 +105,17 @@ async fn every_call_and_error_code_over_grpc() {
     assert_eq!((again.version, again.replayed), (2, true));
     assert_eq!(again.events, first.events);
 
-    // An expected version that matches.
+    // A dry run: what would happen, with the state it would produce;
+    // nothing stored.
+    let mut dry = cmd("bank-account", "g1", "withdraw", json!({"amount": 40}));
+    dry.dry_run = true;
+    let would = commands.execute(dry).await.unwrap().into_inner();
+    assert!(would.dry_run);
+    assert_eq!((would.version, would.events.len()), (3, 1));
+    let state: Value = serde_json::from_str(would.state_json.as_deref().expect("a state")).unwrap();
+    assert_eq!(state["balance"], 60);
+
+    // An expected version that matches (the dry run stored nothing).
     let mut withdraw = cmd("bank-account", "g1", "withdraw", json!({"amount": 30}));
     withdraw.expected_version = Some(2);
     assert_eq!(

@@ -100,7 +100,13 @@ impl Inner {
             .ok_or_else(|| unknown_command(&plugin.info, &req.aggregate_type, &req.command))?;
         let ids = CommandIds::assign(req);
 
-        if req.idempotency_key.is_some() {
+        if req.dry_run && self.store.shared_by_hosts() {
+            // A dry run stores nothing, so no conflict would tell it that
+            // another host moved the aggregate on: look first.
+            self.catch_up(plugin, stream, live).await?;
+        }
+        // A dry run neither replays nor records an idempotency key.
+        if req.idempotency_key.is_some() && !req.dry_run {
             // The command's first event would have this id (the ids are
             // derived from the message id), whichever attempt stored it.
             let earlier = self
@@ -191,6 +197,9 @@ impl Inner {
                 }
             };
             let reply = parse_reply(plugin, decision.reply.as_deref())?;
+            if req.dry_run {
+                return self.dry_run_outcome(plugin, stream, req, &ids, decision, reply, live);
+            }
             if decision.events.is_empty() {
                 live.state = decision.state;
                 return Ok(CommandOutcome {
@@ -200,6 +209,8 @@ impl Inner {
                     events: Vec::new(),
                     reply,
                     replayed: false,
+                    dry_run: false,
+                    state: None,
                 });
             }
             let (events, outcome_events) = self.prepare_events(
@@ -223,6 +234,8 @@ impl Inner {
                         events: outcome_events,
                         reply,
                         replayed: false,
+                        dry_run: false,
+                        state: None,
                     });
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
@@ -312,6 +325,45 @@ impl Inner {
         Ok((stored, told))
     }
 
+    /// What a dry run reports: the events and the state the decision would
+    /// store, checked as they would be, with `live` left as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn dry_run_outcome(
+        &self,
+        plugin: &PluginRef,
+        stream: &str,
+        req: &CommandRequest,
+        ids: &CommandIds,
+        decision: Decision,
+        reply: Option<serde_json::Value>,
+        live: &Live,
+    ) -> Result<CommandOutcome, CommandError> {
+        let told = if decision.events.is_empty() {
+            Vec::new()
+        } else {
+            self.prepare_events(
+                plugin,
+                stream,
+                req,
+                ids,
+                &decision,
+                reply.as_ref(),
+                live.version,
+            )?
+            .1
+        };
+        Ok(CommandOutcome {
+            aggregate_type: req.aggregate_type.clone(),
+            id: req.aggregate_id.clone(),
+            version: live.version + told.len() as u64,
+            events: told,
+            reply,
+            replayed: false,
+            dry_run: true,
+            state: Some(state_json(&decision.state.bytes)),
+        })
+    }
+
     /// Loads an aggregate from its events.
     async fn rehydrate(&self, plugin: &PluginRef, stream: &str) -> Result<Live, CommandError> {
         let mut live = Live {
@@ -395,9 +447,7 @@ impl Inner {
             };
             return (Err(e), Some(live));
         }
-        let state = serde_json::from_slice(&live.state.bytes).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&live.state.bytes).into_owned())
-        });
+        let state = state_json(&live.state.bytes);
         let result = AggregateState {
             aggregate_type: aggregate_type.to_string(),
             id: id.to_string(),
@@ -406,6 +456,12 @@ impl Inner {
         };
         (Ok(result), Some(live))
     }
+}
+
+/// A plugin's state bytes as JSON, or as a string when they are not JSON.
+fn state_json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 /// The metadata stored with each event, as a JSON object with its keys in
@@ -520,6 +576,8 @@ fn replayed_outcome(
         events,
         reply,
         replayed: true,
+        dry_run: false,
+        state: None,
     })
 }
 

@@ -188,6 +188,7 @@ impl Commands for GrpcApi {
             correlation_id: optional_id("correlation_id", &r.correlation_id).map_err(error)?,
             causation_id: optional_id("causation_id", &r.causation_id).map_err(error)?,
             principal,
+            dry_run: r.dry_run,
         };
         let outcome = self.context.aggregates.execute(req).await.map_err(error)?;
         Ok(Response::new(pb::ExecuteResponse {
@@ -205,6 +206,8 @@ impl Commands for GrpcApi {
                 .collect(),
             reply_json: outcome.reply.map(|r| r.to_string()),
             replayed: outcome.replayed,
+            dry_run: outcome.dry_run,
+            state_json: outcome.state.map(|s| s.to_string()),
         }))
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/aggregates/{type}/{id}/commands/{command}` | run a command |
+//! | `POST /v1/aggregates/{type}/{id}/commands/{command}[?dry_run=true]` | run a command (or only report what it would do) |
 //! | `GET /v1/aggregates/{type}/{id}` | an aggregate's state and version |
 //! | `GET /v1/streams/{stream}?from=&limit=` | read a stream |
 //! | `GET /v1/plugins` | loaded plugins and load failures |
@@ -168,14 +168,35 @@ fn path_error(e: PathRejection) -> ApiError {
     malformed(format!("bad path: {e}"))
 }
 
+/// The command route's query: `?dry_run=true`.
+#[derive(Debug, Deserialize)]
+struct CommandQuery {
+    dry_run: Option<String>,
+}
+
 async fn execute(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<CommandQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((aggregate_type, id, command)) = path.map_err(path_error)?;
+    let Query(query) = query.map_err(|e| {
+        malformed(format!(
+            "bad query: {e}; the only parameter is dry_run=true"
+        ))
+    })?;
+    let dry_run = match query.dry_run.as_deref().map(str::trim) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(malformed(format!(
+                "dry_run={other:?}: use dry_run=true (run handle and report, store nothing) or leave it out"
+            )));
+        }
+    };
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError(CommandError::PayloadTooLarge {
@@ -196,6 +217,7 @@ async fn execute(
         correlation_id: id_header(&headers, "x-correlation-id")?,
         causation_id: id_header(&headers, "x-causation-id")?,
         principal: principal.map(|Extension(p)| p.0),
+        dry_run,
     };
     let outcome = app.aggregates.execute(req).await?;
     let etag = HeaderValue::from_str(&format!("\"{}\"", outcome.version)).ok();
