@@ -700,8 +700,10 @@ async fn tokens_guard_both_protocols_and_the_principal_reaches_the_plugin() {
         let resp = http.get(url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 401, "{path}");
     }
-    let health = http.get(url("/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200, "probes need no token");
+    for probe in ["/healthz", "/livez", "/readyz"] {
+        let resp = http.get(url(probe)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{probe}: probes need no token");
+    }
 
     let resp = http
         .post(&deposit_url)

@@ -494,6 +494,21 @@ async fn the_database_going_away_is_store_unavailable_and_the_host_recovers() {
     );
     let shown = health.to_string();
     assert!(shown.contains("PostgreSQL"), "{shown}");
+    // Alive (no reason to restart it), not ready (send traffic elsewhere).
+    let (status, _) = host.get("/livez").await;
+    assert_eq!(status, 200);
+    let (status, ready) = host.get("/readyz").await;
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (503, Some("not_ready")),
+        "{ready}"
+    );
+    assert!(
+        ready["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.starts_with("store")),
+        "{ready}"
+    );
 
     tokio::task::block_in_place(|| server.start_again()).expect("start the database again");
     let back = Instant::now();
@@ -519,4 +534,6 @@ async fn the_database_going_away_is_store_unavailable_and_the_host_recovers() {
     );
     let (status, health) = host.get("/healthz").await;
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (status, _) = host.get("/readyz").await;
+    assert_eq!(status, 200, "ready again");
 }

@@ -119,6 +119,28 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
 
     let health = get(&http, format!("{base}/healthz")).await;
     assert_eq!(health["plugins_loading"], 1, "{health}");
+    // Alive, but not ready while a plugin file is still compiling.
+    let status = |path: &'static str| {
+        let (http, base) = (&http, &base);
+        async move {
+            let resp = http
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .expect("the host answers");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("JSON"))
+        }
+    };
+    assert_eq!(status("/livez").await.0, 200);
+    let (code_, ready) = status("/readyz").await;
+    assert_eq!(code_, 503, "{ready}");
+    assert!(
+        ready["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("compiling")),
+        "{ready}"
+    );
 
     // Once compiled it is served, and nothing else was disturbed.
     wait_for_line(
@@ -129,6 +151,16 @@ async fn a_cold_javascript_compile_does_not_hold_up_the_other_plugins() {
     .unwrap_or_else(|| panic!("the JS plugin never became ready; log:\n{}", log()));
     let (status, _, body) = open(&http, &base, "bank-account-js").await;
     assert_eq!(status, 200, "{body}");
+    let ready = http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(
+        ready.status().as_u16(),
+        200,
+        "ready once every plugin is in"
+    );
     let listed = get(&http, format!("{base}/v1/plugins")).await;
     assert_eq!(listed["loading"], json!([]), "{listed}");
     assert_eq!(listed["plugins"].as_array().unwrap().len(), 2, "{listed}");

@@ -8,12 +8,15 @@
 //! | `GET /v1/plugins` | loaded plugins and load failures |
 //! | `POST /v1/plugins/reload` | rescan the plugin directory now |
 //! | `GET /v1/subscribe?from=&category=&event_type=` | follow the event log (server-sent events) |
-//! | `GET /healthz` | liveness and store reachability |
+//! | `GET /healthz` | store reachability and counts (kept as it was) |
+//! | `GET /livez` | liveness: the process serves |
+//! | `GET /readyz` | readiness: plugins loaded and store reachable |
 //!
 //! Every response body is JSON, except the event stream of `/v1/subscribe`;
 //! errors are `{"error":{"code":…,"message":…,"details":…}}` with the codes
 //! of the error model ([`crate::error`]). With tokens configured, every route but
-//! `/healthz` needs `Authorization: Bearer <token>`.
+//! the probes (`/healthz`, `/livez`, `/readyz`) needs
+//! `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -69,6 +72,8 @@ pub fn router(context: ApiContext) -> Router {
         .route("/v1/plugins/reload", post(reload_plugins))
         .route("/v1/subscribe", get(subscribe))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -83,9 +88,13 @@ pub fn router(context: ApiContext) -> Router {
 /// principal to the handlers. `/healthz` stays open: load balancers and
 /// orchestrators probe it without credentials, and it tells nothing about
 /// the data.
+/// The routes that answer without a token.
+const PROBES: [&str; 3] = ["/healthz", "/livez", "/readyz"];
+
 async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
+    // Probes stay open: load balancers and orchestrators carry no token.
     if let Some(tokens) = &app.tokens
-        && request.uri().path() != "/healthz"
+        && !PROBES.contains(&request.uri().path())
     {
         let header = request
             .headers()
@@ -465,6 +474,32 @@ async fn healthz(State(app): State<AppState>) -> Response {
         "resident_aggregates": app.aggregates.resident(),
     });
     (status, axum::Json(body)).into_response()
+}
+
+/// Liveness: the process serves HTTP. Nothing else is checked, so an
+/// orchestrator does not restart a host because its database is away.
+async fn livez() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+/// Readiness: send commands here. Every plugin file is loaded (none still
+/// compiling) and the store answers its quick check; otherwise 503 with the
+/// reasons, so a load balancer sends the traffic elsewhere meanwhile.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    let loading = app.aggregates.plugins().loading().len();
+    if loading > 0 {
+        reasons.push(format!("{loading} plugin file(s) still compiling"));
+    }
+    if let Err(e) = app.aggregates.store().health().await {
+        reasons.push(format!("store: {e}"));
+    }
+    if reasons.is_empty() {
+        axum::Json(json!({ "status": "ready" })).into_response()
+    } else {
+        let body = json!({ "status": "not_ready", "reasons": reasons });
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
 }
 
 async fn not_found() -> ApiError {
