@@ -13,6 +13,7 @@
 //! - [`subscription`]: following the global event log (gRPC streams, SSE,
 //!   `rehydra subscribe`).
 //! - [`command`], [`error`]: the domain's requests, outcomes and errors.
+//! - [`metrics`]: what `GET /metrics` exports.
 //! - [`server`], [`cli`], [`client`]: the binary's entry points.
 //! - [`scaffold`]: `rehydra new`, plugin projects from templates.
 //!
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod command;
 pub mod error;
+pub mod metrics;
 pub mod plugin;
 pub mod scaffold;
 pub mod server;

@@ -141,6 +141,13 @@ pub struct Subscriptions {
 }
 
 impl Subscriptions {
+    /// How many subscriptions are open now.
+    pub fn open_count(&self) -> usize {
+        self.config
+            .max_subscriptions
+            .saturating_sub(self.open.available_permits())
+    }
+
     /// Subscriptions on `store`.
     pub fn new(store: Arc<dyn EventStore>, config: SubscriptionConfig) -> Self {
         let open = Arc::new(Semaphore::new(config.max_subscriptions));

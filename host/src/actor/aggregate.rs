@@ -14,6 +14,7 @@ use crate::command::{
     AggregateState, CommandIds, CommandOutcome, CommandRequest, OutcomeEvent, event_id,
 };
 use crate::error::{CommandError, FailureKind};
+use crate::metrics::{self, Metrics};
 use crate::plugin::{CommandInput, CommandMode, Decision, PluginRef, Rejection};
 use crate::store::{EventData, ExpectedVersion, RecordedEvent, StoreError};
 
@@ -155,7 +156,7 @@ impl Inner {
             };
             let decision = match refusal {
                 Some(e) => Err(e),
-                None => match plugin.handle(&live.state, live.version, &input).await? {
+                None => match handle_timed(plugin, live, &input, req).await? {
                     Ok(d) => Ok(d),
                     Err(Rejection::Invalid(fields)) => Err(CommandError::InvalidCommand(fields)),
                     Err(Rejection::Rejected(m)) => Err(CommandError::Rejected(m)),
@@ -223,7 +224,14 @@ impl Inner {
                 live.version,
             )?;
             let expected = ExpectedVersion::Exact(live.version);
-            match self.store.append(stream, expected, events).await {
+            let appending = Instant::now();
+            let appended = self.store.append(stream, expected, events).await;
+            Metrics::observe(
+                &metrics::global().store_append_seconds,
+                &req.aggregate_type,
+                appending.elapsed(),
+            );
+            match appended {
                 Ok(appended) => {
                     live.version = appended.version;
                     live.state = decision.state;
@@ -370,6 +378,10 @@ impl Inner {
             state: plugin.initial_state().clone(),
             version: 0,
         };
+        metrics::global()
+            .rehydrations
+            .get_or_create(&Metrics::of_type(&plugin.info.aggregate_type))
+            .inc();
         self.catch_up(plugin, stream, &mut live).await?;
         Ok(live)
     }
@@ -398,6 +410,10 @@ impl Inner {
             }
             let last_version = last.version;
             let full_page = batch.len() >= page;
+            metrics::global()
+                .events_replayed
+                .get_or_create(&Metrics::of_type(&plugin.info.aggregate_type))
+                .inc_by(batch.len() as u64);
             live.state = plugin.apply(&live.state, batch).await?;
             live.version = last_version;
             if !full_page {
@@ -456,6 +472,25 @@ impl Inner {
         };
         (Ok(result), Some(live))
     }
+}
+
+/// The plugin's `handle`, timed for the metrics (dry runs are not counted).
+async fn handle_timed(
+    plugin: &PluginRef,
+    live: &Live,
+    input: &CommandInput<'_>,
+    req: &CommandRequest,
+) -> Result<Result<Decision, Rejection>, CommandError> {
+    let called = Instant::now();
+    let decided = plugin.handle(&live.state, live.version, input).await;
+    if !req.dry_run {
+        Metrics::observe(
+            &metrics::global().guest_seconds,
+            &req.aggregate_type,
+            called.elapsed(),
+        );
+    }
+    decided
 }
 
 /// A plugin's state bytes as JSON, or as a string when they are not JSON.

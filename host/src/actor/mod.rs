@@ -69,6 +69,8 @@ enum Work {
     Command(
         Box<CommandRequest>,
         oneshot::Sender<Result<CommandOutcome, CommandError>>,
+        // When it was queued, for the queue-wait metric.
+        Instant,
     ),
     State(oneshot::Sender<Result<AggregateState, CommandError>>),
 }
@@ -162,6 +164,22 @@ impl Aggregates {
         self.inner.slots.len()
     }
 
+    /// Resident aggregates, their state bytes, and the work waiting in
+    /// their mailboxes, for the metrics. Walks every slot: for a scrape,
+    /// not for the command path.
+    pub fn footprint(&self) -> (u64, u64, u64) {
+        let (mut resident, mut bytes, mut queued) = (0u64, 0u64, 0u64);
+        for slot in self.inner.slots.iter() {
+            let s = slot.value().lock();
+            resident += 1;
+            queued += s.queue.len() as u64;
+            if let Some(live) = &s.live {
+                bytes += live.state.bytes.len() as u64;
+            }
+        }
+        (resident, bytes, queued)
+    }
+
     /// The error for an aggregate type no loaded plugin handles: "unknown",
     /// or "not yet" while plugin files are still compiling at start-up.
     fn no_plugin(&self, aggregate_type: &str) -> CommandError {
@@ -188,6 +206,44 @@ impl Aggregates {
 
     /// Runs a command on its aggregate and waits for the outcome.
     pub async fn execute(&self, req: CommandRequest) -> Result<CommandOutcome, CommandError> {
+        // A dry run counts toward nothing.
+        if req.dry_run {
+            return self.execute_counted(req).await;
+        }
+        let started = Instant::now();
+        let (aggregate_type, command) = (req.aggregate_type.clone(), req.command.clone());
+        let result = self.execute_counted(req).await;
+        let metrics = crate::metrics::global();
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        // Unknown types and commands are counted under what was asked for,
+        // which a client chooses: keep the label set bounded.
+        let (aggregate_type, command) = match &result {
+            Err(CommandError::UnknownAggregateType(_)) => {
+                ("<unknown>".to_owned(), "<unknown>".to_owned())
+            }
+            Err(CommandError::UnknownCommand { .. }) => (aggregate_type, "<unknown>".to_owned()),
+            _ => (aggregate_type, command),
+        };
+        crate::metrics::Metrics::observe(
+            &metrics.command_seconds,
+            &aggregate_type,
+            started.elapsed(),
+        );
+        metrics
+            .commands
+            .get_or_create(&crate::metrics::CommandLabels {
+                aggregate_type,
+                command,
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        result
+    }
+
+    async fn execute_counted(&self, req: CommandRequest) -> Result<CommandOutcome, CommandError> {
         validate_id("aggregate id", &req.aggregate_id)?;
         let plugin = self
             .inner
@@ -204,7 +260,7 @@ impl Aggregates {
         let (tx, rx) = oneshot::channel();
         let (t, id) = (req.aggregate_type.clone(), req.aggregate_id.clone());
         self.inner
-            .enqueue(&t, &id, Work::Command(Box::new(req), tx))?;
+            .enqueue(&t, &id, Work::Command(Box::new(req), tx, Instant::now()))?;
         self.wait(rx).await
     }
 
@@ -333,7 +389,14 @@ impl Inner {
                 }
             };
             let live = match work {
-                Work::Command(req, reply) => {
+                Work::Command(req, reply, queued) => {
+                    if !req.dry_run {
+                        crate::metrics::Metrics::observe(
+                            &crate::metrics::global().queue_wait_seconds,
+                            &req.aggregate_type,
+                            queued.elapsed(),
+                        );
+                    }
                     let (result, live) = self.run_command(&req, live).await;
                     let _ = reply.send(result);
                     live

@@ -10,6 +10,7 @@
 //! | `GET /v1/subscribe?from=&category=&event_type=` | follow the event log (server-sent events) |
 //! | `GET /healthz` | store reachability and counts (kept as it was) |
 //! | `GET /livez` | liveness: the process serves |
+//! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
 //! | `GET /readyz` | readiness: plugins loaded and store reachable |
 //!
 //! Every response body is JSON, except the event stream of `/v1/subscribe`;
@@ -73,6 +74,7 @@ pub fn router(context: ApiContext) -> Router {
         .route("/v1/subscribe", get(subscribe))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -474,6 +476,34 @@ async fn healthz(State(app): State<AppState>) -> Response {
         "resident_aggregates": app.aggregates.resident(),
     });
     (status, axum::Json(body)).into_response()
+}
+
+/// `GET /metrics`: every `rehydra_…` metric, OpenMetrics text.
+async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let (resident_aggregates, resident_state_bytes, mailbox_depth) = app.aggregates.footprint();
+    let snapshot = crate::metrics::Snapshot {
+        resident_aggregates,
+        resident_state_bytes,
+        mailbox_depth,
+        subscriptions: app.subscriptions.open_count() as u64,
+        plugins: app
+            .aggregates
+            .plugins()
+            .list()
+            .iter()
+            .map(|p| {
+                let status = p.quarantine_status();
+                (
+                    p.name.clone(),
+                    status.quarantined_for_ms > 0,
+                    status.total_failures,
+                )
+            })
+            .collect(),
+    };
+    let text = crate::metrics::encode(&snapshot)
+        .map_err(|e| ApiError(CommandError::Internal(format!("encoding the metrics: {e}"))))?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// Liveness: the process serves HTTP. Nothing else is checked, so an

@@ -65,7 +65,13 @@ impl CompileCache {
             // name carries the engine's compatibility hash), and the
             // directory is documented as private to the host's user.
             match unsafe { Component::deserialize_file(engine, path) } {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                Ok(component) => {
+                    crate::metrics::global()
+                        .compile_cache
+                        .get_or_create(&crate::metrics::CacheLabels { result: "hit" })
+                        .inc();
+                    return Ok((component, CacheOutcome::Hit));
+                }
                 Err(e) => tracing::warn!(
                     path = %path.display(),
                     error = %e,
@@ -74,6 +80,10 @@ impl CompileCache {
             }
         }
         let component = Component::new(engine, bytes)?;
+        crate::metrics::global()
+            .compile_cache
+            .get_or_create(&crate::metrics::CacheLabels { result: "compiled" })
+            .inc();
         if let Some(path) = entry
             && let Err(e) = store_entry(&component, &path)
         {

@@ -754,6 +754,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
         }
     };
 
+    let began = std::time::Instant::now();
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         let _ = run(conn, "ROLLBACK");
         return fail_all(batch, format!("cannot start a write transaction: {e}"));
@@ -786,6 +787,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
         let _ = run(conn, "ROLLBACK");
         return fail_all(batch, format!("commit failed: {e}"));
     }
+    crate::metrics::global().group_commit("embedded", batch.len(), began.elapsed());
     for (request, result) in batch.drain(..).zip(results) {
         // The caller may have given up waiting; the append stands anyway.
         let _ = request.reply.send(result);

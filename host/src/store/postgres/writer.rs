@@ -116,8 +116,10 @@ enum GroupError {
 async fn commit(shared: &Shared, mut group: Vec<AppendRequest>) {
     let mut transient = 0;
     while !group.is_empty() {
+        let began = std::time::Instant::now();
         match run_group(shared, &group).await {
             Ok(outcomes) => {
+                crate::metrics::global().group_commit("postgres", group.len(), began.elapsed());
                 let mut last_position = 0;
                 for (request, outcome) in group.into_iter().zip(outcomes) {
                     if let Ok(result) = &outcome

@@ -1,0 +1,299 @@
+//! What the host counts and measures, for `GET /metrics` (Prometheus /
+//! OpenMetrics text, every name `rehydra_…`).
+//!
+//! One process-wide set of metrics ([`global`]): the places that count —
+//! the actors, the store writers, the compile cache — are far apart and a
+//! process serves one host, so threading a handle through every layer would
+//! buy nothing. Figures that are a state rather than an event (resident
+//! aggregates, mailbox depth, open subscriptions, plugin quarantine) are
+//! read when `/metrics` is scraped ([`Snapshot`]), not kept up to date on
+//! every command.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The content type of [`encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A command's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The command's name.
+    pub command: String,
+    /// `ok`, or the error code.
+    pub outcome: String,
+}
+
+/// An aggregate type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// The aggregate type.
+    pub aggregate_type: String,
+}
+
+/// A store backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// `embedded` or `postgres`.
+    pub backend: &'static str,
+}
+
+/// A plugin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// The plugin's name.
+    pub plugin: String,
+}
+
+/// A compile-cache look-up's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` or `compiled`.
+    pub result: &'static str,
+}
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Commands answered, by type, command and outcome.
+    pub commands: Family<CommandLabels, Counter>,
+    /// From a command's arrival to its answer.
+    pub command_seconds: Family<TypeLabels, Histogram>,
+    /// Time a command waited in its aggregate's mailbox.
+    pub queue_wait_seconds: Family<TypeLabels, Histogram>,
+    /// Time in the plugin's `handle`.
+    pub guest_seconds: Family<TypeLabels, Histogram>,
+    /// Time appending a command's events to the store.
+    pub store_append_seconds: Family<TypeLabels, Histogram>,
+    /// Aggregates loaded from their events.
+    pub rehydrations: Family<TypeLabels, Counter>,
+    /// Events applied while loading or catching up.
+    pub events_replayed: Family<TypeLabels, Counter>,
+    /// One group commit of the store.
+    pub store_commit_seconds: Family<StoreLabels, Histogram>,
+    /// Appends per group commit.
+    pub store_group_appends: Family<StoreLabels, Histogram>,
+    /// Compile-cache look-ups.
+    pub compile_cache: Family<CacheLabels, Counter>,
+    resident_aggregates: Gauge,
+    resident_state_bytes: Gauge,
+    mailbox_depth: Gauge,
+    subscriptions: Gauge,
+    plugin_quarantined: Family<PluginLabels, Gauge>,
+    plugin_failures: Family<PluginLabels, Gauge>,
+}
+
+/// Figures read at scrape time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Aggregates in memory.
+    pub resident_aggregates: u64,
+    /// Their state bytes, together.
+    pub resident_state_bytes: u64,
+    /// Commands and reads waiting in mailboxes.
+    pub mailbox_depth: u64,
+    /// Subscriptions open.
+    pub subscriptions: u64,
+    /// Per plugin: (name, quarantined now, failed calls since loaded).
+    pub plugins: Vec<(String, bool, u64)>,
+}
+
+fn seconds() -> Histogram {
+    // 50 µs to about 26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+fn sizes() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("rehydra");
+        let commands = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "commands",
+            "Commands answered, by aggregate type, command and outcome (ok or the error code)",
+            commands.clone(),
+        );
+        let hist = || Family::<TypeLabels, Histogram>::new_with_constructor(seconds);
+        let command_seconds = hist();
+        registry.register(
+            "command_duration_seconds",
+            "From a command's arrival to its answer",
+            command_seconds.clone(),
+        );
+        let queue_wait_seconds = hist();
+        registry.register(
+            "command_queue_wait_seconds",
+            "Time a command waited in its aggregate's mailbox",
+            queue_wait_seconds.clone(),
+        );
+        let guest_seconds = hist();
+        registry.register(
+            "command_guest_seconds",
+            "Time in the plugin's handle",
+            guest_seconds.clone(),
+        );
+        let store_append_seconds = hist();
+        registry.register(
+            "command_store_seconds",
+            "Time appending a command's events to the store",
+            store_append_seconds.clone(),
+        );
+        let rehydrations = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "rehydrations",
+            "Aggregates loaded from their events",
+            rehydrations.clone(),
+        );
+        let events_replayed = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "events_replayed",
+            "Events applied while loading or catching up an aggregate",
+            events_replayed.clone(),
+        );
+        let store_commit_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(seconds);
+        registry.register(
+            "store_commit_seconds",
+            "One group commit of the event store, durable",
+            store_commit_seconds.clone(),
+        );
+        let store_group_appends = Family::<StoreLabels, Histogram>::new_with_constructor(sizes);
+        registry.register(
+            "store_group_appends",
+            "Appends committed together in one group",
+            store_group_appends.clone(),
+        );
+        let compile_cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "compile_cache_lookups",
+            "Plugin loads by whether the compile cache had the component (hit) or it was compiled",
+            compile_cache.clone(),
+        );
+        let resident_aggregates = Gauge::default();
+        registry.register(
+            "resident_aggregates",
+            "Aggregates held in memory",
+            resident_aggregates.clone(),
+        );
+        let resident_state_bytes = Gauge::default();
+        registry.register(
+            "resident_state_bytes",
+            "State bytes of the aggregates held in memory",
+            resident_state_bytes.clone(),
+        );
+        let mailbox_depth = Gauge::default();
+        registry.register(
+            "mailbox_depth",
+            "Commands and reads waiting in aggregates' mailboxes",
+            mailbox_depth.clone(),
+        );
+        let subscriptions = Gauge::default();
+        registry.register(
+            "subscriptions_open",
+            "Subscriptions to the event log open now",
+            subscriptions.clone(),
+        );
+        let plugin_quarantined = Family::<PluginLabels, Gauge>::default();
+        registry.register(
+            "plugin_quarantined",
+            "1 while the plugin is quarantined after repeated failures",
+            plugin_quarantined.clone(),
+        );
+        let plugin_failures = Family::<PluginLabels, Gauge>::default();
+        registry.register(
+            "plugin_failed_calls",
+            "Failed guest calls since the plugin version was loaded",
+            plugin_failures.clone(),
+        );
+        Metrics {
+            registry,
+            commands,
+            command_seconds,
+            queue_wait_seconds,
+            guest_seconds,
+            store_append_seconds,
+            rehydrations,
+            events_replayed,
+            store_commit_seconds,
+            store_group_appends,
+            compile_cache,
+            resident_aggregates,
+            resident_state_bytes,
+            mailbox_depth,
+            subscriptions,
+            plugin_quarantined,
+            plugin_failures,
+        }
+    }
+
+    /// The labels of an aggregate type.
+    pub fn of_type(aggregate_type: &str) -> TypeLabels {
+        TypeLabels {
+            aggregate_type: aggregate_type.to_owned(),
+        }
+    }
+
+    /// Records a duration in `family` for `aggregate_type`.
+    pub fn observe(family: &Family<TypeLabels, Histogram>, aggregate_type: &str, took: Duration) {
+        family
+            .get_or_create(&Self::of_type(aggregate_type))
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one group commit of `backend`.
+    pub fn group_commit(&self, backend: &'static str, appends: usize, took: Duration) {
+        let labels = StoreLabels { backend };
+        self.store_commit_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.store_group_appends
+            .get_or_create(&labels)
+            .observe(appends as f64);
+    }
+}
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// The metrics as OpenMetrics text, with the scrape-time figures set from
+/// `snapshot`.
+pub fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    let m = global();
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    m.resident_aggregates
+        .set(gauge(snapshot.resident_aggregates));
+    m.resident_state_bytes
+        .set(gauge(snapshot.resident_state_bytes));
+    m.mailbox_depth.set(gauge(snapshot.mailbox_depth));
+    m.subscriptions.set(gauge(snapshot.subscriptions));
+    // Plugins that were removed keep their last values; those still here
+    // are set afresh.
+    for (plugin, quarantined, failures) in &snapshot.plugins {
+        let labels = PluginLabels {
+            plugin: plugin.clone(),
+        };
+        m.plugin_quarantined
+            .get_or_create(&labels)
+            .set(i64::from(*quarantined));
+        m.plugin_failures
+            .get_or_create(&labels)
+            .set(gauge(*failures));
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &m.registry)?;
+    Ok(text)
+}
