@@ -182,6 +182,10 @@ struct RunArgs {
     /// Commands that may wait per aggregate before `overloaded`.
     #[arg(long, default_value_t = 512)]
     mailbox_capacity: usize,
+    /// Commands and state reads in progress on the whole host at once;
+    /// past it, callers get `overloaded` (503, Retry-After) at once.
+    #[arg(long, env = "REHYDRA_MAX_IN_FLIGHT", default_value_t = ActorConfig::default().max_in_flight)]
+    max_in_flight: usize,
     /// How long a client waits for a command before `timeout`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     command_timeout: Duration,
@@ -425,6 +429,7 @@ async fn run(args: RunArgs) -> ExitCode {
         },
         actors: ActorConfig {
             mailbox_capacity: args.mailbox_capacity.max(1),
+            max_in_flight: args.max_in_flight.max(1),
             idle_timeout: args.idle_timeout,
             max_resident: args.max_resident.max(1),
             conflict_retries: args.conflict_retries,

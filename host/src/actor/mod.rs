@@ -32,6 +32,10 @@ pub struct ActorConfig {
     /// Commands that may wait in one aggregate's mailbox; past it, callers
     /// get `overloaded`.
     pub mailbox_capacity: usize,
+    /// Commands and state reads in progress on the whole host at once
+    /// (queued or running); past it, callers get `overloaded` at once, so
+    /// that memory stays bounded however much is offered.
+    pub max_in_flight: usize,
     /// An aggregate with no command for this long is passivated.
     pub idle_timeout: Duration,
     /// The most aggregates kept in memory at once.
@@ -48,6 +52,7 @@ impl Default for ActorConfig {
     fn default() -> Self {
         ActorConfig {
             mailbox_capacity: 512,
+            max_in_flight: 4096,
             idle_timeout: Duration::from_secs(300),
             max_resident: 100_000,
             conflict_retries: 5,
@@ -114,6 +119,8 @@ pub struct Aggregates {
 
 struct Inner {
     slots: DashMap<String, Arc<Slot>>,
+    /// One permit per command or read in progress (`max_in_flight`).
+    in_flight: Arc<tokio::sync::Semaphore>,
     store: Arc<dyn EventStore>,
     plugins: Arc<PluginRegistry>,
     config: ActorConfig,
@@ -130,6 +137,7 @@ impl Aggregates {
     ) -> Self {
         let inner = Arc::new(Inner {
             slots: DashMap::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             store,
             plugins,
             config,
@@ -244,6 +252,7 @@ impl Aggregates {
     }
 
     async fn execute_counted(&self, req: CommandRequest) -> Result<CommandOutcome, CommandError> {
+        let _in_flight = self.admit()?;
         validate_id("aggregate id", &req.aggregate_id)?;
         let plugin = self
             .inner
@@ -270,6 +279,7 @@ impl Aggregates {
         aggregate_type: &str,
         id: &str,
     ) -> Result<AggregateState, CommandError> {
+        let _in_flight = self.admit()?;
         validate_id("aggregate id", id)?;
         if self.inner.plugins.get(aggregate_type).is_none() {
             return Err(self.no_plugin(aggregate_type));
@@ -277,6 +287,20 @@ impl Aggregates {
         let (tx, rx) = oneshot::channel();
         self.inner.enqueue(aggregate_type, id, Work::State(tx))?;
         self.wait(rx).await
+    }
+
+    /// A place among the work in progress on this host, held until the
+    /// caller has its answer; `overloaded` at once when there is none.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, CommandError> {
+        Arc::clone(&self.inner.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                CommandError::Overloaded(format!(
+                    "{} commands and reads are in progress on this host, the most it takes \
+                     (--max-in-flight)",
+                    self.inner.config.max_in_flight
+                ))
+            })
     }
 
     async fn wait<T>(
@@ -389,6 +413,17 @@ impl Inner {
                 }
             };
             let live = match work {
+                // The caller has gone (it timed out, or hung up): nobody
+                // would learn the outcome, so the command is not run.
+                Work::Command(req, reply, _) if reply.is_closed() => {
+                    tracing::debug!(
+                        aggregate = %req.aggregate_id,
+                        command = %req.command,
+                        "dropped a command whose caller has gone"
+                    );
+                    live
+                }
+                Work::State(reply) if reply.is_closed() => live,
                 Work::Command(req, reply, queued) => {
                     if !req.dry_run {
                         crate::metrics::Metrics::observe(

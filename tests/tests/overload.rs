@@ -1,0 +1,127 @@
+//! Overload, end to end: past `--max-in-flight` a command is refused at
+//! once with `overloaded` (503, `Retry-After`) instead of queueing, and a
+//! command whose caller has gone is dropped before it runs.
+
+use std::time::{Duration, Instant};
+
+use rehydra_e2e::{Host, code};
+use serde_json::json;
+
+/// Waits up to `within` for `condition` on the host's metrics text.
+async fn until_metrics(host: &Host, within: Duration, condition: impl Fn(&str) -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let text = reqwest::get(format!("{}/metrics", host.base))
+            .await
+            .expect("the host answers")
+            .text()
+            .await
+            .expect("a body");
+        if condition(&text) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_in_flight_a_command_is_overloaded_at_once() {
+    let host = Host::start_with(
+        &["faulty"],
+        &["--max-in-flight", "2", "--handle-deadline", "1500ms"],
+    );
+    // Two commands that hold the guest until their deadline.
+    let spins: Vec<_> = ["s1", "s2"]
+        .into_iter()
+        .map(|id| {
+            let url = format!("{}/v1/aggregates/faulty/{id}/commands/spin", host.base);
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .body("{}")
+                    .send()
+                    .await
+                    .expect("the host answers")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    // Both have reached their actors.
+    assert!(
+        until_metrics(&host, Duration::from_secs(10), |m| m.lines().any(
+            |l| l == "rehydra_command_queue_wait_seconds_count{aggregate_type=\"faulty\"} 2"
+        ))
+        .await,
+        "the two spins started"
+    );
+
+    let asked = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/aggregates/faulty/s3/commands/ok", host.base))
+        .body("{}")
+        .send()
+        .await
+        .expect("the host answers");
+    let answered_in = asked.elapsed();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: serde_json::Value = resp.json().await.expect("JSON");
+    assert_eq!(code(&body), "overloaded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-in-flight")),
+        "{body}"
+    );
+    assert!(
+        answered_in < Duration::from_secs(1),
+        "refused at once, not after {answered_in:?}"
+    );
+
+    for spin in spins {
+        assert_eq!(
+            spin.await.expect("a spin"),
+            500,
+            "the spins ran out of time"
+        );
+    }
+    let (status, body) = host.command("faulty", "s3", "ok", json!({})).await;
+    assert_eq!(status, 200, "served again once there is room: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_caller_has_gone_is_not_run() {
+    let host = Host::start_with(
+        &["faulty"],
+        &["--command-timeout", "300ms", "--handle-deadline", "2s"],
+    );
+    // The aggregate's actor is busy for two seconds ...
+    let (status, body) = host.command("faulty", "t1", "spin", json!({})).await;
+    assert_eq!((status, code(&body)), (504, "timeout"), "{body}");
+    // ... so this command waits behind it, and its caller gives up first.
+    let (status, body) = host.command("faulty", "t1", "ok", json!({})).await;
+    assert_eq!((status, code(&body)), (504, "timeout"), "{body}");
+
+    // Once the spin is over, the actor drops the abandoned command.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host
+        .log()
+        .contains("dropped a command whose caller has gone")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned command was not dropped; log:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next command is the aggregate's first: the abandoned one never ran.
+    let (status, body) = host.command("faulty", "t1", "ok", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["version"], 1,
+        "nothing ran for the caller that had gone: {body}"
+    );
+}
