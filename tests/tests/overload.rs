@@ -125,3 +125,60 @@ async fn a_command_whose_caller_has_gone_is_not_run() {
         "nothing ran for the caller that had gone: {body}"
     );
 }
+
+/// Reads (and refused commands) for aggregates that do not exist leave
+/// nothing in memory, so a client asking for random ids cannot push the
+/// resident aggregates out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_that_do_not_exist_do_not_occupy_the_cache() {
+    let host = Host::start(&["bank-account"]);
+    let (status, _) = host
+        .command("bank-account", "real", "open", json!({"owner": "Ada"}))
+        .await;
+    assert_eq!(status, 200);
+    for i in 0..300 {
+        let (status, body) = host
+            .get(&format!("/v1/aggregates/bank-account/ghost-{i}"))
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (404, "aggregate_not_found"),
+            "{body}"
+        );
+    }
+    // An update command for a missing aggregate is refused and not kept either.
+    let (status, body) = host
+        .command("bank-account", "ghost-x", "deposit", json!({"amount": 1}))
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (404, "aggregate_not_found"),
+        "{body}"
+    );
+
+    // Each actor lets go of its empty slot just after answering: wait for
+    // the last one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, health) = host.get("/healthz").await;
+        if health["resident_aggregates"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only the real aggregate stays resident: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A ghost that then comes to exist is served as any other.
+    let (status, body) = host
+        .command("bank-account", "ghost-7", "open", json!({"owner": "Bob"}))
+        .await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(1)), "{body}");
+    let (status, state) = host.get("/v1/aggregates/bank-account/ghost-7").await;
+    assert_eq!(
+        (status, state["state"]["owner"].as_str()),
+        (200, Some("Bob")),
+        "{state}"
+    );
+}

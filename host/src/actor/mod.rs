@@ -408,6 +408,22 @@ impl Inner {
                         s.running = false;
                         s.last_used = Instant::now();
                         guard.finished = true;
+                        // An aggregate with no events (a read, or a refused
+                        // command, for an id that does not exist) is not
+                        // kept: reads of random ids must not push resident
+                        // aggregates out.
+                        let empty = s.live.as_ref().is_some_and(|l| l.version == 0);
+                        if empty {
+                            s.evicted = true;
+                        }
+                        drop(s);
+                        if empty {
+                            // The directory's lock is taken after the
+                            // slot's is released, never inside it (the
+                            // sweeper takes them the other way round).
+                            let key = format!("{}/{}", slot.aggregate_type, slot.id);
+                            self.slots.remove_if(&key, |_, v| Arc::ptr_eq(v, &slot));
+                        }
                         return;
                     }
                 }
