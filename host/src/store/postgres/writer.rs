@@ -146,22 +146,25 @@ async fn commit(shared: &Shared, mut group: Vec<AppendRequest>) {
                 transient += 1;
                 tracing::debug!(error = %e, attempt = transient, "PostgreSQL aborted a group; sending it again");
             }
-            Err(GroupError::DuplicateId(_)) => {
-                let error = StoreError::Corrupt(
-                    "PostgreSQL reported a duplicate event id for an append that is not in the group"
-                        .into(),
+            Err(GroupError::DuplicateId(index)) => {
+                let message = format!(
+                    "PostgreSQL reported a duplicate event id for append {index} of a group of {}",
+                    group.len()
                 );
                 for request in group {
-                    request.answer(Err(StoreError::Corrupt(error.to_string())));
+                    request.answer(Err(StoreError::Corrupt(message.clone())));
                 }
                 return;
             }
+            // Every append of the group shares the error: refused data
+            // stays `Corrupt`, anything else is `Unavailable` (outcome
+            // unknown; a retry with the same ids is safe).
             Err(GroupError::Transient(e) | GroupError::Failed(e)) => {
-                let text = e.to_string();
                 for request in group {
                     request.answer(Err(match &e {
                         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-                        _ => StoreError::Unavailable(text.clone()),
+                        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                        other => StoreError::Unavailable(other.to_string()),
                     }));
                 }
                 return;
