@@ -2,6 +2,11 @@
 //! `kurrentdb+discover://`, `esdb+discover://`), over gRPC with the official
 //! `kurrentdb` client.
 //!
+//! This file holds the store and its retries; `kurrentdb/wire.rs` the
+//! mapping below (positions, revisions, metadata, error classes), and
+//! `kurrentdb/live.rs` following `$all` live (the resumable follower, and
+//! the commit signal that wakes subscriptions on every host's appends).
+//!
 //! **Mapping.** A Rehydra stream is a KurrentDB stream of the same name
 //! (`<prefix>-<id>`, so `$ce-<prefix>` category streams work). Version `v`
 //! is revision `v - 1`; expected version 0 is `NoStream`. A global position

@@ -210,10 +210,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// A subscription that starts "from the end" starts after it.
     async fn head_position(&self) -> Result<u64, StoreError>;
 
-    /// A signal that changes after every commit this process makes, so that
-    /// live subscriptions read as soon as there is something to read.
-    /// `None` when the backend cannot tell (other processes write to it
-    /// too): subscriptions then poll.
+    /// A signal that changes after every commit, so that live subscriptions
+    /// read as soon as there is something to read: this process's commits,
+    /// and for a store shared by hosts the others' too (PostgreSQL's
+    /// `NOTIFY`, KurrentDB's live subscription), changing periodically while
+    /// the backend cannot hear them. A change is only a wake-up: readers
+    /// read the log from their own positions. `None` when the backend has no
+    /// way to tell: subscriptions then poll.
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

@@ -9,9 +9,9 @@
 //! host finds the new primary after a failover. sqlx was the alternative;
 //! its compile-time query checking needs a database at build time, and it
 //! gives no more control over notifications or pipelining. The URL and the
-//! environment are read in [`config`], TLS in [`tls`].
+//! environment are read in `postgres/config.rs`, TLS in `postgres/tls.rs`.
 //!
-//! **Tables** ([`schema`]): `streams (stream, version)`, one row per
+//! **Tables** (`postgres/schema.rs`): `streams (stream, version)`, one row per
 //! stream, and `events (position, stream, version, event_id, …)` with
 //! unique `(stream, version)` and unique `event_id`. The event-id index
 //! answers idempotency look-ups ([`EventStore::find_command_events`])
@@ -189,7 +189,7 @@ impl Sql {
 
 impl PostgresStore {
     /// Connects to the store named by `url` (libpq's URL form, see
-    /// [`config`]), creates or checks its schema, and starts the writers and
+    /// [`PgUrl`]), creates or checks its schema, and starts the writers and
     /// the listener. Fails, with what to do, if the database cannot be
     /// reached or the schema is not one this host can use.
     pub async fn open(url: &str) -> anyhow::Result<Self> {
