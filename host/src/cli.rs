@@ -179,6 +179,10 @@ struct RunArgs {
     /// The most aggregates kept in memory.
     #[arg(long, default_value_t = 100_000)]
     max_resident: usize,
+    /// The most state bytes kept in memory, all aggregates together (the
+    /// least recently used are evicted past it).
+    #[arg(long, env = "REHYDRA_MAX_RESIDENT_BYTES", default_value_t = ActorConfig::default().max_resident_bytes)]
+    max_resident_bytes: u64,
     /// Commands that may wait per aggregate before `overloaded`.
     #[arg(long, default_value_t = 512)]
     mailbox_capacity: usize,
@@ -432,6 +436,7 @@ async fn run(args: RunArgs) -> ExitCode {
             max_in_flight: args.max_in_flight.max(1),
             idle_timeout: args.idle_timeout,
             max_resident: args.max_resident.max(1),
+            max_resident_bytes: args.max_resident_bytes.max(1),
             conflict_retries: args.conflict_retries,
             command_timeout: args.command_timeout,
             ..ActorConfig::default()

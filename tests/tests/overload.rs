@@ -182,3 +182,43 @@ async fn aggregates_that_do_not_exist_do_not_occupy_the_cache() {
         "{state}"
     );
 }
+
+/// The resident set is capped in bytes of state as well as in count: past
+/// `--max-resident-bytes` the least recently used aggregates are evicted,
+/// and still load from the store when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resident_set_is_capped_in_bytes() {
+    let host = Host::start_with(&["bank-account"], &["--max-resident-bytes", "2000"]);
+    for i in 0..100 {
+        let (status, body) = host
+            .command(
+                "bank-account",
+                &format!("b-{i}"),
+                "open",
+                json!({"owner": "Ada"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let bytes = |text: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("rehydra_resident_state_bytes "))
+            .and_then(|v| v.parse().ok())
+    };
+    assert!(
+        until_metrics(&host, Duration::from_secs(10), |m| bytes(m)
+            .is_some_and(|b| b <= 2000.0))
+        .await,
+        "the state bytes held come down to the cap"
+    );
+    let (_, health) = host.get("/healthz").await;
+    let resident = health["resident_aggregates"].as_u64().expect("a count");
+    assert!(resident < 100, "some aggregates were evicted: {health}");
+    // An evicted aggregate is loaded again from its events.
+    let (status, state) = host.get("/v1/aggregates/bank-account/b-0").await;
+    assert_eq!(
+        (status, state["state"]["owner"].as_str()),
+        (200, Some("Ada")),
+        "{state}"
+    );
+}

@@ -14,7 +14,7 @@
 mod aggregate;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,10 @@ pub struct ActorConfig {
     pub idle_timeout: Duration,
     /// The most aggregates kept in memory at once.
     pub max_resident: usize,
+    /// The most state bytes kept in memory at once, all aggregates
+    /// together; past it the least recently used are evicted, as past
+    /// `max_resident`.
+    pub max_resident_bytes: u64,
     /// How often a command is re-run after a conflict with another writer.
     pub conflict_retries: u32,
     /// How long a caller waits for its command's outcome.
@@ -55,6 +59,7 @@ impl Default for ActorConfig {
             max_in_flight: 4096,
             idle_timeout: Duration::from_secs(300),
             max_resident: 100_000,
+            max_resident_bytes: 1 << 30,
             conflict_retries: 5,
             command_timeout: Duration::from_secs(10),
             rehydrate_page: 1000,
@@ -95,6 +100,8 @@ struct SlotInner {
     evicted: bool,
     /// The cached state; taken by the draining task while it works.
     live: Option<Live>,
+    /// The state bytes this slot counts in `Inner::resident_bytes`.
+    bytes: u64,
     last_used: Instant,
 }
 
@@ -121,6 +128,9 @@ struct Inner {
     slots: DashMap<String, Arc<Slot>>,
     /// One permit per command or read in progress (`max_in_flight`).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The state bytes of every cached aggregate together (each slot's
+    /// share is its `SlotInner::bytes`).
+    resident_bytes: AtomicU64,
     store: Arc<dyn EventStore>,
     plugins: Arc<PluginRegistry>,
     config: ActorConfig,
@@ -138,6 +148,7 @@ impl Aggregates {
         let inner = Arc::new(Inner {
             slots: DashMap::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
+            resident_bytes: AtomicU64::new(0),
             store,
             plugins,
             config,
@@ -359,6 +370,7 @@ impl Inner {
                             running: false,
                             evicted: false,
                             live: None,
+                            bytes: 0,
                             last_used: Instant::now(),
                         }),
                     })
@@ -394,6 +406,7 @@ impl Inner {
     async fn drain(self: Arc<Self>, slot: Arc<Slot>) {
         let mut guard = DrainGuard {
             slot: &slot,
+            resident_bytes: &self.resident_bytes,
             finished: false,
         };
         loop {
@@ -415,6 +428,7 @@ impl Inner {
                         let empty = s.live.as_ref().is_some_and(|l| l.version == 0);
                         if empty {
                             s.evicted = true;
+                            uncount(&self.resident_bytes, &mut s);
                         }
                         drop(s);
                         if empty {
@@ -459,7 +473,26 @@ impl Inner {
                     live
                 }
             };
-            slot.lock().live = live;
+            let size = live.as_ref().map_or(0, |l| l.state.bytes.len() as u64);
+            let over = {
+                let mut s = slot.lock();
+                s.live = live;
+                let before = std::mem::replace(&mut s.bytes, size);
+                if size >= before {
+                    let grown = size - before;
+                    self.resident_bytes
+                        .fetch_add(grown, Ordering::AcqRel)
+                        .saturating_add(grown)
+                } else {
+                    let shrunk = before - size;
+                    self.resident_bytes
+                        .fetch_sub(shrunk, Ordering::AcqRel)
+                        .saturating_sub(shrunk)
+                }
+            } > self.config.max_resident_bytes;
+            if over {
+                self.evict_least_recently_used();
+            }
         }
     }
 
@@ -467,11 +500,13 @@ impl Inner {
         let cutoff = Instant::now()
             .checked_sub(self.config.idle_timeout)
             .unwrap_or_else(Instant::now);
-        self.slots.retain(|_, slot| !try_evict(slot, cutoff));
+        self.slots
+            .retain(|_, slot| !try_evict(slot, cutoff, &self.resident_bytes));
     }
 
     /// Evicts the least recently used idle aggregates, down to 90% of the
-    /// cap, in the background. One eviction pass runs at a time.
+    /// count cap and of the bytes cap, in the background. One eviction pass
+    /// runs at a time.
     fn evict_least_recently_used(self: &Arc<Self>) {
         if self.evicting.swap(true, Ordering::AcqRel) {
             return;
@@ -479,7 +514,8 @@ impl Inner {
         let this = self.clone();
         tokio::spawn(async move {
             let target = this.config.max_resident - this.config.max_resident / 10;
-            let excess = this.slots.len().saturating_sub(target);
+            let target_bytes = this.config.max_resident_bytes - this.config.max_resident_bytes / 10;
+            let mut excess = this.slots.len().saturating_sub(target);
             let mut candidates: Vec<(Instant, String)> = this
                 .slots
                 .iter()
@@ -488,12 +524,19 @@ impl Inner {
                     (!s.running && s.queue.is_empty()).then(|| (s.last_used, e.key().clone()))
                 })
                 .collect();
-            let excess = excess.min(candidates.len());
-            if excess > 0 {
-                candidates.select_nth_unstable(excess - 1);
-                let now = Instant::now();
-                for (_, key) in candidates.into_iter().take(excess) {
-                    this.slots.remove_if(&key, |_, slot| try_evict(slot, now));
+            candidates.sort_unstable();
+            let now = Instant::now();
+            for (_, key) in candidates {
+                let over_bytes = this.resident_bytes.load(Ordering::Acquire) > target_bytes;
+                if excess == 0 && !over_bytes {
+                    break;
+                }
+                if this
+                    .slots
+                    .remove_if(&key, |_, slot| try_evict(slot, now, &this.resident_bytes))
+                    .is_some()
+                {
+                    excess = excess.saturating_sub(1);
                 }
             }
             this.evicting.store(false, Ordering::Release);
@@ -502,7 +545,7 @@ impl Inner {
 }
 
 /// Marks `slot` evicted if it has been idle since `cutoff`.
-fn try_evict(slot: &Slot, cutoff: Instant) -> bool {
+fn try_evict(slot: &Slot, cutoff: Instant, resident_bytes: &AtomicU64) -> bool {
     if !slot.is_idle_since(cutoff) {
         return false;
     }
@@ -512,7 +555,14 @@ fn try_evict(slot: &Slot, cutoff: Instant) -> bool {
         return false;
     }
     s.evicted = true;
+    uncount(resident_bytes, &mut s);
     true
+}
+
+/// Takes a slot's state bytes out of the total.
+fn uncount(resident_bytes: &AtomicU64, s: &mut SlotInner) {
+    let bytes = std::mem::take(&mut s.bytes);
+    resident_bytes.fetch_sub(bytes, Ordering::AcqRel);
 }
 
 /// Keeps an aggregate usable if its actor task panics: the slot stops
@@ -520,6 +570,7 @@ fn try_evict(slot: &Slot, cutoff: Instant) -> bool {
 /// and waiting callers are answered (their reply channels close).
 struct DrainGuard<'a> {
     slot: &'a Slot,
+    resident_bytes: &'a AtomicU64,
     finished: bool,
 }
 
@@ -529,6 +580,7 @@ impl Drop for DrainGuard<'_> {
             let mut s = self.slot.lock();
             s.running = false;
             s.live = None;
+            uncount(self.resident_bytes, &mut s);
             s.queue.clear();
         }
     }
