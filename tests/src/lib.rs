@@ -424,6 +424,33 @@ impl Drop for Host {
     }
 }
 
+/// A throwaway PostgreSQL server (`pg-harness`), started off the async
+/// workers; fails the test with what to install when none can start.
+pub async fn pg_server() -> pg_harness::PgServer {
+    tokio::task::spawn_blocking(pg_harness::PgServer::start)
+        .await
+        .expect("join")
+        .expect("a throwaway PostgreSQL server (install Debian's postgresql: make test does)")
+}
+
+/// `n` hosts with `plugins` on the store at `url`, each with its own
+/// compile cache (as several hosts on one store are deployed); keep the
+/// returned directories as long as the hosts.
+pub fn hosts_on(plugins: &[&str], url: &str, n: usize) -> (Vec<Host>, Vec<tempfile::TempDir>) {
+    let mut hosts = Vec::new();
+    let mut caches = Vec::new();
+    for _ in 0..n {
+        let cache = tempfile::tempdir().expect("a cache directory");
+        let cache_arg = cache.path().display().to_string();
+        hosts.push(Host::start_with(
+            plugins,
+            &["--store", url, "--cache-dir", &cache_arg],
+        ));
+        caches.push(cache);
+    }
+    (hosts, caches)
+}
+
 /// The resident memory of process `pid` in KiB (Linux `VmRSS`; 0 if unknown).
 pub fn rss_kib_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

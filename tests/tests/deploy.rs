@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pg_harness::PgServer;
-use rehydra_e2e::Host;
+use rehydra_e2e::{hosts_on, pg_server};
 use serde_json::{Value, json};
 
 const PLUGIN: &str = "bank-account";
@@ -169,22 +168,8 @@ async fn through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nginx_routes_each_aggregate_to_one_host_and_moves_it_when_the_host_dies() {
-    let server = tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("join")
-        .expect("a throwaway PostgreSQL server");
-    let url = server.url("postgres");
-    let mut caches = Vec::new();
-    let mut hosts = Vec::new();
-    for _ in 0..3 {
-        let cache = tempfile::tempdir().expect("a cache directory");
-        let cache_arg = cache.path().display().to_string();
-        hosts.push(Host::start_with(
-            &[PLUGIN],
-            &["--store", &url, "--cache-dir", &cache_arg],
-        ));
-        caches.push(cache);
-    }
+    let server = pg_server().await;
+    let (mut hosts, _caches) = hosts_on(&[PLUGIN], &server.url("postgres"), 3);
     let addrs: Vec<String> = hosts
         .iter()
         .map(|h| h.base.trim_start_matches("http://").to_owned())

@@ -18,38 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use pg_harness::PgServer;
 use rehydra::api::grpc::pb;
 use rehydra::api::grpc::pb::streams_client::StreamsClient;
 use rehydra::api::grpc::pb::subscribe_request::Start;
 use rehydra::api::grpc::pb::subscribe_response::Message;
-use rehydra_e2e::{Host, code};
+use rehydra_e2e::{Host, code, hosts_on, pg_server};
 use serde_json::{Value, json};
 
 const PLUGIN: &str = "bank-account";
-
-async fn start_server() -> PgServer {
-    tokio::task::spawn_blocking(PgServer::start)
-        .await
-        .expect("join")
-        .expect("a throwaway PostgreSQL server (install Debian's postgresql: make test does)")
-}
-
-/// `n` hosts on `url`, each with its own compile cache.
-fn hosts_on(url: &str, n: usize) -> (Vec<Host>, Vec<tempfile::TempDir>) {
-    let mut hosts = Vec::new();
-    let mut caches = Vec::new();
-    for _ in 0..n {
-        let cache = tempfile::tempdir().expect("a cache directory");
-        let cache_arg = cache.path().display().to_string();
-        hosts.push(Host::start_with(
-            &[PLUGIN],
-            &["--store", url, "--cache-dir", &cache_arg],
-        ));
-        caches.push(cache);
-    }
-    (hosts, caches)
-}
 
 /// What a client learnt of one acknowledged deposit.
 #[derive(Debug, Clone)]
@@ -320,18 +296,27 @@ async fn wait_for_acks(acked: &AtomicUsize, n: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_hosts_on_one_database_keep_every_acknowledged_command_once() {
-    let server = start_server().await;
-    let (hosts, _caches) = hosts_on(&server.url("postgres"), 3);
+/// Three hosts on the store at `url`, six clients depositing
+/// `per_client` times each into the same four accounts through all of them,
+/// live subscribers on two hosts; then every check of the module docs.
+async fn three_hosts_write_the_same_aggregates(url: &str, prefix: &str, per_client: usize) {
+    let (hosts, _caches) = hosts_on(&[PLUGIN], url, 3);
     let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
     let (sub_a, seen_a) = subscribe(&hosts[1]);
     let (sub_b, seen_b) = subscribe(&hosts[2]);
 
-    let accounts = open_accounts(&bases, "shared", 4).await;
+    let accounts = open_accounts(&bases, prefix, 4).await;
     let acked = Arc::new(AtomicUsize::new(0));
-    let (acks, _) = deposit_load(bases, accounts.clone(), 6, 40, Duration::ZERO, acked).await;
-    assert_eq!(acks.len(), 240);
+    let (acks, _) = deposit_load(
+        bases,
+        accounts.clone(),
+        6,
+        per_client,
+        Duration::ZERO,
+        acked,
+    )
+    .await;
+    assert_eq!(acks.len(), 6 * per_client);
 
     let all: Vec<&Host> = hosts.iter().collect();
     let total = check_streams(&hosts[0], &all, &accounts, &acks).await;
@@ -340,36 +325,27 @@ async fn three_hosts_on_one_database_keep_every_acknowledged_command_once() {
     sub_b.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hosts_on_one_database_keep_every_acknowledged_command_once() {
+    let server = pg_server().await;
+    three_hosts_write_the_same_aggregates(&server.url("postgres"), "shared", 40).await;
+}
+
 /// The same scenario on `kurrentdb://`, against the in-process KurrentDB
-/// **test double** (no KurrentDB server can run here): three hosts, the
-/// same aggregates, live subscribers on two of them.
+/// **test double** (no KurrentDB server can run here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hosts_on_one_kurrentdb_double_keep_every_acknowledged_command_once() {
     let double =
         kurrentdb_double::KurrentDbDouble::start(kurrentdb_double::DoubleConfig::default())
             .await
             .expect("the KurrentDB test double");
-    let (hosts, _caches) = hosts_on(&double.connection_string(), 3);
-    let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
-    let (sub_a, seen_a) = subscribe(&hosts[1]);
-    let (sub_b, seen_b) = subscribe(&hosts[2]);
-
-    let accounts = open_accounts(&bases, "kdb", 4).await;
-    let acked = Arc::new(AtomicUsize::new(0));
-    let (acks, _) = deposit_load(bases, accounts.clone(), 6, 30, Duration::ZERO, acked).await;
-    assert_eq!(acks.len(), 180);
-
-    let all: Vec<&Host> = hosts.iter().collect();
-    let total = check_streams(&hosts[0], &all, &accounts, &acks).await;
-    check_subscribers(&[seen_a, seen_b], total).await;
-    sub_a.abort();
-    sub_b.abort();
+    three_hosts_write_the_same_aggregates(&double.connection_string(), "kdb", 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_killed_under_load_loses_nothing_and_applies_nothing_twice() {
-    let server = start_server().await;
-    let (mut hosts, _caches) = hosts_on(&server.url("postgres"), 3);
+    let server = pg_server().await;
+    let (mut hosts, _caches) = hosts_on(&[PLUGIN], &server.url("postgres"), 3);
     let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
     let accounts = open_accounts(&bases, "killed", 4).await;
 
@@ -405,7 +381,7 @@ async fn a_host_killed_under_load_loses_nothing_and_applies_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_command() {
-    let mut primary = start_server().await;
+    let mut primary = pg_server().await;
     let standby =
         tokio::task::block_in_place(|| primary.start_standby(true)).expect("a synchronous standby");
     let url = format!(
@@ -414,7 +390,7 @@ async fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_command() {
         primary.port(),
         standby.port()
     );
-    let (hosts, _caches) = hosts_on(&url, 2);
+    let (hosts, _caches) = hosts_on(&[PLUGIN], &url, 2);
     let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
     let accounts = open_accounts(&bases, "failover", 4).await;
 
@@ -465,8 +441,8 @@ async fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_database_going_away_is_store_unavailable_and_the_host_recovers() {
-    let mut server = start_server().await;
-    let (hosts, _caches) = hosts_on(&server.url("postgres"), 1);
+    let mut server = pg_server().await;
+    let (hosts, _caches) = hosts_on(&[PLUGIN], &server.url("postgres"), 1);
     let host = &hosts[0];
     let (status, _) = host
         .command(PLUGIN, "outage", "open", json!({"owner": "Ada"}))

@@ -107,6 +107,27 @@ pub(crate) fn events(n: u32) -> Vec<EventData> {
     (1..=n).map(|i| event_for(&message_id, i)).collect()
 }
 
+/// Appends `e` to `stream` as a writer racing others does: with the exact
+/// expectation `expected`, then after each conflict with the version the
+/// store reported. Returns the result and the expectation that succeeded.
+pub(crate) async fn append_racing(
+    store: &dyn EventStore,
+    stream: &str,
+    mut expected: u64,
+    e: &EventData,
+) -> (AppendResult, u64) {
+    loop {
+        match store
+            .append(stream, ExpectedVersion::Exact(expected), vec![e.clone()])
+            .await
+        {
+            Ok(result) => return (result, expected),
+            Err(StoreError::WrongExpectedVersion { actual, .. }) => expected = actual,
+            Err(other) => panic!("append failed: {other}"),
+        }
+    }
+}
+
 /// Asserts that `result` is a conflict on `stream` reporting `actual`.
 #[track_caller]
 pub(crate) fn assert_conflict(
@@ -625,21 +646,10 @@ pub(crate) async fn concurrent_appends_same_stream(store: Arc<dyn EventStore>) {
             let mut expected = 0;
             for n in 0..APPENDS_PER_TASK {
                 let e = event((task * 1000 + n) as u32);
-                loop {
-                    match store
-                        .append(&s, ExpectedVersion::Exact(expected), vec![e.clone()])
-                        .await
-                    {
-                        Ok(result) => {
-                            assert_eq!(result.version, expected + 1);
-                            written.push((result.version, e.event_id));
-                            expected = result.version;
-                            break;
-                        }
-                        Err(StoreError::WrongExpectedVersion { actual, .. }) => expected = actual,
-                        Err(other) => panic!("append failed: {other}"),
-                    }
-                }
+                let (result, succeeded_with) = append_racing(&*store, &s, expected, &e).await;
+                assert_eq!(result.version, succeeded_with + 1);
+                written.push((result.version, e.event_id));
+                expected = result.version;
             }
             written
         }));

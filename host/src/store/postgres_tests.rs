@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pg_harness::PgServer;
 use uuid::Uuid;
 
-use super::conformance::{event, events, new_stream, read_whole};
+use super::conformance::{append_racing, event, events, new_stream, read_whole};
 use super::postgres::{PostgresStore, SCHEMA_VERSION};
 use super::{EventStore, ExpectedVersion, StoreError};
 
@@ -147,21 +147,10 @@ async fn two_hosts_on_one_database_agree() {
             let mut acknowledged = Vec::new();
             for round in 0..40usize {
                 let stream = &streams[(round + n) % streams.len()];
-                let mut expected = host.stream_version(stream).await.expect("version");
+                let expected = host.stream_version(stream).await.expect("version");
                 let e = event((n * 1000 + round) as u32);
-                loop {
-                    match host
-                        .append(stream, ExpectedVersion::Exact(expected), vec![e.clone()])
-                        .await
-                    {
-                        Ok(result) => {
-                            acknowledged.push((stream.clone(), result.version, e.event_id));
-                            break;
-                        }
-                        Err(StoreError::WrongExpectedVersion { actual, .. }) => expected = actual,
-                        Err(other) => panic!("append failed: {other}"),
-                    }
-                }
+                let (result, _) = append_racing(&*host, stream, expected, &e).await;
+                acknowledged.push((stream.clone(), result.version, e.event_id));
             }
             acknowledged
         }));

@@ -52,29 +52,7 @@ impl PgServer {
     /// (`name=value`, given as `-c` options at every start).
     pub fn start_with(settings: &[&str]) -> anyhow::Result<Self> {
         let mut server = Self::prepare(settings)?;
-        let data = server.data_dir();
-        let out = server
-            .command("initdb")
-            .args(["-D"])
-            .arg(&data)
-            .args([
-                "-U",
-                USER,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
-            ])
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!(
-                "initdb failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        server.initdb()?;
         server.start_again()?;
         Ok(server)
     }
@@ -85,25 +63,7 @@ impl PgServer {
     /// for `sslrootcert`.
     pub fn start_with_tls() -> anyhow::Result<(Self, PathBuf)> {
         let mut server = Self::prepare(&[])?;
-        let data = server.data_dir();
-        let out = server
-            .command("initdb")
-            .args(["-D"])
-            .arg(&data)
-            .args([
-                "-U",
-                USER,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
-            ])
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        server.initdb()?;
         let dir = server.dir.path().to_path_buf();
         let openssl = |args: &[&str]| -> anyhow::Result<()> {
             let out = Command::new("openssl")
@@ -177,6 +137,34 @@ impl PgServer {
         ]);
         server.start_again()?;
         Ok((server, dir.join("ca.pem")))
+    }
+
+    /// Creates the cluster in [`data_dir`](Self::data_dir): the superuser
+    /// [`USER`], trust authentication, UTF-8.
+    fn initdb(&self) -> anyhow::Result<()> {
+        let out = self
+            .command("initdb")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args([
+                "-U",
+                USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .output()
+            .context("running initdb")?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// A fresh directory and port, nothing started.
