@@ -169,20 +169,6 @@ pub fn is_kurrentdb_url(url: &str) -> bool {
     .any(|scheme| url.starts_with(scheme))
 }
 
-/// `url` without the password, for logs and `/healthz`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, hosts)) if !userinfo.contains('/') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{hosts}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl KurrentDbStore {
     /// Connects to the store named by `url` (a KurrentDB connection string)
     /// with the default [`Resilience`]. Fails if the string is malformed;
@@ -198,16 +184,19 @@ impl KurrentDbStore {
                 "cannot parse the KurrentDB connection string {}: {}; write it as \
                  kurrentdb://[user:password@]host:port[,host:port...][?tls=false&nodePreference=leader] \
                  or kurrentdb+discover://host:port",
-                redact(url),
+                super::redact_url(url),
                 e.message()
             )
         })?;
         let client = Client::new(settings.clone()).map_err(|e| {
-            anyhow::anyhow!("cannot create a KurrentDB client for {}: {e}", redact(url))
+            anyhow::anyhow!(
+                "cannot create a KurrentDB client for {}: {e}",
+                super::redact_url(url)
+            )
         })?;
         Ok(KurrentDbStore {
             settings,
-            described: format!("kurrentdb {}", redact(url)),
+            described: format!("kurrentdb {}", super::redact_url(url)),
             resilience,
             conn: Mutex::new(Conn {
                 client,
@@ -790,6 +779,7 @@ mod tests {
 
     #[test]
     fn urls_are_recognised_and_redacted() {
+        let redact = crate::store::redact_url;
         assert!(is_kurrentdb_url("esdb://localhost:2113?tls=false"));
         assert!(is_kurrentdb_url(
             "kurrentdb+discover://cluster.example:2113"

@@ -263,7 +263,41 @@ pub async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
     }
 }
 
-/// `url` with any password masked, for messages and logs.
+/// `url` (any backend's: `scheme://user:password@hosts/…?…`) with its
+/// password replaced by `***`, and a `password=` parameter too, for
+/// messages, logs and `/healthz`.
 pub fn redact_url(url: &str) -> String {
-    postgres::redact(url)
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{hosts}{path}")
+                }
+                _ => base.to_owned(),
+            }
+        }
+        None => base.to_owned(),
+    };
+    match query {
+        None => base,
+        Some(query) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some(("password", _)) => "password=***".to_owned(),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+    }
 }

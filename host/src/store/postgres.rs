@@ -89,7 +89,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-pub use config::{DEFAULT_SCHEMA, PgUrl, SslMode, is_postgres_url, redact};
+pub use config::{DEFAULT_SCHEMA, PgUrl, SslMode, is_postgres_url};
 pub use schema::SCHEMA_VERSION;
 
 use super::memory::id_twice_in_append;

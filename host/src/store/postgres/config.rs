@@ -1,6 +1,6 @@
 //! The `postgres://` connection string: libpq's URL form, the `PG*`
 //! environment variables libpq users rely on, the host's own parameters, and
-//! the redacted form shown in logs and `/healthz`.
+//! the redacted form shown in logs and `/healthz` (`store::redact_url`).
 //!
 //! The URL is handed to `tokio_postgres::Config`, which understands libpq's
 //! URL form including several hosts (`postgres://h1:5432,h2:5433/db`) and
@@ -110,7 +110,7 @@ impl PgUrl {
 
     /// Parses `url`, taking what it leaves out from `env`.
     pub fn parse_with(url: &str, env: &dyn Env) -> anyhow::Result<Self> {
-        let redacted = redact(url);
+        let redacted = crate::store::redact_url(url);
         let (base, query) = match url.split_once('?') {
             Some((base, query)) => (base, query),
             None => (url, ""),
@@ -281,49 +281,12 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
     String::from_utf8(out).with_context(|| format!("{s:?} is not UTF-8 once decoded"))
 }
 
-/// `url` with its password replaced by `***`, and a `password=` parameter
-/// too, for logs and `/healthz`.
-pub fn redact(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let base = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            match authority.rsplit_once('@') {
-                Some((userinfo, hosts)) if userinfo.contains(':') => {
-                    let user = userinfo.split(':').next().unwrap_or_default();
-                    format!("{scheme}://{user}:***@{hosts}{path}")
-                }
-                _ => base.to_owned(),
-            }
-        }
-        None => base.to_owned(),
-    };
-    match query {
-        None => base,
-        Some(query) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some(("password", _)) => "password=***".to_owned(),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", query.join("&"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::store::redact_url as redact;
 
     struct MapEnv(HashMap<&'static str, &'static str>);
 
