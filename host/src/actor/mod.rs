@@ -183,20 +183,19 @@ impl Aggregates {
         self.inner.slots.len()
     }
 
-    /// Resident aggregates, their state bytes, and the work waiting in
-    /// their mailboxes, for the metrics. Walks every slot: for a scrape,
-    /// not for the command path.
+    /// Resident aggregates, their state bytes (the running total the bytes
+    /// cap is checked against), and the work waiting in their mailboxes,
+    /// for the metrics. Walks every slot for the last: for a scrape, not
+    /// for the command path.
     pub fn footprint(&self) -> (u64, u64, u64) {
-        let (mut resident, mut bytes, mut queued) = (0u64, 0u64, 0u64);
-        for slot in self.inner.slots.iter() {
-            let s = slot.value().lock();
-            resident += 1;
-            queued += s.queue.len() as u64;
-            if let Some(live) = &s.live {
-                bytes += live.state.bytes.len() as u64;
-            }
-        }
-        (resident, bytes, queued)
+        let queued = self
+            .inner
+            .slots
+            .iter()
+            .map(|slot| slot.value().lock().queue.len() as u64)
+            .sum();
+        let bytes = self.inner.resident_bytes.load(Ordering::Acquire);
+        (self.inner.slots.len() as u64, bytes, queued)
     }
 
     /// The error for an aggregate type no loaded plugin handles: "unknown",
@@ -353,7 +352,7 @@ impl Inner {
         id: &str,
         work: Work,
     ) -> Result<(), CommandError> {
-        let key = format!("{aggregate_type}/{id}");
+        let key = slot_key(aggregate_type, id);
         let mut work = Some(work);
         loop {
             let mut created = false;
@@ -435,7 +434,7 @@ impl Inner {
                             // The directory's lock is taken after the
                             // slot's is released, never inside it (the
                             // sweeper takes them the other way round).
-                            let key = format!("{}/{}", slot.aggregate_type, slot.id);
+                            let key = slot_key(&slot.aggregate_type, &slot.id);
                             self.slots.remove_if(&key, |_, v| Arc::ptr_eq(v, &slot));
                         }
                         return;
@@ -545,6 +544,11 @@ impl Inner {
 }
 
 /// Marks `slot` evicted if it has been idle since `cutoff`.
+/// A slot's key in the directory.
+fn slot_key(aggregate_type: &str, id: &str) -> String {
+    format!("{aggregate_type}/{id}")
+}
+
 fn try_evict(slot: &Slot, cutoff: Instant, resident_bytes: &AtomicU64) -> bool {
     if !slot.is_idle_since(cutoff) {
         return false;
