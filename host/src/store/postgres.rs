@@ -316,20 +316,34 @@ impl Shared {
         })
     }
 
-    /// Runs a read query with the operation deadline.
+    /// Runs a query with the operation deadline, errors classified.
     async fn query(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
+        match self.query_raw(sql, params).await? {
+            Ok(rows) => Ok(rows),
+            Err(e) => Err(self.error(&e)),
+        }
+    }
+
+    /// Runs a query on a pooled connection with the operation deadline.
+    /// The outer error is a connection that could not be had or a deadline
+    /// (the connection is then discarded); the inner one is PostgreSQL's
+    /// answer, for a caller that looks at its SQLSTATE.
+    async fn query_raw(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Result<Vec<Row>, tokio_postgres::Error>, StoreError> {
         let client = self.client().await?;
         let run = async {
             let statement = client.prepare_cached(sql).await?;
             client.query(&statement, params).await
         };
         match tokio::time::timeout(OPERATION_TIMEOUT, run).await {
-            Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(e)) => Err(self.error(&e)),
+            Ok(answer) => Ok(answer),
             Err(_) => {
                 // The connection may be cut off: do not hand it out again.
                 drop(deadpool_postgres::Object::take(client));

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::schema::DUPLICATE_ID_SQLSTATE;
-use super::{MAX_BATCH, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, OPERATION_TIMEOUT, Shared, to_bigint};
+use super::{MAX_BATCH, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Shared, to_bigint};
 use crate::store::memory::{id_already_stored, id_in_other_stream};
 use crate::store::{AppendResult, EventData, ExpectedVersion, StoreError};
 
@@ -209,26 +209,16 @@ async fn run_group(
         }
     }
 
-    let client = shared.client().await.map_err(GroupError::Failed)?;
-    let run = async {
-        let statement = client.prepare_cached(&shared.sql.append).await?;
-        client
-            .query(
-                &statement,
-                &[
-                    &streams, &kinds, &expected, &counts, &ids, &types, &data, &metadata, &messages,
-                ],
-            )
-            .await
-    };
-    let rows = match tokio::time::timeout(OPERATION_TIMEOUT, run).await {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(e)) => return Err(group_error(shared, &e)),
-        Err(_) => {
-            drop(deadpool_postgres::Object::take(client));
-            return Err(GroupError::Failed(shared.timed_out()));
-        }
-    };
+    let answer = shared
+        .query_raw(
+            &shared.sql.append,
+            &[
+                &streams, &kinds, &expected, &counts, &ids, &types, &data, &metadata, &messages,
+            ],
+        )
+        .await
+        .map_err(GroupError::Failed)?;
+    let rows = answer.map_err(|e| group_error(shared, &e))?;
     if rows.len() != group.len() {
         return Err(GroupError::Failed(StoreError::Corrupt(format!(
             "append_batch answered {} rows for {} appends",
