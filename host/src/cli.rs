@@ -183,6 +183,11 @@ struct RunArgs {
     /// least recently used are evicted past it).
     #[arg(long, env = "REHYDRA_MAX_RESIDENT_BYTES", default_value_t = ActorConfig::default().max_resident_bytes)]
     max_resident_bytes: u64,
+    /// Store a snapshot of an aggregate's state every N events, and when it
+    /// leaves memory, so that loading it replays only the events after the
+    /// snapshot (0: no snapshots are stored or used).
+    #[arg(long, env = "REHYDRA_SNAPSHOT_EVERY", default_value_t = ActorConfig::default().snapshot_every)]
+    snapshot_every: u64,
     /// Commands that may wait per aggregate before `overloaded`.
     #[arg(long, default_value_t = 512)]
     mailbox_capacity: usize,
@@ -439,6 +444,7 @@ async fn run(args: RunArgs) -> ExitCode {
             max_resident_bytes: args.max_resident_bytes.max(1),
             conflict_retries: args.conflict_retries,
             command_timeout: args.command_timeout,
+            snapshot_every: args.snapshot_every,
             ..ActorConfig::default()
         },
         http_config: HttpConfig {

@@ -61,6 +61,17 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// What became of a snapshot, or of the look for one at a load.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnapshotLabels {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// Saves: `written`, `failed`, `dropped` (the queue was full). Loads:
+    /// `used`, `none`, `ignored` (another schema, a stream that no longer
+    /// matches it, or state the plugin could not read), `failed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the host exports.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +95,10 @@ pub struct Metrics {
     pub store_group_appends: Family<StoreLabels, Histogram>,
     /// Compile-cache look-ups.
     pub compile_cache: Family<CacheLabels, Counter>,
+    /// Snapshots saved, failed or dropped.
+    pub snapshots_saved: Family<SnapshotLabels, Counter>,
+    /// Loads by what the snapshot look-up gave.
+    pub snapshot_loads: Family<SnapshotLabels, Counter>,
     resident_aggregates: Gauge,
     resident_state_bytes: Gauge,
     mailbox_depth: Gauge,
@@ -180,6 +195,18 @@ impl Metrics {
             "Plugin loads by whether the compile cache had the component (hit) or it was compiled",
             compile_cache.clone(),
         );
+        let snapshots_saved = Family::<SnapshotLabels, Counter>::default();
+        registry.register(
+            "snapshot_saves",
+            "Snapshots written off the command path, by outcome (written, failed, dropped when the queue was full)",
+            snapshots_saved.clone(),
+        );
+        let snapshot_loads = Family::<SnapshotLabels, Counter>::default();
+        registry.register(
+            "snapshot_loads",
+            "Aggregate loads by what the snapshot look-up gave (used, none, ignored, failed)",
+            snapshot_loads.clone(),
+        );
         let resident_aggregates = Gauge::default();
         registry.register(
             "resident_aggregates",
@@ -228,6 +255,8 @@ impl Metrics {
             store_commit_seconds,
             store_group_appends,
             compile_cache,
+            snapshots_saved,
+            snapshot_loads,
             resident_aggregates,
             resident_state_bytes,
             mailbox_depth,
@@ -249,6 +278,20 @@ impl Metrics {
         family
             .get_or_create(&Self::of_type(aggregate_type))
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a snapshot save's or load's outcome in `family`.
+    pub fn snapshot(
+        family: &Family<SnapshotLabels, Counter>,
+        aggregate_type: &str,
+        outcome: &'static str,
+    ) {
+        family
+            .get_or_create(&SnapshotLabels {
+                aggregate_type: aggregate_type.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Records one group commit of `backend`.

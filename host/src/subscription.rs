@@ -513,6 +513,18 @@ mod tests {
         async fn head_position(&self) -> Result<u64, crate::store::StoreError> {
             self.0.head_position().await
         }
+        async fn save_snapshot(
+            &self,
+            snapshot: &crate::store::Snapshot,
+        ) -> Result<(), crate::store::StoreError> {
+            self.0.save_snapshot(snapshot).await
+        }
+        async fn load_snapshot(
+            &self,
+            stream: &str,
+        ) -> Result<Option<crate::store::Snapshot>, crate::store::StoreError> {
+            self.0.load_snapshot(stream).await
+        }
         fn describe(&self) -> String {
             "memory store without a commit signal (test double)".into()
         }

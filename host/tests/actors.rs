@@ -14,7 +14,7 @@ use rehydra::plugin::PluginRegistry;
 use rehydra::plugin::engine::SandboxLimits;
 use rehydra::store::memory::MemoryStore;
 use rehydra::store::{
-    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError,
+    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
 };
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -121,6 +121,8 @@ async fn a_conflict_with_another_writer_is_caught_up_and_retried() {
 struct GatedStore {
     inner: MemoryStore,
     gate: Semaphore,
+    /// Whether `save_snapshot` hangs forever.
+    stuck_snapshots: bool,
 }
 
 #[async_trait]
@@ -163,9 +165,54 @@ impl EventStore for GatedStore {
     async fn head_position(&self) -> Result<u64, StoreError> {
         self.inner.head_position().await
     }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        if self.stuck_snapshots {
+            // A save that never returns: the database is wedged.
+            std::future::pending::<()>().await;
+        }
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.load_snapshot(stream).await
+    }
     fn describe(&self) -> String {
         "gated memory store (test double)".into()
     }
+}
+
+/// Snapshots are stored off the command path: with every save stuck
+/// forever, and one due after every event, each command is still answered
+/// at once, none fails, and none waits for a snapshot.
+#[tokio::test]
+async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
+    let (registry, _dir) = registry().await;
+    let store = Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        stuck_snapshots: true,
+    });
+    let config = ActorConfig {
+        snapshot_every: 1,
+        command_timeout: Duration::from_secs(5),
+        ..ActorConfig::default()
+    };
+    let aggregates = Aggregates::new(store.clone(), registry, config);
+    aggregates
+        .execute(cmd("stuck", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    // More than the snapshot queue holds (1,024): the rest are dropped.
+    for _ in 0..1100 {
+        aggregates
+            .execute(cmd("stuck", "deposit", json!({"amount": 1})))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.stream_version("bank_account-stuck").await.unwrap(),
+        1101
+    );
+    assert_eq!(store.load_snapshot("bank_account-stuck").await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -174,6 +221,7 @@ async fn a_full_mailbox_answers_overloaded_and_loses_nothing_queued() {
     let store = Arc::new(GatedStore {
         inner: MemoryStore::new(),
         gate: Semaphore::new(1),
+        stuck_snapshots: false,
     });
     let config = ActorConfig {
         mailbox_capacity: 2,

@@ -342,7 +342,8 @@ impl Host {
         None
     }
 
-    /// Starts the host again on the same directory.
+    /// Starts the host again on the same directory (killing it first if it
+    /// still runs).
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
@@ -387,6 +388,18 @@ impl Host {
     /// `POST` to a path with no body, e.g. `/v1/plugins/reload`.
     pub async fn command_raw_post(&self, path: &str) -> (u16, Value) {
         Self::finish(self.http.post(format!("{}{path}", self.base))).await
+    }
+
+    /// The host's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("the host answers")
+            .text()
+            .await
+            .expect("a body")
     }
 
     /// `GET` a path, e.g. `/v1/plugins`.
@@ -459,6 +472,15 @@ pub fn rss_kib_of(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The value of the sample `name{labels}` (labels as printed, in order) in
+/// `/metrics` text, or `None` if there is no such line.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok())?
+    })
 }
 
 /// The error code of an error body.

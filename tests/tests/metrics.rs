@@ -2,17 +2,8 @@
 //! `rehydra_…`, commands are counted by outcome, and the latency,
 //! rehydration, store and footprint figures move with what the host did.
 
-use rehydra_e2e::Host;
+use rehydra_e2e::{Host, metric as sample};
 use serde_json::json;
-
-/// The value of the sample `name{labels}` (labels as printed, in order), or
-/// `None` if there is no such line.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.rsplit_once(' ')?;
-        (key == name_and_labels).then(|| value.parse().ok())?
-    })
-}
 
 #[tokio::test]
 async fn metrics_count_commands_by_outcome_and_measure_the_command_path() {

@@ -167,7 +167,9 @@ impl Inner {
                             "plugin cannot read the cached state; rebuilding from events"
                         );
                         rebuilt_for_schema = true;
-                        *live = self.rehydrate(plugin, stream).await?;
+                        // Not from a snapshot: its state may be what the
+                        // plugin cannot read.
+                        *live = self.rehydrate_from(plugin, stream, false).await?;
                         continue;
                     }
                     Err(Rejection::IncompatibleState(schema)) => {
@@ -224,6 +226,7 @@ impl Inner {
                 live.version,
             )?;
             let expected = ExpectedVersion::Exact(live.version);
+            let head_event_id = events.last().map(|e| e.event_id);
             let appending = Instant::now();
             let appended = self.store.append(stream, expected, events).await;
             Metrics::observe(
@@ -234,6 +237,7 @@ impl Inner {
             match appended {
                 Ok(appended) => {
                     live.version = appended.version;
+                    live.head_event_id = head_event_id;
                     live.state = decision.state;
                     return Ok(CommandOutcome {
                         aggregate_type: req.aggregate_type.clone(),
@@ -372,18 +376,130 @@ impl Inner {
         })
     }
 
-    /// Loads an aggregate from its events.
+    /// Loads an aggregate: from its newest usable snapshot and the events
+    /// after it, or else from all its events.
     async fn rehydrate(&self, plugin: &PluginRef, stream: &str) -> Result<Live, CommandError> {
-        let mut live = Live {
-            state: plugin.initial_state().clone(),
-            version: 0,
-        };
+        self.rehydrate_from(plugin, stream, self.snapshots.enabled())
+            .await
+    }
+
+    /// Loads an aggregate, from a snapshot only if `use_snapshot`.
+    async fn rehydrate_from(
+        &self,
+        plugin: &PluginRef,
+        stream: &str,
+        use_snapshot: bool,
+    ) -> Result<Live, CommandError> {
         metrics::global()
             .rehydrations
             .get_or_create(&Metrics::of_type(&plugin.info.aggregate_type))
             .inc();
+        if use_snapshot && let Some(live) = self.load_from_snapshot(plugin, stream).await? {
+            return Ok(live);
+        }
+        let mut live = Live {
+            state: plugin.initial_state().clone(),
+            version: 0,
+            head_event_id: None,
+            snapshot_version: 0,
+        };
         self.catch_up(plugin, stream, &mut live).await?;
         Ok(live)
+    }
+
+    /// The aggregate from its stored snapshot and the events after it.
+    /// `None` (with a log line) when there is none it can use: none stored,
+    /// one of another state schema, one whose event the stream no longer
+    /// has at its version, or state the plugin's `apply` refuses.
+    async fn load_from_snapshot(
+        &self,
+        plugin: &PluginRef,
+        stream: &str,
+    ) -> Result<Option<Live>, CommandError> {
+        let aggregate_type = &plugin.info.aggregate_type;
+        let count =
+            |outcome| Metrics::snapshot(&metrics::global().snapshot_loads, aggregate_type, outcome);
+        let snapshot = match self.store.load_snapshot(stream).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                count("none");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(stream, error = %e, "cannot read the aggregate's snapshot; loading it from its events");
+                count("failed");
+                return Ok(None);
+            }
+        };
+        if snapshot.schema != plugin.info.state_schema {
+            tracing::info!(
+                stream,
+                snapshot_schema = snapshot.schema,
+                plugin_schema = plugin.info.state_schema,
+                "snapshot of another state schema ignored; loading the aggregate from its events"
+            );
+            count("ignored");
+            return Ok(None);
+        }
+        // The snapshot's own event, to check it, and a page after it.
+        let page = self.config.rehydrate_page;
+        let mut batch = self
+            .store
+            .read_stream(stream, snapshot.version, page.saturating_add(1))
+            .await?;
+        if !batch
+            .first()
+            .is_some_and(|e| e.version == snapshot.version && e.event_id == snapshot.event_id)
+        {
+            tracing::info!(
+                stream,
+                version = snapshot.version,
+                "snapshot ignored: the stream no longer holds the event it was taken at (was it \
+                 deleted and written again?); loading the aggregate from its events"
+            );
+            count("ignored");
+            return Ok(None);
+        }
+        let taken_at = batch.remove(0);
+        let full_page = batch.len() >= page;
+        let last = batch.last().map(|e| (e.version, e.event_id));
+        let replaying = batch.len() as u64;
+        let snapshot_state = crate::plugin::StateBytes {
+            schema: snapshot.schema,
+            bytes: snapshot.state,
+        };
+        // `apply` runs even when no event follows: it is what tells whether
+        // the plugin can read the stored state.
+        let state = match plugin.apply(&snapshot_state, batch).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(
+                    stream,
+                    version = snapshot.version,
+                    error = %e,
+                    "snapshot ignored: the plugin's apply() failed on it; loading the aggregate \
+                     from its events"
+                );
+                count("ignored");
+                return Ok(None);
+            }
+        };
+        metrics::global()
+            .events_replayed
+            .get_or_create(&Metrics::of_type(aggregate_type))
+            .inc_by(replaying);
+        let (version, head) = last.unwrap_or((snapshot.version, taken_at.event_id));
+        let mut live = Live {
+            state,
+            version,
+            head_event_id: Some(head),
+            snapshot_version: snapshot.version,
+        };
+        if full_page {
+            self.catch_up(plugin, stream, &mut live).await?;
+        }
+        count("used");
+        Ok(Some(live))
     }
 
     /// Applies every stored event after `live.version`, a page per call.
@@ -408,7 +524,7 @@ impl Inner {
                     live.version, batch[0].version
                 )));
             }
-            let last_version = last.version;
+            let (last_version, last_id) = (last.version, last.event_id);
             let full_page = batch.len() >= page;
             metrics::global()
                 .events_replayed
@@ -416,6 +532,7 @@ impl Inner {
                 .inc_by(batch.len() as u64);
             live.state = plugin.apply(&live.state, batch).await?;
             live.version = last_version;
+            live.head_event_id = Some(last_id);
             if !full_page {
                 return Ok(());
             }

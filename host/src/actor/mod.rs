@@ -9,9 +9,11 @@
 //! that is not resident rehydrates it from the store.
 //!
 //! - this file: the directory of aggregates, the mailbox, passivation;
-//! - [`aggregate`]: what happens to one command inside an actor.
+//! - [`aggregate`]: what happens to one command inside an actor;
+//! - [`snapshot`]: persisted snapshots, stored off the command path.
 
 mod aggregate;
+mod snapshot;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +52,10 @@ pub struct ActorConfig {
     pub command_timeout: Duration,
     /// Events read (and passed to one `apply` call) per page on rehydration.
     pub rehydrate_page: usize,
+    /// Store a snapshot of an aggregate's state every this many events
+    /// (and when it leaves memory); loads start from the newest. 0: no
+    /// snapshots are stored or loaded.
+    pub snapshot_every: u64,
 }
 
 impl Default for ActorConfig {
@@ -63,6 +69,7 @@ impl Default for ActorConfig {
             conflict_retries: 5,
             command_timeout: Duration::from_secs(10),
             rehydrate_page: 1000,
+            snapshot_every: 100,
         }
     }
 }
@@ -72,6 +79,11 @@ impl Default for ActorConfig {
 struct Live {
     state: StateBytes,
     version: u64,
+    /// The id of the event at `version` (`None` at version 0), which a
+    /// snapshot records so that a load can check the stream still has it.
+    head_event_id: Option<uuid::Uuid>,
+    /// The version of the last snapshot stored (or queued) of this state.
+    snapshot_version: u64,
 }
 
 /// Work waiting in a mailbox.
@@ -135,6 +147,7 @@ struct Inner {
     plugins: Arc<PluginRegistry>,
     config: ActorConfig,
     evicting: AtomicBool,
+    snapshots: snapshot::Snapshots,
 }
 
 impl Aggregates {
@@ -145,7 +158,9 @@ impl Aggregates {
         plugins: Arc<PluginRegistry>,
         config: ActorConfig,
     ) -> Self {
+        let snapshots = snapshot::Snapshots::start(store.clone(), config.snapshot_every);
         let inner = Arc::new(Inner {
+            snapshots,
             slots: DashMap::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             resident_bytes: AtomicU64::new(0),
@@ -472,6 +487,14 @@ impl Inner {
                     live
                 }
             };
+            let mut live = live;
+            if let Some(l) = live.as_mut() {
+                self.snapshots.after_work(
+                    &slot.aggregate_type,
+                    || self.stream_of(&slot.aggregate_type, &slot.id),
+                    l,
+                );
+            }
             let size = live.as_ref().map_or(0, |l| l.state.bytes.len() as u64);
             let over = {
                 let mut s = slot.lock();
@@ -499,8 +522,7 @@ impl Inner {
         let cutoff = Instant::now()
             .checked_sub(self.config.idle_timeout)
             .unwrap_or_else(Instant::now);
-        self.slots
-            .retain(|_, slot| !try_evict(slot, cutoff, &self.resident_bytes));
+        self.slots.retain(|_, slot| !self.try_evict(slot, cutoff));
     }
 
     /// Evicts the least recently used idle aggregates, down to 90% of the
@@ -532,7 +554,7 @@ impl Inner {
                 }
                 if this
                     .slots
-                    .remove_if(&key, |_, slot| try_evict(slot, now, &this.resident_bytes))
+                    .remove_if(&key, |_, slot| this.try_evict(slot, now))
                     .is_some()
                 {
                     excess = excess.saturating_sub(1);
@@ -543,24 +565,44 @@ impl Inner {
     }
 }
 
-/// Marks `slot` evicted if it has been idle since `cutoff`.
 /// A slot's key in the directory.
 fn slot_key(aggregate_type: &str, id: &str) -> String {
     format!("{aggregate_type}/{id}")
 }
 
-fn try_evict(slot: &Slot, cutoff: Instant, resident_bytes: &AtomicU64) -> bool {
-    if !slot.is_idle_since(cutoff) {
-        return false;
+impl Inner {
+    /// Marks `slot` evicted if it has been idle since `cutoff`, and stores
+    /// a snapshot of what it held if one is due.
+    fn try_evict(&self, slot: &Slot, cutoff: Instant) -> bool {
+        if !slot.is_idle_since(cutoff) {
+            return false;
+        }
+        let mut s = slot.lock();
+        // Re-check under the same lock that marks it.
+        if s.running || !s.queue.is_empty() {
+            return false;
+        }
+        s.evicted = true;
+        uncount(&self.resident_bytes, &mut s);
+        let live = s.live.take();
+        drop(s);
+        if let Some(mut live) = live {
+            self.snapshots.on_passivation(
+                &slot.aggregate_type,
+                || self.stream_of(&slot.aggregate_type, &slot.id),
+                &mut live,
+            );
+        }
+        true
     }
-    let mut s = slot.lock();
-    // Re-check under the same lock that marks it.
-    if s.running || !s.queue.is_empty() {
-        return false;
+
+    /// The stream of aggregate `id` of `aggregate_type`, if a plugin serves
+    /// the type.
+    fn stream_of(&self, aggregate_type: &str, id: &str) -> Option<String> {
+        self.plugins
+            .get(aggregate_type)
+            .map(|p| p.info.stream_name(id))
     }
-    s.evicted = true;
-    uncount(resident_bytes, &mut s);
-    true
 }
 
 /// Takes a slot's state bytes out of the total.

@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
+use super::{
+    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+};
 
 /// Generates one `#[tokio::test]` per named conformance function, each with
 /// a store from `$make` (an async fn returning `(Arc<dyn EventStore>, _)`).
@@ -58,6 +60,9 @@ macro_rules! conformance_suite {
             concurrent_appends_different_streams,
             empty_append,
             head_position_follows_appends,
+            snapshot_round_trip,
+            snapshot_newest_wins,
+            snapshots_are_not_events,
         );
     };
 }
@@ -860,6 +865,113 @@ pub(crate) async fn head_position_follows_appends(store: Arc<dyn EventStore>) {
     assert_eq!(store.head_position().await.expect("head"), second.position);
 }
 
+/// A snapshot for `stream` at `version` of `schema`, with state bytes that
+/// name both (and bytes that are not UTF-8, which must survive too).
+pub(crate) fn snapshot(stream: &str, schema: u32, version: u64) -> Snapshot {
+    let mut state = format!("{{\"schema\":{schema},\"version\":{version}}}").into_bytes();
+    state.extend_from_slice(&[0, 0xff, 0xfe]);
+    Snapshot {
+        stream: stream.to_owned(),
+        schema,
+        version,
+        event_id: Uuid::new_v4(),
+        state,
+    }
+}
+
+/// A saved snapshot loads back byte for byte; a stream without one, or
+/// another stream's, loads as none; large state survives.
+pub(crate) async fn snapshot_round_trip(store: Arc<dyn EventStore>) {
+    let s = new_stream("snap");
+    let other = new_stream("snap");
+    assert_eq!(store.load_snapshot(&s).await.expect("load"), None);
+    let saved = snapshot(&s, 1, 3);
+    store.save_snapshot(&saved).await.expect("save");
+    assert_eq!(store.load_snapshot(&s).await.expect("load"), Some(saved));
+    assert_eq!(store.load_snapshot(&other).await.expect("load"), None);
+
+    // A state of several MiB (the host's default cap is 8 MiB).
+    let mut big = snapshot(&other, 7, 1_000_000);
+    big.state = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+    store.save_snapshot(&big).await.expect("save a large state");
+    assert_eq!(store.load_snapshot(&other).await.expect("load"), Some(big));
+}
+
+/// One snapshot per stream: a later version replaces it, an older one of
+/// the same schema does not (a slow writer never rolls it back), and one of
+/// another schema always does (a new plugin version's state must be able to
+/// take over).
+pub(crate) async fn snapshot_newest_wins(store: Arc<dyn EventStore>) {
+    let s = new_stream("snap");
+    let v10 = snapshot(&s, 1, 10);
+    store.save_snapshot(&v10).await.expect("save v10");
+    store
+        .save_snapshot(&snapshot(&s, 1, 5))
+        .await
+        .expect("save an older one");
+    assert_eq!(
+        store.load_snapshot(&s).await.expect("load"),
+        Some(v10.clone())
+    );
+    store
+        .save_snapshot(&v10)
+        .await
+        .expect("save the same again");
+    assert_eq!(store.load_snapshot(&s).await.expect("load"), Some(v10));
+
+    let v20 = snapshot(&s, 1, 20);
+    store.save_snapshot(&v20).await.expect("save v20");
+    assert_eq!(store.load_snapshot(&s).await.expect("load"), Some(v20));
+
+    let schema2 = snapshot(&s, 2, 15);
+    store.save_snapshot(&schema2).await.expect("save schema 2");
+    assert_eq!(
+        store.load_snapshot(&s).await.expect("load"),
+        Some(schema2),
+        "a snapshot of another schema replaces a later one"
+    );
+}
+
+/// Snapshots never show up as events: not in the stream, not in its
+/// version, not in the global log or its head.
+pub(crate) async fn snapshots_are_not_events(store: Arc<dyn EventStore>) {
+    let s = new_stream("snap");
+    let appended = store
+        .append(&s, ExpectedVersion::NoStream, events(2))
+        .await
+        .expect("append");
+    let head = store.head_position().await.expect("head");
+    let fresh = new_stream("snap");
+    store
+        .save_snapshot(&snapshot(&s, 1, 2))
+        .await
+        .expect("save for a stream");
+    store
+        .save_snapshot(&snapshot(&fresh, 1, 4))
+        .await
+        .expect("save for a stream without events");
+    assert_eq!(store.stream_version(&s).await.expect("version"), 2);
+    assert_eq!(store.stream_version(&fresh).await.expect("version"), 0);
+    assert_eq!(read_whole(store.as_ref(), &s).await.len(), 2);
+    assert!(read_whole(store.as_ref(), &fresh).await.is_empty());
+    assert_eq!(store.head_position().await.expect("head"), head);
+    let after = store
+        .read_all(appended.position + 1, 1000)
+        .await
+        .expect("read all");
+    assert!(
+        after.is_empty(),
+        "the log grew past the append: {:?}",
+        after.iter().map(|e| &e.stream).collect::<Vec<_>>()
+    );
+    // The next append still gets the next version.
+    let next = store
+        .append(&s, ExpectedVersion::Exact(2), events(1))
+        .await
+        .expect("append after a snapshot");
+    assert_eq!(next.version, 3);
+}
+
 /// A backend with a commit signal changes it after an append, so a live
 /// subscription waiting on it wakes up.
 pub(crate) async fn commit_signal_changes_after_an_append(store: Arc<dyn EventStore>) {
@@ -1184,6 +1296,13 @@ mod embedded_only {
             .await
             .expect("append after the migration");
         assert_eq!(next.version, 3);
+        // Version 3's snapshots table is there.
+        let saved = crate::store::conformance::snapshot("old-1", 1, 3);
+        store.save_snapshot(&saved).await.expect("save a snapshot");
+        assert_eq!(
+            store.load_snapshot("old-1").await.expect("load"),
+            Some(saved)
+        );
         store.close().await;
 
         let conn = raw(dir.path());

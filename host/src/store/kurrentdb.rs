@@ -54,6 +54,7 @@ use uuid::Uuid;
 use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
 
 mod live;
+mod snapshot;
 mod wire;
 
 use wire::{
@@ -443,7 +444,9 @@ impl KurrentDbStore {
                 match read.next().await {
                     Ok(Some(e)) => {
                         let e = e.get_original_event();
-                        let event = if e.stream_id().starts_with('$') {
+                        let event = if e.stream_id().starts_with('$')
+                            || snapshot::is_snapshot_stream(e.stream_id())
+                        {
                             None
                         } else {
                             Some(convert(e)?)
@@ -594,21 +597,34 @@ impl KurrentDbStore {
         }
     }
 
-    /// The position of the last record in `$all`, if any.
+    /// The position of the last event in `$all` that is not a system or
+    /// snapshot record, looking back at most a page; if the whole page is
+    /// such records, the newest one's (a subscription "from the end" then
+    /// starts after records that are not events: it misses nothing).
     async fn last_position(&self) -> Result<Option<Position>, StoreError> {
         let deadline = self.resilience.attempt_timeout;
         self.run("a read of $all", |client| async move {
             let options = ReadAllOptions::default()
                 .backwards()
                 .position(StreamPosition::End)
-                .max_count(1)
+                .max_count(PAGE)
                 .requires_leader(true)
                 .deadline(deadline);
             let mut read = client.read_all(&options).await.map_err(classify)?;
-            match read.next().await {
-                Ok(Some(e)) => Ok(Some(e.get_original_event().position)),
-                Ok(None) => Ok(None),
-                Err(e) => Err(classify(e)),
+            let mut newest = None;
+            loop {
+                match read.next().await {
+                    Ok(Some(e)) => {
+                        let e = e.get_original_event();
+                        newest = newest.or(Some(e.position));
+                        let stream = e.stream_id();
+                        if !stream.starts_with('$') && !snapshot::is_snapshot_stream(stream) {
+                            return Ok(Some(e.position));
+                        }
+                    }
+                    Ok(None) => return Ok(newest),
+                    Err(e) => return Err(classify(e)),
+                }
             }
         })
         .await
@@ -754,6 +770,17 @@ impl EventStore for KurrentDbStore {
 
     async fn head_position(&self) -> Result<u64, StoreError> {
         Ok(self.last_position().await?.map_or(0, rehydra_position))
+    }
+
+    async fn save_snapshot(&self, snapshot: &crate::store::Snapshot) -> Result<(), StoreError> {
+        self.save_snapshot_to_stream(snapshot).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &str,
+    ) -> Result<Option<crate::store::Snapshot>, StoreError> {
+        self.load_snapshot_from_stream(stream).await
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

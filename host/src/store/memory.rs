@@ -14,7 +14,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
+use super::{
+    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+};
 
 /// An event store held in memory; not durable. See the module docs.
 #[derive(Debug, Default)]
@@ -34,6 +36,8 @@ struct Inner {
     streams: HashMap<String, Vec<usize>>,
     /// Every stored event id, for idempotent retries and uniqueness.
     by_id: HashMap<Uuid, usize>,
+    /// Each stream's snapshot.
+    snapshots: HashMap<String, Snapshot>,
 }
 
 impl MemoryStore {
@@ -267,6 +271,24 @@ impl EventStore for MemoryStore {
 
     async fn head_position(&self) -> Result<u64, StoreError> {
         Ok(self.lock()?.events.len() as u64)
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let stored = inner
+            .snapshots
+            .get(&snapshot.stream)
+            .map(|s| (s.schema, s.version));
+        if snapshot.replaces(stored) {
+            inner
+                .snapshots
+                .insert(snapshot.stream.clone(), snapshot.clone());
+        }
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.lock()?.snapshots.get(stream).cloned())
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -118,6 +118,40 @@ pub(crate) fn command_events<E: std::borrow::Borrow<RecordedEvent>>(
     std::iter::once(first).chain(rest).collect()
 }
 
+/// An aggregate's state as of one version of its stream, stored so that a
+/// load applies only the events after it instead of the whole stream.
+///
+/// The state bytes are the plugin's own encoding, tagged with the plugin's
+/// state schema; a loader of another schema ignores the snapshot. The id of
+/// the event at `version` lets a loader check that the stream still holds
+/// the events the state was built from (a KurrentDB stream can be deleted
+/// and written again) before trusting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The stream the state was built from.
+    pub stream: String,
+    /// The plugin's state schema (`state-schema` in its `describe()`).
+    pub schema: u32,
+    /// The stream's version the state includes: its last event applied.
+    pub version: u64,
+    /// The id of the event at `version`.
+    pub event_id: Uuid,
+    /// The state bytes.
+    pub state: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Whether this snapshot replaces `stored` (see
+    /// [`EventStore::save_snapshot`]): it does unless `stored` is of the same
+    /// schema and at least as recent.
+    pub fn replaces(&self, stored: Option<(u32, u64)>) -> bool {
+        match stored {
+            None => true,
+            Some((schema, version)) => schema != self.schema || self.version > version,
+        }
+    }
+}
+
 /// The outcome of a successful append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendResult {
@@ -205,6 +239,15 @@ pub trait EventStore: Send + Sync + 'static {
         stream: &str,
         first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Stores `snapshot` as the stream's snapshot, replacing the one stored
+    /// unless that one is of the same schema and a later version (hosts and
+    /// passivation race; the newest state wins). One snapshot per stream is
+    /// kept. Snapshots are not events: no read of the log returns them.
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+
+    /// The snapshot stored for `stream`, of whatever schema, if any.
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError>;
 
     /// The global position of the last event stored (0 when there is none).
     /// A subscription that starts "from the end" starts after it.

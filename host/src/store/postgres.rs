@@ -93,7 +93,9 @@ pub use config::{DEFAULT_SCHEMA, PgUrl, SslMode, is_postgres_url};
 pub use schema::SCHEMA_VERSION;
 
 use super::memory::id_twice_in_append;
-use super::{AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError};
+use super::{
+    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+};
 
 /// Writer tasks, each committing one group at a time.
 pub const WRITERS: usize = 2;
@@ -148,6 +150,8 @@ struct Sql {
     head: String,
     horizon: &'static str,
     ids_stored: String,
+    save_snapshot: String,
+    load_snapshot: String,
 }
 
 impl Sql {
@@ -182,6 +186,17 @@ impl Sql {
             horizon: "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
             ids_stored: format!(
                 "SELECT event_id, stream FROM {schema}.events WHERE event_id = ANY($1::uuid[])"
+            ),
+            save_snapshot: format!(
+                "INSERT INTO {schema}.snapshots AS s (stream, state_schema, version, event_id, state) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (stream) DO UPDATE SET state_schema = EXCLUDED.state_schema, \
+                 version = EXCLUDED.version, event_id = EXCLUDED.event_id, state = EXCLUDED.state \
+                 WHERE s.state_schema <> EXCLUDED.state_schema OR EXCLUDED.version > s.version"
+            ),
+            load_snapshot: format!(
+                "SELECT state_schema, version, event_id, state FROM {schema}.snapshots \
+                 WHERE stream = $1"
             ),
         }
     }
@@ -591,6 +606,46 @@ impl EventStore for PostgresStore {
                 Ok(u64::try_from(p).unwrap_or(0))
             }
         }
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.shared
+            .query(
+                &self.shared.sql.save_snapshot,
+                &[
+                    &snapshot.stream,
+                    &i64::from(snapshot.schema),
+                    &to_bigint(snapshot.version),
+                    &snapshot.event_id,
+                    &snapshot.state,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        let rows = self
+            .shared
+            .query(&self.shared.sql.load_snapshot, &[&stream])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let get =
+            |e: tokio_postgres::Error| StoreError::Corrupt(format!("reading a snapshot: {e}"));
+        let schema: i64 = row.try_get("state_schema").map_err(get)?;
+        let version: i64 = row.try_get("version").map_err(get)?;
+        Ok(Some(Snapshot {
+            stream: stream.to_owned(),
+            schema: u32::try_from(schema).map_err(|_| {
+                StoreError::Corrupt(format!("snapshots.state_schema holds {schema}"))
+            })?,
+            version: u64::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("snapshots.version holds {version}")))?,
+            event_id: row.try_get("event_id").map_err(get)?,
+            state: row.try_get("state").map_err(get)?,
+        }))
     }
 
     fn commit_signal(&self) -> Option<watch::Receiver<u64>> {

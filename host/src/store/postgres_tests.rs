@@ -262,6 +262,27 @@ async fn schemas_are_versioned_and_separate() {
     let one = open(&format!("{base}?schema=one")).await;
     assert_eq!(one.stream_version(&s).await.expect("version"), 2);
 
+    // A store of schema version 1 (no snapshots table) is migrated on open.
+    drop(one);
+    server
+        .sql(
+            "DROP TABLE one.snapshots; \
+             UPDATE one.meta SET value = '1' WHERE key = 'schema_version'",
+        )
+        .expect("make it a version 1 store");
+    let one = open(&format!("{base}?schema=one")).await;
+    let saved = super::conformance::snapshot(&s, 1, 2);
+    one.save_snapshot(&saved).await.expect("save a snapshot");
+    assert_eq!(one.load_snapshot(&s).await.expect("load"), Some(saved));
+    assert_eq!(one.stream_version(&s).await.expect("version"), 2);
+    assert_eq!(
+        server
+            .sql("SELECT value FROM one.meta WHERE key = 'schema_version'")
+            .expect("meta")
+            .trim(),
+        SCHEMA_VERSION.to_string()
+    );
+
     server
         .sql("UPDATE two.meta SET value = '99' WHERE key = 'schema_version'")
         .expect("pretend a newer host wrote it");

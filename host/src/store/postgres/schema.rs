@@ -15,7 +15,8 @@ use tokio_postgres::Client;
 /// written by a newer Rehydra and is refused rather than misread.
 ///
 /// - 1: the first schema.
-pub const SCHEMA_VERSION: i64 = 1;
+/// - 2: a `snapshots` table (`EventStore::save_snapshot`).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How many bits of an event's global position count the events of one
 /// transaction; the transaction id fills the bits above (see the module docs
@@ -185,6 +186,21 @@ $fn$;
     )
 }
 
+/// The statements that take schema version 1 to version 2: the snapshots
+/// table, one row per stream, apart from the events so that appends never
+/// write it.
+fn version_2(schema: &str) -> String {
+    format!(
+        "CREATE TABLE {schema}.snapshots (
+             stream       text   PRIMARY KEY,
+             state_schema bigint NOT NULL,
+             version      bigint NOT NULL,
+             event_id     uuid   NOT NULL,
+             state        bytea  NOT NULL
+         );"
+    )
+}
+
 /// Creates the store's schema in `schema`, or checks the one that is there:
 /// refuses a newer version, or a schema that holds tables but is not a
 /// Rehydra store. Hosts started together serialise on an advisory lock.
@@ -240,6 +256,9 @@ pub async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result<()> {
             tx.batch_execute(&version_1(schema))
                 .await
                 .context("creating the store's tables")?;
+            tx.batch_execute(&version_2(schema))
+                .await
+                .context("creating the snapshots table")?;
             tx.execute(
                 &format!("INSERT INTO {schema}.meta (key, value) VALUES ('schema_version', $1)"),
                 &[&SCHEMA_VERSION.to_string()],
@@ -257,7 +276,25 @@ pub async fn migrate(client: &mut Client, schema: &str) -> anyhow::Result<()> {
                      Rehydra; this one reads up to version {SCHEMA_VERSION}: upgrade the host"
                 );
             }
-            // Version 1 is the only one so far: nothing to migrate.
+            if version < 2 {
+                tx.batch_execute(&version_2(schema))
+                    .await
+                    .context("migrating the store to schema version 2 (the snapshots table)")?;
+            }
+            if version < SCHEMA_VERSION {
+                tx.execute(
+                    &format!("UPDATE {schema}.meta SET value = $1 WHERE key = 'schema_version'"),
+                    &[&SCHEMA_VERSION.to_string()],
+                )
+                .await
+                .context("recording the new schema version")?;
+                tracing::info!(
+                    schema,
+                    from = version,
+                    to = SCHEMA_VERSION,
+                    "PostgreSQL store schema migrated"
+                );
+            }
         }
     }
     tx.commit()

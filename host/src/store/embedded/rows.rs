@@ -1,0 +1,89 @@
+//! Reading rows of the embedded store's tables into the store's types, and
+//! the mapping of SQLite's integers and errors.
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row};
+use uuid::Uuid;
+
+use crate::store::{RecordedEvent, StoreError};
+
+/// The stream's version and the position of its last event ((0, 0) if the
+/// stream does not exist); one index probe on (stream, version).
+pub(super) fn stream_head(conn: &Connection, stream: &str) -> Result<(u64, u64), StoreError> {
+    let head = conn
+        .prepare_cached(
+            "SELECT version, position FROM events WHERE stream = ?1 ORDER BY version DESC LIMIT 1",
+        )
+        .map_err(sql_error)?
+        .query_row([stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .optional()
+        .map_err(sql_error)?;
+    match head {
+        Some((version, position)) => Ok((
+            from_sql_int(version, "version")?,
+            from_sql_int(position, "position")?,
+        )),
+        None => Ok((0, 0)),
+    }
+}
+
+pub(super) fn collect_events(
+    mut rows: rusqlite::Rows<'_>,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let mut events = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        events.push(event_from_row(row)?);
+    }
+    Ok(events)
+}
+
+/// Decodes a row selected with `select_events!`.
+pub(super) fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
+    let id_bytes = row.get_ref(3).map_err(sql_error)?;
+    let id_bytes = id_bytes.as_blob().map_err(|e| corrupt("event_id", e))?;
+    let event_id = Uuid::from_slice(id_bytes).map_err(|e| corrupt("event_id", e))?;
+    Ok(RecordedEvent {
+        stream: row.get(0).map_err(sql_error)?,
+        version: from_sql_int(row.get(1).map_err(sql_error)?, "version")?,
+        position: from_sql_int(row.get(2).map_err(sql_error)?, "position")?,
+        event_id,
+        event_type: row.get(4).map_err(sql_error)?,
+        data: row.get(5).map_err(sql_error)?,
+        metadata: row.get(6).map_err(sql_error)?,
+        message_id: row.get(7).map_err(sql_error)?,
+    })
+}
+
+pub(super) fn corrupt(column: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("unreadable {column}: {e}"))
+}
+
+pub(super) fn from_sql_int(value: i64, column: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(column, format!("negative value {value}")))
+}
+
+/// SQLite integers are signed; anything beyond is "past every event".
+pub(super) fn to_sql_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(super) fn to_sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Maps a SQLite error: unreadable data is `Corrupt`, anything else (I/O,
+/// disk full, locked by a `sqlite3` shell, ...) is `Unavailable` with
+/// SQLite's message.
+pub(super) fn sql_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match &e {
+        E::FromSqlConversionFailure(..)
+        | E::InvalidColumnType(..)
+        | E::IntegralValueOutOfRange(..) => StoreError::Corrupt(e.to_string()),
+        _ => match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                StoreError::Corrupt(e.to_string())
+            }
+            _ => StoreError::Unavailable(e.to_string()),
+        },
+    }
+}

@@ -1,0 +1,500 @@
+//! The embedded store's writer thread: the only read-write connection,
+//! committing groups of appends (and snapshots) in one transaction each and
+//! answering every caller only after the commit.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::MAX_BATCH;
+use super::rows::{from_sql_int, sql_error, stream_head, to_sql_int};
+use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
+use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
+
+pub(super) enum Command {
+    Append(AppendRequest),
+    /// Store a snapshot, after the appends of the same wake-up.
+    Snapshot(SnapshotRequest),
+    /// Stop after the appends queued before this one.
+    Close,
+}
+
+pub(super) struct SnapshotRequest {
+    pub(super) snapshot: Snapshot,
+    pub(super) reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+pub(super) struct AppendRequest {
+    pub(super) stream: String,
+    pub(super) expected: ExpectedVersion,
+    pub(super) events: Vec<EventData>,
+    pub(super) reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// Logs if the writer thread unwinds, which would be a bug; callers already
+/// get `Unavailable` from the dropped channels.
+struct PanicReporter<'a>(&'a Path);
+
+impl Drop for PanicReporter<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(path = %self.0.display(), "the event store's writer thread panicked; appends will fail until restart");
+        }
+    }
+}
+
+pub(super) fn writer_main(
+    conn: Connection,
+    lock: File,
+    mut queue: mpsc::Receiver<Command>,
+    dir: PathBuf,
+    commits: tokio::sync::watch::Sender<u64>,
+) {
+    let _reporter = PanicReporter(&dir);
+    let mut batch: Vec<AppendRequest> = Vec::with_capacity(MAX_BATCH);
+    let mut snapshots: Vec<SnapshotRequest> = Vec::new();
+    // `None` from the queue: every sender is gone (the store was dropped);
+    // the queue hands out what was already in it first.
+    while let Some(command) = queue.blocking_recv() {
+        let mut next = Some(command);
+        let mut closing = false;
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append(request) => batch.push(request),
+                Command::Snapshot(request) => snapshots.push(request),
+                Command::Close => closing = true,
+            }
+            if !closing && batch.len() + snapshots.len() < MAX_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            commit_batch(&conn, &mut batch);
+            // A wake-up for live subscriptions; they read what is committed.
+            commits.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if !snapshots.is_empty() && !commit_snapshots(&conn, &mut snapshots) {
+            break;
+        }
+        if closing {
+            break;
+        }
+    }
+    // Anything still queued is dropped unanswered, which its caller sees as
+    // `Unavailable`.
+    drop(queue);
+
+    // Fold the WAL into the database so the directory is one file at rest.
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        tracing::warn!(path = %dir.display(), error = %e, "checkpoint at close failed");
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(path = %dir.display(), error = %e, "closing the event store failed");
+    }
+    // Only now may another host take the directory.
+    drop(lock);
+    tracing::info!(path = %dir.display(), "embedded event store closed");
+}
+
+/// Commits `batch` (emptying it) in one transaction and answers each request.
+fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
+    let fail_all = |batch: &mut Vec<AppendRequest>, message: String| {
+        tracing::warn!(error = %message, appends = batch.len(), "event store batch failed");
+        for request in batch.drain(..) {
+            let _ = request
+                .reply
+                .send(Err(StoreError::Unavailable(message.clone())));
+        }
+    };
+
+    let began = std::time::Instant::now();
+    if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
+        let _ = run(conn, "ROLLBACK");
+        return fail_all(batch, format!("cannot start a write transaction: {e}"));
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    for request in batch.iter_mut() {
+        let events = std::mem::take(&mut request.events);
+        results.push(append_in_savepoint(
+            conn,
+            &request.stream,
+            request.expected,
+            &events,
+        ));
+        // SQLite rolls back the whole transaction on some errors (disk full,
+        // I/O error). Carrying on would run later appends outside it, each
+        // committing on its own, so the batch stops here.
+        if conn.is_autocommit() {
+            let message = results
+                .pop()
+                .and_then(Result::err)
+                .map(|e| match e {
+                    StoreError::Unavailable(m) | StoreError::Corrupt(m) => m,
+                    other => other.to_string(),
+                })
+                .unwrap_or_else(|| "the transaction was rolled back".into());
+            return fail_all(batch, format!("write failed, nothing committed: {message}"));
+        }
+    }
+    if let Err(e) = run(conn, "COMMIT") {
+        let _ = run(conn, "ROLLBACK");
+        return fail_all(batch, format!("commit failed: {e}"));
+    }
+    crate::metrics::global().group_commit("embedded", batch.len(), began.elapsed());
+    for (request, result) in batch.drain(..).zip(results) {
+        // The caller may have given up waiting; the append stands anyway.
+        let _ = request.reply.send(result);
+    }
+}
+
+/// Stores `snapshots` (emptying it) in one transaction of their own, after
+/// the appends': a snapshot that fails (a full disk) must never undo an
+/// append. The transaction is not fsynced (`synchronous=OFF` for it): a
+/// snapshot lost in a crash costs a replay, not data, and the next append's
+/// fsync makes it durable anyway, since it syncs the whole log file.
+///
+/// Returns false if the writer must stop: it could not make commits durable
+/// again.
+fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> bool {
+    let began = std::time::Instant::now();
+    let written = (|| -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        conn.execute_batch("PRAGMA synchronous=OFF; BEGIN IMMEDIATE")
+            .map_err(sql_error)?;
+        let mut results = Vec::with_capacity(snapshots.len());
+        for request in snapshots.iter() {
+            results.push(upsert_snapshot(conn, &request.snapshot));
+            if conn.is_autocommit() {
+                return Err(results.pop().and_then(Result::err).unwrap_or_else(|| {
+                    StoreError::Unavailable("the transaction was rolled back".into())
+                }));
+            }
+        }
+        run(conn, "COMMIT").map_err(sql_error)?;
+        Ok(results)
+    })();
+    if !conn.is_autocommit() {
+        let _ = run(conn, "ROLLBACK");
+    }
+    // Appends are acknowledged as durable: FULL must be back before the
+    // next one, or the writer must not go on.
+    if let Err(e) = conn.execute_batch("PRAGMA synchronous=FULL") {
+        tracing::error!(error = %e, "cannot make commits durable again after storing snapshots; the event store stops taking appends");
+        return false;
+    }
+    match written {
+        Ok(results) => {
+            tracing::debug!(
+                snapshots = snapshots.len(),
+                duration_us = began.elapsed().as_micros() as u64,
+                "snapshots stored"
+            );
+            for (request, result) in snapshots.drain(..).zip(results) {
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(e) => {
+            for request in snapshots.drain(..) {
+                let _ = request.reply.send(Err(StoreError::Unavailable(format!(
+                    "snapshot not stored: {e}"
+                ))));
+            }
+        }
+    }
+    true
+}
+
+/// Inserts or replaces the stream's snapshot, by the rule of
+/// [`crate::store::EventStore::save_snapshot`].
+fn upsert_snapshot(conn: &Connection, snapshot: &Snapshot) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO snapshots (stream, state_schema, version, event_id, state)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (stream) DO UPDATE SET
+             state_schema = excluded.state_schema, version = excluded.version,
+             event_id = excluded.event_id, state = excluded.state
+         WHERE snapshots.state_schema <> excluded.state_schema OR excluded.version > snapshots.version",
+    )
+    .map_err(sql_error)?
+    .execute(params![
+        snapshot.stream,
+        snapshot.schema,
+        to_sql_int(snapshot.version),
+        snapshot.event_id.as_bytes(),
+        snapshot.state,
+    ])
+    .map_err(sql_error)?;
+    Ok(())
+}
+
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// One append, whose failure undoes only its own rows so that the rest of
+/// the batch still commits. An append of several events runs in a savepoint;
+/// an append of one event does not need one, because its only write is one
+/// `INSERT`, which SQLite undoes by itself when it fails. (The savepoint's
+/// two statements were a tenth of an append's SQL.)
+fn append_in_savepoint(
+    conn: &Connection,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> Result<AppendResult, StoreError> {
+    if events.len() <= 1 {
+        return append_one(conn, stream, expected, events);
+    }
+    run(conn, "SAVEPOINT append").map_err(sql_error)?;
+    let result = append_one(conn, stream, expected, events);
+    if result.is_err() {
+        // Errors here only matter if the transaction is gone, which the
+        // caller checks.
+        let _ = run(conn, "ROLLBACK TO append");
+    }
+    let _ = run(conn, "RELEASE append");
+    result
+}
+
+fn append_one(
+    conn: &Connection,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> Result<AppendResult, StoreError> {
+    let (version, last_position) = stream_head(conn, stream)?;
+    if !expected.matches(version) {
+        // A retry of an append that was stored finds the version moved on:
+        // it is recognised by its first event's id, and answered as before.
+        // (Looking the id up only on this path and on a uniqueness failure
+        // saves every other append a random probe of the event-id index.)
+        if let Some(retried) = recognise_retry(conn, stream, events)? {
+            return Ok(retried);
+        }
+        return Err(StoreError::WrongExpectedVersion {
+            stream: stream.to_owned(),
+            expected,
+            actual: version,
+        });
+    }
+    let mut result = AppendResult {
+        version,
+        position: last_position,
+    };
+    if events.is_empty() {
+        return Ok(result);
+    }
+
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO events (stream, version, event_id, event_type, data, metadata, message_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(sql_error)?;
+    for event in events {
+        result.version += 1;
+        let inserted = insert.execute(params![
+            stream,
+            to_sql_int(result.version),
+            event.event_id.as_bytes(),
+            event.event_type,
+            event.data,
+            event.metadata,
+            event.message_id,
+        ]);
+        if let Err(e) = inserted {
+            if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
+                return Err(sql_error(e));
+            }
+            // The first event's id is stored already: a retry (with an
+            // expectation that still matches, such as `Any`), or an id
+            // reused across streams. Nothing of this append was written.
+            if result.version == version + 1
+                && let Some(retried) = recognise_retry(conn, stream, events)?
+            {
+                return Ok(retried);
+            }
+            return Err(explain_duplicate_id(conn, stream, version, event.event_id)
+                .unwrap_or_else(|| sql_error(e)));
+        }
+        // The rowid SQLite chose: one more than the largest, so positions
+        // grow in commit order with a single writer.
+        result.position = from_sql_int(conn.last_insert_rowid(), "position")?;
+    }
+    Ok(result)
+}
+
+/// If `events` were stored before (their first event's id is in `stream`),
+/// the outcome of that append; an id stored in another stream is an error
+/// that no retry can fix.
+fn recognise_retry(
+    conn: &Connection,
+    stream: &str,
+    events: &[EventData],
+) -> Result<Option<AppendResult>, StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(None);
+    };
+    match find_event_id(conn, first.event_id)? {
+        None => Ok(None),
+        Some((stored_in, _, _)) if stored_in != stream => {
+            Err(id_in_other_stream(first.event_id, &stored_in, stream))
+        }
+        Some(_) => retry_result(conn, stream, events).map(Some),
+    }
+}
+
+/// Why inserting `id` broke a uniqueness rule, if it is the event id's.
+fn explain_duplicate_id(
+    conn: &Connection,
+    stream: &str,
+    version_before: u64,
+    id: Uuid,
+) -> Option<StoreError> {
+    let (stored_in, stored_version, _) = find_event_id(conn, id).ok()??;
+    if stored_in == stream && stored_version > version_before {
+        // Written earlier in this same append.
+        Some(id_twice_in_append(id, stream))
+    } else {
+        Some(id_already_stored(id, &stored_in, stream))
+    }
+}
+
+/// The outcome of the original append that a retry repeats: the last of the
+/// stored events (in this stream) that carry the batch's ids.
+fn retry_result(
+    conn: &Connection,
+    stream: &str,
+    events: &[EventData],
+) -> Result<AppendResult, StoreError> {
+    let mut result = AppendResult {
+        version: 0,
+        position: 0,
+    };
+    for event in events {
+        if let Some((stored_in, version, position)) = find_event_id(conn, event.event_id)?
+            && stored_in == stream
+            && version > result.version
+        {
+            result = AppendResult { version, position };
+        }
+    }
+    Ok(result)
+}
+
+/// Where the event with `id` is stored: (stream, version, position).
+fn find_event_id(conn: &Connection, id: Uuid) -> Result<Option<(String, u64, u64)>, StoreError> {
+    let found = conn
+        .prepare_cached("SELECT stream, version, position FROM events WHERE event_id = ?1")
+        .map_err(sql_error)?
+        .query_row([id.as_bytes()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .optional()
+        .map_err(sql_error)?;
+    match found {
+        Some((stream, version, position)) => Ok(Some((
+            stream,
+            from_sql_int(version, "version")?,
+            from_sql_int(position, "position")?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::open::open_blocking;
+    use super::*;
+    use crate::store::conformance::{event, new_stream};
+
+    type Reply = oneshot::Receiver<Result<AppendResult, StoreError>>;
+
+    fn request(stream: &str, events: Vec<EventData>) -> (AppendRequest, Reply) {
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            stream: stream.to_owned(),
+            expected: ExpectedVersion::Any,
+            events,
+            reply,
+        };
+        (request, answer)
+    }
+
+    fn stored_count(conn: &Connection, stream: &str) -> i64 {
+        conn.query_row(
+            "SELECT count(*) FROM events WHERE stream = ?1",
+            [stream],
+            |r| r.get(0),
+        )
+        .expect("count")
+    }
+
+    /// A full disk (simulated with `max_page_count`) fails the appends it
+    /// hits with `Unavailable`, never half-writes one, and the writer carries
+    /// on once there is room again.
+    #[test]
+    fn a_full_disk_fails_appends_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = open_blocking(dir.path()).expect("open");
+        let conn = &opened.writer;
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page_count");
+        conn.execute_batch(&format!("PRAGMA max_page_count = {}", pages + 30))
+            .expect("limit");
+
+        let mut big = event(2);
+        big.data = vec![b'x'; 1024 * 1024];
+        let streams = [new_stream("full"), new_stream("full"), new_stream("full")];
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for (stream, events) in
+            streams
+                .iter()
+                .zip([vec![event(1)], vec![event(3), big], vec![event(4)]])
+        {
+            let (request, answer) = request(stream, events);
+            batch.push(request);
+            answers.push(answer);
+        }
+        commit_batch(conn, &mut batch);
+        assert!(batch.is_empty(), "every request was answered");
+
+        for (stream, mut answer) in streams.iter().zip(answers) {
+            match answer.try_recv().expect("answered") {
+                Ok(result) => {
+                    assert_eq!(result.version, 1);
+                    assert_eq!(stored_count(conn, stream), 1);
+                }
+                Err(StoreError::Unavailable(message)) => {
+                    assert!(message.contains("full"), "{message}");
+                    assert_eq!(stored_count(conn, stream), 0, "nothing half-written");
+                }
+                Err(other) => panic!("unexpected error {other}"),
+            }
+        }
+        assert_eq!(stored_count(conn, &streams[1]), 0, "the big append failed");
+        assert!(conn.is_autocommit(), "no transaction left open");
+
+        conn.execute_batch("PRAGMA max_page_count = 1073741823")
+            .expect("room again");
+        let (request, mut answer) = request(&streams[1], vec![event(5)]);
+        let mut batch = vec![request];
+        commit_batch(conn, &mut batch);
+        assert_eq!(
+            answer
+                .try_recv()
+                .expect("answered")
+                .expect("append")
+                .version,
+            1
+        );
+    }
+}
