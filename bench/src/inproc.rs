@@ -389,10 +389,14 @@ pub async fn rehydrate(
     seed_stream(&store.store, &id, events, metadata).await;
     let mut times = Vec::new();
     for _ in 0..runs {
+        // Replay is what this measures: no snapshot is stored or used.
         let aggregates = Aggregates::new(
             store.store.clone(),
             registry.clone(),
-            ActorConfig::default(),
+            ActorConfig {
+                snapshot_every: 0,
+                ..ActorConfig::default()
+            },
         );
         let t0 = Instant::now();
         let state = aggregates
@@ -405,6 +409,97 @@ pub async fn rehydrate(
     }
     store.close().await;
     Duration::from_secs_f64(crate::stats::median(times))
+}
+
+/// What the snapshot scenario measured: median cold-load times of one
+/// aggregate, and the CPU time of this process per load.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotLoad {
+    /// From all its events, no snapshot used.
+    pub replay: Duration,
+    /// From its snapshot (taken at its last event).
+    pub from_snapshot: Duration,
+    /// Process CPU time per replay load.
+    pub replay_cpu: Duration,
+    /// Process CPU time per load from the snapshot.
+    pub snapshot_cpu: Duration,
+}
+
+/// Scenario: one account of `events` events on `kind`, loaded cold (a fresh
+/// `Aggregates`) from all its events and from its snapshot, alternating
+/// `runs` times each. The snapshot is the one the host stores after the
+/// first replay (a replay of at least `snapshot_every` events leaves one).
+pub async fn snapshot_load(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    events: usize,
+    runs: usize,
+) -> SnapshotLoad {
+    let store = OpenStore::new(kind).await;
+    let id = format!("snap-{events}");
+    seed_stream(&store.store, &id, events, SeedMetadata::Host).await;
+    let stream = format!("bank_account-{id}");
+    let load = |snapshot_every: u64| {
+        let aggregates = Aggregates::new(
+            store.store.clone(),
+            registry.clone(),
+            ActorConfig {
+                snapshot_every,
+                ..ActorConfig::default()
+            },
+        );
+        let id = id.clone();
+        async move {
+            let cpu0 = process_cpu();
+            let t0 = Instant::now();
+            let state = aggregates
+                .state("bank-account", &id)
+                .await
+                .expect("loading the account");
+            let took = (t0.elapsed(), process_cpu().saturating_sub(cpu0));
+            assert_eq!(
+                state.version, events as u64,
+                "the whole stream is in the state"
+            );
+            took
+        }
+    };
+    // The first replay with snapshots on stores one; wait for it.
+    load(100).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while store
+        .store
+        .load_snapshot(&stream)
+        .await
+        .expect("reading the snapshot")
+        .is_none_or(|s| s.version != events as u64)
+    {
+        assert!(Instant::now() < deadline, "no snapshot was stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut replay, mut snap, mut replay_cpu, mut snap_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (t, cpu) = load(0).await;
+        replay.push(t.as_secs_f64());
+        replay_cpu.push(cpu.as_secs_f64());
+        let (t, cpu) = load(100).await;
+        snap.push(t.as_secs_f64());
+        snap_cpu.push(cpu.as_secs_f64());
+    }
+    store.close().await;
+    let median = |v: Vec<f64>| Duration::from_secs_f64(crate::stats::median(v));
+    SnapshotLoad {
+        replay: median(replay),
+        from_snapshot: median(snap),
+        replay_cpu: median(replay_cpu),
+        snapshot_cpu: median(snap_cpu),
+    }
+}
+
+/// This process's CPU time (user + system) so far, in 10 ms ticks.
+fn process_cpu() -> Duration {
+    crate::stats::proc_cpu("self").map_or(Duration::ZERO, |c| c.own)
 }
 
 /// The resident set size of this process, from `/proc/self/status`.

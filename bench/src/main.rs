@@ -12,6 +12,7 @@
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
+//! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
 //! | `wasm`      | the bank-account component vs the same code natively: through `Aggregates::execute`, and one `Plugin::handle` call |
@@ -98,7 +99,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -414,6 +415,44 @@ async fn main() {
                     );
                 }
             }
+        }
+        out!();
+    }
+
+    if o.wants("snapshot") {
+        let events = 1_000_000;
+        eprintln!("cold load of {events} events, with and without a snapshot…");
+        out!(
+            "### Snapshots: cold load of one aggregate of 1,000,000 events on a fresh `Aggregates`, runs alternating\n\n| store | loaded from | time (median) | process CPU per load | events replayed |\n|---|---|---:|---:|---:|"
+        );
+        for kind in [StoreKind::Memory, StoreKind::Embedded] {
+            let r = inproc::snapshot_load(&registry, kind, events, o.runs).await;
+            out!(
+                "| {} | all its events (`--snapshot-every 0`) | {} | {} | {} |",
+                kind.label(),
+                fmt_dur(r.replay),
+                fmt_dur(r.replay_cpu),
+                fmt_rate(events as f64)
+            );
+            // The kernel counts CPU time in 10 ms ticks.
+            let cpu = |d: Duration| {
+                if d.is_zero() {
+                    "< 10 ms".to_owned()
+                } else {
+                    fmt_dur(d)
+                }
+            };
+            out!(
+                "| {} | its snapshot at the last event | {} | {} | 0 |",
+                kind.label(),
+                fmt_dur(r.from_snapshot),
+                cpu(r.snapshot_cpu)
+            );
+            out!(
+                "| {} | ratio | {:.0}× faster | | |",
+                kind.label(),
+                r.replay.as_secs_f64() / r.from_snapshot.as_secs_f64().max(1e-9)
+            );
         }
         out!();
     }

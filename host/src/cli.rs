@@ -225,7 +225,14 @@ struct RunArgs {
     /// The largest state (or reply) a plugin may return, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     max_state_bytes: usize,
-    /// Quarantine a plugin after this many failed calls in a row (0: never).
+    /// Rest one aggregate (`aggregate_poisoned`) after this many plugin
+    /// failures on it in a row, without calling the plugin for it; other
+    /// aggregates are served (0: never). The rest starts at
+    /// --quarantine-backoff and doubles while failures go on.
+    #[arg(long, default_value_t = ActorConfig::default().poison_after)]
+    poison_after: u32,
+    /// Quarantine a plugin after this many failed calls in a row, spread
+    /// over at least three aggregates (0: never).
     #[arg(long, default_value_t = 10)]
     quarantine_after: u32,
     /// The first quarantine's length; it doubles while failures go on (up to 5m).
@@ -445,6 +452,8 @@ async fn run(args: RunArgs) -> ExitCode {
             conflict_retries: args.conflict_retries,
             command_timeout: args.command_timeout,
             snapshot_every: args.snapshot_every,
+            poison_after: args.poison_after,
+            poison_backoff: args.quarantine_backoff,
             ..ActorConfig::default()
         },
         http_config: HttpConfig {

@@ -160,6 +160,27 @@ pub enum CommandError {
         /// What happened, including the guest's panic message when known.
         message: String,
     },
+    /// The plugin failed on this aggregate several times in a row, so its
+    /// commands and reads rest for a while without calling the plugin.
+    /// Other aggregates of the type are served as usual.
+    #[error(
+        "{aggregate_type} {id:?} is resting: the plugin failed on it {failures} times in a row \
+         (last: {last_error}); its commands are refused for another {} ms. Other aggregates are \
+         served. Fix the plugin or the aggregate's data, or retry later",
+        retry_after.as_millis()
+    )]
+    AggregatePoisoned {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate's id.
+        id: String,
+        /// Failures in a row.
+        failures: u32,
+        /// How long it rests still.
+        retry_after: std::time::Duration,
+        /// The last failure's message.
+        last_error: String,
+    },
     /// A subscriber left its buffer full for too long and was disconnected.
     /// Everything before `resume_from` was delivered.
     #[error(
@@ -201,6 +222,15 @@ fn describe_fields(fields: &[FieldError]) -> String {
 }
 
 impl CommandError {
+    /// How long a client should wait before it tries again, when the error
+    /// knows (HTTP `Retry-After`).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            CommandError::AggregatePoisoned { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// The stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
@@ -220,6 +250,7 @@ impl CommandError {
             CommandError::StoreUnavailable(_) => "store_unavailable",
             CommandError::Timeout(_) => "timeout",
             CommandError::PluginFailed { .. } => "plugin_failed",
+            CommandError::AggregatePoisoned { .. } => "aggregate_poisoned",
             CommandError::SubscriberTooSlow { .. } => "subscriber_too_slow",
             CommandError::Unauthenticated(_) => "unauthenticated",
             CommandError::ShuttingDown { .. } => "shutting_down",
@@ -241,6 +272,14 @@ impl CommandError {
                 Some(json!({ "plugin": plugin, "reason": kind.as_str() }))
             }
             CommandError::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            CommandError::AggregatePoisoned {
+                failures,
+                retry_after,
+                ..
+            } => Some(json!({
+                "failures": failures,
+                "retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            })),
             CommandError::IdempotencyKeyReused { key, .. } => Some(json!({ "key": key })),
             CommandError::SubscriberTooSlow {
                 buffer,
@@ -251,6 +290,41 @@ impl CommandError {
                 Some(json!({ "resume_from": resume_from }))
             }
             _ => None,
+        }
+    }
+}
+
+/// What the outcome of a command or load says about the plugin that ran
+/// it, for the plugin's quarantine and an aggregate's poisoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginVerdict {
+    /// The plugin failed (trap, deadline, memory, output the host refuses,
+    /// `apply` refusing events).
+    Failed,
+    /// The plugin answered, if only with a refusal: it works.
+    Worked,
+    /// Nothing is known of the plugin (the store failed, the command timed
+    /// out, the plugin is resting and was not called).
+    Unknown,
+}
+
+impl PluginVerdict {
+    /// The verdict on `result`.
+    pub fn of<T>(result: &Result<T, CommandError>) -> PluginVerdict {
+        match result {
+            Err(CommandError::PluginFailed { kind, .. }) if *kind != FailureKind::Quarantined => {
+                PluginVerdict::Failed
+            }
+            Ok(_)
+            | Err(
+                CommandError::InvalidCommand(_)
+                | CommandError::Rejected(_)
+                | CommandError::Forbidden(_)
+                | CommandError::AlreadyExists { .. }
+                | CommandError::AggregateNotFound { .. }
+                | CommandError::WrongExpectedVersion { .. },
+            ) => PluginVerdict::Worked,
+            Err(_) => PluginVerdict::Unknown,
         }
     }
 }

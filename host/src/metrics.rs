@@ -102,6 +102,7 @@ pub struct Metrics {
     resident_aggregates: Gauge,
     resident_state_bytes: Gauge,
     mailbox_depth: Gauge,
+    aggregates_poisoned: Gauge,
     subscriptions: Gauge,
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Gauge>,
@@ -116,6 +117,8 @@ pub struct Snapshot {
     pub resident_state_bytes: u64,
     /// Commands and reads waiting in mailboxes.
     pub mailbox_depth: u64,
+    /// Aggregates resting after repeated plugin failures.
+    pub aggregates_poisoned: u64,
     /// Subscriptions open.
     pub subscriptions: u64,
     /// Per plugin: (name, quarantined now, failed calls since loaded).
@@ -225,6 +228,12 @@ impl Metrics {
             "Commands and reads waiting in aggregates' mailboxes",
             mailbox_depth.clone(),
         );
+        let aggregates_poisoned = Gauge::default();
+        registry.register(
+            "aggregates_poisoned",
+            "Aggregates resting (aggregate_poisoned) after repeated plugin failures on them",
+            aggregates_poisoned.clone(),
+        );
         let subscriptions = Gauge::default();
         registry.register(
             "subscriptions_open",
@@ -260,6 +269,7 @@ impl Metrics {
             resident_aggregates,
             resident_state_bytes,
             mailbox_depth,
+            aggregates_poisoned,
             subscriptions,
             plugin_quarantined,
             plugin_failures,
@@ -322,6 +332,8 @@ pub fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     m.resident_state_bytes
         .set(gauge(snapshot.resident_state_bytes));
     m.mailbox_depth.set(gauge(snapshot.mailbox_depth));
+    m.aggregates_poisoned
+        .set(gauge(snapshot.aggregates_poisoned));
     m.subscriptions.set(gauge(snapshot.subscriptions));
     // Plugins that were removed keep their last values; those still here
     // are set afresh.

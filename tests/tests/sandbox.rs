@@ -235,8 +235,10 @@ async fn broken_plugin_files_are_refused_and_the_rest_load() {
 async fn a_plugin_that_keeps_failing_is_quarantined_then_recovers() {
     let args = ["--quarantine-after", "3", "--quarantine-backoff", "1500ms"];
     let host = Host::start_with(&["faulty", "bank-account"], &args);
-    for _ in 0..3 {
-        let (status, body) = host.command("faulty", "q", "panic", json!({})).await;
+    // Failures on three different aggregates: the plugin, not one
+    // aggregate, is what fails.
+    for id in ["q1", "q2", "q3"] {
+        let (status, body) = host.command("faulty", id, "panic", json!({})).await;
         assert_eq!(
             (status, body["error"]["details"]["reason"].as_str()),
             (500, Some("trap")),
@@ -269,6 +271,99 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_recovers() {
     assert_eq!(faulty["health"]["consecutive_failures"], 0, "{faulty}");
 }
 
+/// One client sending commands that make the plugin trap, all to one
+/// aggregate, rests that aggregate alone: it gets `aggregate_poisoned`
+/// (503, Retry-After) after three failures, the plugin is never
+/// quarantined, and clients of other aggregates of the same plugin are
+/// served throughout — before, during and after the attack.
+#[tokio::test]
+async fn traps_on_one_aggregate_rest_that_aggregate_not_the_plugin() {
+    let args = ["--quarantine-backoff", "2s"];
+    let host = Host::start_with(&["faulty"], &args);
+    // Twenty traps in a row, nobody else about: once enough to quarantine
+    // a plugin (the default is ten).
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let (status, body) = host.command("faulty", "victim", "panic", json!({})).await;
+        codes.push((status, rehydra_e2e::code(&body).to_owned()));
+    }
+    assert_eq!(
+        codes[..3],
+        vec![(500, "plugin_failed".to_owned()); 3],
+        "the first three reach the plugin"
+    );
+    assert!(
+        codes[3..]
+            .iter()
+            .all(|c| *c == (503, "aggregate_poisoned".to_owned())),
+        "then the aggregate rests: {codes:?}"
+    );
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/aggregates/faulty/victim/commands/panic",
+            host.base
+        ))
+        .body("{}")
+        .send()
+        .await
+        .expect("the host answers");
+    assert_eq!(resp.status(), 503);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=2).contains(&retry), "Retry-After: {retry}");
+    let body: Value = resp.json().await.expect("JSON");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("victim") && message.contains("on purpose"),
+        "{message}"
+    );
+
+    // Other aggregates, while the attacker goes on.
+    let attacker = {
+        let base = host.base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for _ in 0..200 {
+                let _ = client
+                    .post(format!("{base}/v1/aggregates/faulty/victim/commands/panic"))
+                    .body("{}")
+                    .send()
+                    .await;
+            }
+        })
+    };
+    for n in 0..30 {
+        let id = format!("bystander-{}", n % 3);
+        let (status, body) = host.command("faulty", &id, "ok", json!({})).await;
+        assert_eq!(status, 200, "{id}: {body}");
+    }
+    attacker.await.expect("the attacker ran");
+    let faulty = faulty_plugin(&host).await;
+    assert_eq!(faulty["health"]["quarantined_for_ms"], 0, "{faulty}");
+    let metrics = host.metrics().await;
+    assert_eq!(
+        rehydra_e2e::metric(&metrics, "rehydra_aggregates_poisoned"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(host.log().contains("aggregate poisoned"), "logged");
+
+    // The rest ends; the aggregate is served again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = host.command("faulty", "victim", "ok", json!({})).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(rehydra_e2e::code(&body), "aggregate_poisoned", "{body}");
+        assert!(Instant::now() < deadline, "the aggregate never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The `faulty` entry of `GET /v1/plugins`.
 async fn faulty_plugin(host: &Host) -> Value {
     let (_, plugins) = host.get("/v1/plugins").await;
@@ -295,7 +390,14 @@ const HOSTILE: &[(&str, u16, &str)] = &[
 #[tokio::test]
 async fn soak_of_healthy_and_hostile_commands() {
     // Quarantine has its own test; here every command must reach the plugin.
-    let args = ["--handle-deadline", "250ms", "--quarantine-after", "0"];
+    let args = [
+        "--handle-deadline",
+        "250ms",
+        "--quarantine-after",
+        "0",
+        "--poison-after",
+        "0",
+    ];
     let host = Host::start_with(&["faulty"], &args);
     const WORKERS: usize = 8;
     const PER_WORKER: usize = 1250; // 10,000 commands in all

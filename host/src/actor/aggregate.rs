@@ -50,6 +50,7 @@ impl Inner {
             .run_on(&plugin, &stream, req, live)
             .instrument(span.clone())
             .await;
+        plugin.record_outcome(&stream, &result);
         span.record("duration_us", started.elapsed().as_micros() as u64);
         match &result {
             Ok(outcome) => {
@@ -555,20 +556,35 @@ impl Inner {
             );
         };
         let stream = plugin.info.stream_name(id);
+        let (result, live) = self
+            .read_state_with(&plugin, &stream, aggregate_type, id, live)
+            .await;
+        plugin.record_outcome(&stream, &result);
+        (result, live)
+    }
+
+    async fn read_state_with(
+        &self,
+        plugin: &PluginRef,
+        stream: &str,
+        aggregate_type: &str,
+        id: &str,
+        live: Option<Live>,
+    ) -> (Result<AggregateState, CommandError>, Option<Live>) {
         let live = match live.filter(|l| l.state.schema == plugin.info.state_schema) {
             // Other hosts may have written since this one cached the state:
             // a read must still show every version acknowledged before it
             // began, so ask the store for what follows (one indexed read
             // that finds nothing when the cache is current).
             Some(mut l) if self.store.shared_by_hosts() => {
-                match self.catch_up(&plugin, &stream, &mut l).await {
+                match self.catch_up(plugin, stream, &mut l).await {
                     Ok(()) => l,
                     // Half-applied is not cached: the next read starts over.
                     Err(e) => return (Err(e), None),
                 }
             }
             Some(l) => l,
-            None => match self.rehydrate(&plugin, &stream).await {
+            None => match self.rehydrate(plugin, stream).await {
                 Ok(l) => l,
                 Err(e) => return (Err(e), None),
             },

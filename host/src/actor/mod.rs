@@ -10,9 +10,11 @@
 //!
 //! - this file: the directory of aggregates, the mailbox, passivation;
 //! - [`aggregate`]: what happens to one command inside an actor;
-//! - [`snapshot`]: persisted snapshots, stored off the command path.
+//! - [`snapshot`]: persisted snapshots, stored off the command path;
+//! - [`poison`]: resting one aggregate that keeps making its plugin fail.
 
 mod aggregate;
+mod poison;
 mod snapshot;
 
 use std::collections::VecDeque;
@@ -56,6 +58,11 @@ pub struct ActorConfig {
     /// (and when it leaves memory); loads start from the newest. 0: no
     /// snapshots are stored or loaded.
     pub snapshot_every: u64,
+    /// Plugin failures in a row of one aggregate after which it rests
+    /// (`aggregate_poisoned`) on its own; 0: never.
+    pub poison_after: u32,
+    /// An aggregate's first rest; it doubles while failures go on.
+    pub poison_backoff: Duration,
 }
 
 impl Default for ActorConfig {
@@ -70,6 +77,8 @@ impl Default for ActorConfig {
             command_timeout: Duration::from_secs(10),
             rehydrate_page: 1000,
             snapshot_every: 100,
+            poison_after: 3,
+            poison_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -130,6 +139,19 @@ impl Slot {
     }
 }
 
+/// What the actor layer holds, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Footprint {
+    /// Aggregates in memory.
+    pub resident: u64,
+    /// Their state bytes, together.
+    pub state_bytes: u64,
+    /// Commands and reads waiting in mailboxes.
+    pub queued: u64,
+    /// Aggregates resting after repeated plugin failures.
+    pub poisoned: u64,
+}
+
 /// The directory of live aggregates and the entry point for commands.
 #[derive(Clone)]
 pub struct Aggregates {
@@ -148,6 +170,7 @@ struct Inner {
     config: ActorConfig,
     evicting: AtomicBool,
     snapshots: snapshot::Snapshots,
+    poison: poison::Poison,
 }
 
 impl Aggregates {
@@ -159,8 +182,10 @@ impl Aggregates {
         config: ActorConfig,
     ) -> Self {
         let snapshots = snapshot::Snapshots::start(store.clone(), config.snapshot_every);
+        let poison = poison::Poison::new(config.poison_after, config.poison_backoff);
         let inner = Arc::new(Inner {
             snapshots,
+            poison,
             slots: DashMap::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             resident_bytes: AtomicU64::new(0),
@@ -199,18 +224,22 @@ impl Aggregates {
     }
 
     /// Resident aggregates, their state bytes (the running total the bytes
-    /// cap is checked against), and the work waiting in their mailboxes,
-    /// for the metrics. Walks every slot for the last: for a scrape, not
-    /// for the command path.
-    pub fn footprint(&self) -> (u64, u64, u64) {
+    /// cap is checked against), the work waiting in their mailboxes and the
+    /// aggregates resting, for the metrics. Walks every slot and poison
+    /// entry: for a scrape, not for the command path.
+    pub fn footprint(&self) -> Footprint {
         let queued = self
             .inner
             .slots
             .iter()
             .map(|slot| slot.value().lock().queue.len() as u64)
             .sum();
-        let bytes = self.inner.resident_bytes.load(Ordering::Acquire);
-        (self.inner.slots.len() as u64, bytes, queued)
+        Footprint {
+            resident: self.inner.slots.len() as u64,
+            state_bytes: self.inner.resident_bytes.load(Ordering::Acquire),
+            queued,
+            poisoned: self.inner.poison.poisoned(),
+        }
     }
 
     /// The error for an aggregate type no loaded plugin handles: "unknown",
@@ -293,6 +322,7 @@ impl Aggregates {
         }
         let (tx, rx) = oneshot::channel();
         let (t, id) = (req.aggregate_type.clone(), req.aggregate_id.clone());
+        self.inner.poison.check(&slot_key(&t, &id), &t, &id)?;
         self.inner
             .enqueue(&t, &id, Work::Command(Box::new(req), tx, Instant::now()))?;
         self.wait(rx).await
@@ -309,6 +339,9 @@ impl Aggregates {
         if self.inner.plugins.get(aggregate_type).is_none() {
             return Err(self.no_plugin(aggregate_type));
         }
+        self.inner
+            .poison
+            .check(&slot_key(aggregate_type, id), aggregate_type, id)?;
         let (tx, rx) = oneshot::channel();
         self.inner.enqueue(aggregate_type, id, Work::State(tx))?;
         self.wait(rx).await
@@ -477,12 +510,16 @@ impl Inner {
                         );
                     }
                     let (result, live) = self.run_command(&req, live).await;
+                    self.poison
+                        .record(&slot_key(&slot.aggregate_type, &slot.id), &result);
                     let _ = reply.send(result);
                     live
                 }
                 Work::State(reply) => {
                     let (result, live) =
                         self.read_state(&slot.aggregate_type, &slot.id, live).await;
+                    self.poison
+                        .record(&slot_key(&slot.aggregate_type, &slot.id), &result);
                     let _ = reply.send(result);
                     live
                 }
@@ -519,6 +556,7 @@ impl Inner {
     }
 
     fn passivate_idle(&self) {
+        self.poison.sweep();
         let cutoff = Instant::now()
             .checked_sub(self.config.idle_timeout)
             .unwrap_or_else(Instant::now);

@@ -65,7 +65,8 @@ pub fn status_code_of(e: &CommandError) -> Code {
         CommandError::Overloaded(_)
         | CommandError::StoreUnavailable(_)
         | CommandError::PluginsLoading { .. }
-        | CommandError::ShuttingDown { .. } => Code::Unavailable,
+        | CommandError::ShuttingDown { .. }
+        | CommandError::AggregatePoisoned { .. } => Code::Unavailable,
         CommandError::Timeout(_) => Code::DeadlineExceeded,
         CommandError::PluginFailed { .. } | CommandError::Internal(_) => Code::Internal,
     }

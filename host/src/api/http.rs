@@ -142,7 +142,8 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         | CommandError::StoreUnavailable(_)
         | CommandError::SubscriberTooSlow { .. }
         | CommandError::ShuttingDown { .. }
-        | CommandError::PluginsLoading { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        | CommandError::PluginsLoading { .. }
+        | CommandError::AggregatePoisoned { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CommandError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         CommandError::PluginFailed { .. } | CommandError::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
@@ -157,9 +158,15 @@ impl IntoResponse for ApiError {
         let body = error_json(&e);
         let mut response = (status, axum::Json(json!({ "error": body }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Whole seconds, rounded up: a client that waits that long finds
+            // the rest over.
+            let seconds = e
+                .retry_after()
+                .map_or(1, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                .max(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -480,11 +487,12 @@ async fn healthz(State(app): State<AppState>) -> Response {
 
 /// `GET /metrics`: every `rehydra_…` metric, OpenMetrics text.
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let (resident_aggregates, resident_state_bytes, mailbox_depth) = app.aggregates.footprint();
+    let footprint = app.aggregates.footprint();
     let snapshot = crate::metrics::Snapshot {
-        resident_aggregates,
-        resident_state_bytes,
-        mailbox_depth,
+        resident_aggregates: footprint.resident,
+        resident_state_bytes: footprint.state_bytes,
+        mailbox_depth: footprint.queued,
+        aggregates_poisoned: footprint.poisoned,
         subscriptions: app.subscriptions.open_count() as u64,
         plugins: app
             .aggregates

@@ -274,14 +274,28 @@ impl Plugin {
         self.quarantine.status()
     }
 
-    fn failure(&self, kind: FailureKind, message: String) -> CommandError {
-        if let Some(rest) = self.quarantine.failed() {
-            tracing::warn!(
-                plugin = %self.name,
-                rest_ms = rest.as_millis() as u64,
-                "plugin quarantined after repeated failures"
-            );
+    /// Counts what a call for `aggregate` (its stream, say) came to toward
+    /// the plugin's quarantine: a failure of the plugin, or an answer (even
+    /// a refusal) that shows it works. Other errors say nothing about it.
+    /// The caller, which knows the aggregate, calls this after each command
+    /// or load ([`quarantine`] says why the aggregate matters).
+    pub fn record_outcome<T>(&self, aggregate: &str, result: &Result<T, CommandError>) {
+        match crate::error::PluginVerdict::of(result) {
+            crate::error::PluginVerdict::Failed => {
+                if let Some(rest) = self.quarantine.failed(aggregate) {
+                    tracing::warn!(
+                        plugin = %self.name,
+                        rest_ms = rest.as_millis() as u64,
+                        "plugin quarantined after repeated failures across aggregates"
+                    );
+                }
+            }
+            crate::error::PluginVerdict::Worked => self.quarantine.succeeded(),
+            crate::error::PluginVerdict::Unknown => {}
         }
+    }
+
+    fn failure(&self, kind: FailureKind, message: String) -> CommandError {
         CommandError::PluginFailed {
             plugin: self.name.clone(),
             kind,
@@ -424,10 +438,7 @@ impl Plugin {
                     self.limits.max_state_bytes
                 ),
             )),
-            Ok(s) => {
-                self.quarantine.succeeded();
-                Ok(s)
-            }
+            Ok(s) => Ok(s),
             Err(message) => Err(self.failure(
                 FailureKind::ApplyRefused,
                 format!("apply refused the events from version {first_version}: {message}"),
@@ -506,7 +517,6 @@ impl Plugin {
         {
             return Err(self.failure(FailureKind::BadOutput, message));
         }
-        self.quarantine.succeeded();
         Ok(outcome)
     }
 

@@ -1,6 +1,13 @@
 //! Quarantine: a plugin version whose calls keep failing (traps, deadlines,
 //! memory, bad output) is rested for a while instead of burning CPU on every
 //! command. The rest doubles while failures go on and resets on success.
+//!
+//! Only failures spread over several aggregates count: `after` failures in
+//! a row quarantine the plugin only if they came from at least
+//! [`DISTINCT_AGGREGATES`] different aggregates (or `after`, if fewer).
+//! Failures that follow one aggregate rest that aggregate alone
+//! (`actor/poison.rs`), so one client cannot take a plugin away from
+//! everyone by sending it commands that trap.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,6 +15,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::engine::MAX_QUARANTINE;
+
+/// How many different aggregates a run of failures must span before it
+/// quarantines the plugin.
+pub const DISTINCT_AGGREGATES: usize = 3;
 
 /// One plugin version's recent failures.
 #[derive(Debug)]
@@ -20,6 +31,8 @@ pub struct Quarantine {
 #[derive(Debug)]
 struct State {
     consecutive: u32,
+    /// Hashes of the aggregates among the consecutive failures (a few).
+    aggregates: Vec<u64>,
     until: Option<Instant>,
     backoff: Duration,
     total_failures: u64,
@@ -45,6 +58,7 @@ impl Quarantine {
             first_backoff: backoff,
             state: Mutex::new(State {
                 consecutive: 0,
+                aggregates: Vec::new(),
                 until: None,
                 backoff,
                 total_failures: 0,
@@ -64,12 +78,19 @@ impl Quarantine {
             .filter(|d| !d.is_zero())
     }
 
-    /// Records a failed call; returns the quarantine it started, if any.
-    pub fn failed(&self) -> Option<Duration> {
+    /// Records a failed call for `aggregate` (any key that names it);
+    /// returns the quarantine it started, if any.
+    pub fn failed(&self, aggregate: &str) -> Option<Duration> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let needed = DISTINCT_AGGREGATES.min(self.after as usize);
+        let key = BuildHasherDefault::<DefaultHasher>::default().hash_one(aggregate);
         let mut s = self.lock();
         s.consecutive = s.consecutive.saturating_add(1);
         s.total_failures += 1;
-        if self.after == 0 || s.consecutive < self.after {
+        if !s.aggregates.contains(&key) && s.aggregates.len() < needed {
+            s.aggregates.push(key);
+        }
+        if self.after == 0 || s.consecutive < self.after || s.aggregates.len() < needed {
             return None;
         }
         let rest = s.backoff;
@@ -85,6 +106,7 @@ impl Quarantine {
         let mut s = self.lock();
         if s.consecutive > 0 || s.until.is_some() {
             s.consecutive = 0;
+            s.aggregates.clear();
             s.until = None;
             s.backoff = self.first_backoff;
         }
@@ -110,42 +132,56 @@ mod tests {
     fn quarantines_after_consecutive_failures() {
         // A rest far longer than any stall of a busy machine.
         let q = Quarantine::new(3, Duration::from_secs(60));
-        assert_eq!(q.failed(), None);
+        assert_eq!(q.failed("a"), None);
         q.succeeded();
-        assert_eq!(q.failed(), None);
-        assert_eq!(q.failed(), None);
-        assert_eq!(q.failed(), Some(Duration::from_secs(60)));
+        assert_eq!(q.failed("a"), None);
+        assert_eq!(q.failed("b"), None);
+        assert_eq!(q.failed("c"), Some(Duration::from_secs(60)));
         assert!(q.remaining().is_some());
         assert!(q.status().quarantined_for_ms > 0);
         assert_eq!(q.status().total_failures, 4);
         q.succeeded();
         assert_eq!(q.remaining(), None);
         assert_eq!(q.status().consecutive_failures, 0);
-        assert_eq!(q.failed(), None, "a success resets the count");
+        assert_eq!(q.failed("a"), None, "a success resets the count");
+    }
+
+    #[test]
+    fn failures_of_one_aggregate_never_quarantine_the_plugin() {
+        let q = Quarantine::new(3, Duration::from_secs(60));
+        for _ in 0..100 {
+            assert_eq!(q.failed("one"), None);
+        }
+        assert_eq!(q.failed("two"), None);
+        assert_eq!(
+            q.failed("three"),
+            Some(Duration::from_secs(60)),
+            "a third aggregate makes the run span enough"
+        );
     }
 
     #[test]
     fn the_rest_ends_and_doubles_while_failures_go_on() {
         let q = Quarantine::new(2, Duration::from_millis(20));
-        q.failed();
-        assert_eq!(q.failed(), Some(Duration::from_millis(20)));
+        q.failed("a");
+        assert_eq!(q.failed("b"), Some(Duration::from_millis(20)));
         // Sleeping past the rest always ends it, however busy the machine.
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(q.remaining(), None);
         assert_eq!(
-            q.failed(),
+            q.failed("a"),
             Some(Duration::from_millis(40)),
             "quarantined again at once, twice as long"
         );
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(q.failed(), Some(Duration::from_millis(80)));
+        assert_eq!(q.failed("b"), Some(Duration::from_millis(80)));
     }
 
     #[test]
     fn zero_disables_it() {
         let q = Quarantine::new(0, Duration::from_secs(1));
-        for _ in 0..100 {
-            assert_eq!(q.failed(), None);
+        for i in 0..100 {
+            assert_eq!(q.failed(&i.to_string()), None);
         }
         assert_eq!(q.remaining(), None);
     }
