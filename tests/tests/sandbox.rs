@@ -524,3 +524,87 @@ async fn soak_of_healthy_and_hostile_commands() {
     let (status, _) = host.get("/healthz").await;
     assert_eq!(status, 200);
 }
+
+/// Deadlines are the guest thread's CPU time: with every core busy with
+/// other threads, a call that needs a fifth of its deadline in CPU but far
+/// more than its deadline on the wall clock still succeeds, and a call that
+/// never ends still fails with `deadline_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_count_cpu_time_not_the_wall_clock_of_a_busy_machine() {
+    let deadline = Duration::from_millis(300);
+    let args = [
+        "--handle-deadline",
+        "300ms",
+        "--quarantine-after",
+        "0",
+        "--poison-after",
+        "0",
+    ];
+    let host = Host::start_with(&["faulty"], &args);
+    // Calibrate, on a quiet machine: rounds of `busy` worth about a fifth of
+    // the deadline.
+    let busy = |n: u64| {
+        let host = &host;
+        async move {
+            let started = Instant::now();
+            let (status, body) = host
+                .command("faulty", "busy", "busy", json!({ "n": n }))
+                .await;
+            (status, body, started.elapsed())
+        }
+    };
+    let mut n: u64 = 1 << 20;
+    loop {
+        let (status, body, took) = busy(n).await;
+        assert_eq!(status, 200, "calibrating with {n} rounds: {body}");
+        if took >= deadline / 5 {
+            break;
+        }
+        n = n.checked_mul(2).expect("calibration ends");
+    }
+
+    // Load: many more spinning threads than cores, in this process.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let burners: Vec<_> = (0..cores * 12)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let (status, body, took) = busy(n).await;
+        slowest = slowest.max(took);
+        outcomes.push((status, rehydra_e2e::code(&body).to_owned(), took));
+    }
+    let (spin_status, spin_body) = host.command("faulty", "spinner", "spin", json!({})).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in burners {
+        b.join().expect("a burner thread");
+    }
+
+    assert!(
+        outcomes.iter().all(|(status, _, _)| *status == 200),
+        "healthy calls under load: {outcomes:?}"
+    );
+    assert!(
+        slowest > deadline,
+        "the load never stretched a call past its deadline on the wall clock ({slowest:?}), \
+         so this run proves nothing: {outcomes:?}"
+    );
+    assert_eq!(
+        (
+            spin_status,
+            spin_body["error"]["details"]["reason"].as_str()
+        ),
+        (500, Some("deadline_exceeded")),
+        "{spin_body}"
+    );
+}

@@ -8,6 +8,7 @@
 //!
 //! | command | does | host answers |
 //! |---|---|---|
+//! | `busy` | `{"n": N}`: N rounds of arithmetic, then one event; CPU work that ends | one event, the result as reply |
 //! | `spin` | loops forever | `plugin_failed` / `deadline_exceeded` |
 //! | `hog` | allocates without bound | `plugin_failed` / `memory_limit` |
 //! | `panic` | panics | `plugin_failed` / `trap`, with the panic message |
@@ -44,6 +45,7 @@ mod faulty {
 
     const COMMANDS: &[&str] = &[
         "ok",
+        "busy",
         "spin",
         "hog",
         "panic",
@@ -161,6 +163,24 @@ mod faulty {
                             "only an authenticated admin may do this".into(),
                         )),
                     }
+                }
+                // CPU work that ends: `{"n": N}` rounds of arithmetic the
+                // optimiser cannot skip.
+                "busy" => {
+                    let rounds: u64 = c
+                        .data
+                        .iter()
+                        .filter(|b| b.is_ascii_digit())
+                        .fold(0u64, |n, b| {
+                            n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+                        });
+                    let mut x: u64 = 1;
+                    for i in 0..rounds {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(i),
+                        );
+                    }
+                    decided(vec![happened()], next, Some(x.to_string()))
                 }
                 "spin" => {
                     let mut i: u64 = 0;

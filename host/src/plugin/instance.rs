@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::SeedableRng as _;
 use tokio::io::AsyncWrite;
@@ -41,6 +41,86 @@ pub struct GuestState {
     limiter: MemoryLimiter,
     stdout: GuestOutput,
     stderr: GuestOutput,
+    clock: CallClock,
+}
+
+/// The running call's budget: CPU time of the thread that runs it, with a
+/// wall-clock backstop.
+///
+/// Deadlines are CPU time so that a loaded machine, which stretches a call
+/// on the wall clock, does not fail healthy calls (and feed the plugin's
+/// quarantine with them). wasmtime interrupts a guest only through the
+/// engine's epoch, which the ticker thread advances on the wall clock; when
+/// a call's epoch deadline comes, [`CallClock::check`] runs on the guest's
+/// own thread and reads that thread's CPU clock: a call that has not used
+/// its budget yet gets more ticks. A guest that burns CPU therefore stops
+/// within one tick of its budget; one that is starved of CPU goes on until
+/// [`WALL_BACKSTOP_FACTOR`] times its budget on the wall clock.
+struct CallClock {
+    budget: Duration,
+    cpu_start: Duration,
+    wall_start: Instant,
+    /// Why the call was interrupted, for the error message.
+    interrupted: Option<Interrupted>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Interrupted {
+    Cpu(Duration),
+    Wall(Duration),
+}
+
+/// How many times its CPU budget a call may take on the wall clock.
+pub const WALL_BACKSTOP_FACTOR: u32 = 10;
+
+impl CallClock {
+    fn new(budget: Duration) -> Self {
+        CallClock {
+            budget,
+            cpu_start: thread_cpu_time(),
+            wall_start: Instant::now(),
+            interrupted: None,
+        }
+    }
+
+    /// Starts the budget of a new call on this thread.
+    fn start(&mut self, budget: Duration) {
+        *self = CallClock::new(budget);
+    }
+
+    /// At an epoch deadline: `Some(ticks)` to go on for that many more,
+    /// `None` to interrupt the call.
+    fn check(&mut self) -> Option<u64> {
+        let used = thread_cpu_time().saturating_sub(self.cpu_start);
+        let wall = self.wall_start.elapsed();
+        if used >= self.budget {
+            self.interrupted = Some(Interrupted::Cpu(used));
+            return None;
+        }
+        if wall >= self.budget.saturating_mul(WALL_BACKSTOP_FACTOR) {
+            self.interrupted = Some(Interrupted::Wall(wall));
+            return None;
+        }
+        Some(SandboxLimits::ticks(self.budget - used))
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; the clock id is
+    // a constant Linux knows.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
+    if !ok {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl WasiView for GuestState {
@@ -240,6 +320,7 @@ impl Instance {
         self.store
             .set_epoch_deadline(SandboxLimits::ticks(deadline));
         self.store.data_mut().limiter.denied = false;
+        self.store.data_mut().clock.start(deadline);
         let result = f(&self.aggregate, &mut self.store);
         let data = self.store.data();
         let stdout = data.stdout.take();
@@ -251,7 +332,8 @@ impl Instance {
         for line in stderr.lines().filter(|l| !l.is_empty()) {
             tracing::warn!(target: "rehydra::guest", plugin, stream = "stderr", "{line}");
         }
-        result.map_err(|e| classify(&e, data.limiter.denied, &stderr, deadline))
+        let interrupted = data.clock.interrupted;
+        result.map_err(|e| classify(&e, data.limiter.denied, &stderr, deadline, interrupted))
     }
 }
 
@@ -260,11 +342,25 @@ fn classify(
     memory_denied: bool,
     stderr: &str,
     deadline: Duration,
+    interrupted: Option<Interrupted>,
 ) -> GuestFailure {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        let message = match interrupted {
+            Some(Interrupted::Wall(wall)) => format!(
+                "the call took {wall:?} on the wall clock without using its CPU deadline of \
+                 {deadline:?} (the backstop is {WALL_BACKSTOP_FACTOR}x the deadline): the machine \
+                 is overloaded, or the guest waits on something"
+            ),
+            Some(Interrupted::Cpu(used)) => format!(
+                "the call used {used:?} of CPU, past its deadline of {deadline:?}; raise \
+                 --handle-deadline / --apply-deadline (or --plugin-deadline for this plugin) if \
+                 that much work is intended"
+            ),
+            None => format!("the call ran past its CPU deadline of {deadline:?}"),
+        };
         return GuestFailure {
             kind: FailureKind::DeadlineExceeded,
-            message: format!("the call ran past its CPU deadline of {deadline:?}"),
+            message,
         };
     }
     // A Rust guest reports a panic on stderr before trapping; that line is
@@ -345,16 +441,28 @@ impl InstancePool {
             },
             stdout,
             stderr,
+            clock: CallClock::new(self.limits.handle_deadline),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        // At each epoch deadline: go on while the call has CPU budget left.
+        store.epoch_deadline_callback(|mut cx| match cx.data_mut().clock.check() {
+            Some(ticks) => Ok(wasmtime::UpdateDeadline::Continue(ticks)),
+            None => Err(Trap::Interrupt.into()),
+        });
         // Instantiation runs the guest's start code: bound it too.
         store.set_epoch_deadline(SandboxLimits::ticks(self.limits.handle_deadline));
         let aggregate = self.pre.instantiate(&mut store).map_err(|e| {
             let memory_denied = store.data().limiter.denied;
             let stderr = store.data().stderr.take();
-            let mut failure = classify(&e, memory_denied, &stderr, self.limits.handle_deadline);
+            let interrupted = store.data().clock.interrupted;
+            let mut failure = classify(
+                &e,
+                memory_denied,
+                &stderr,
+                self.limits.handle_deadline,
+                interrupted,
+            );
             failure.message = format!("could not instantiate: {}", failure.message);
             failure
         })?;
