@@ -204,6 +204,10 @@ struct RunArgs {
     /// The largest command body accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_command_bytes: usize,
+    /// Guest calls that may wait for one plugin's threads; past it commands
+    /// get `overloaded` (503, Retry-After) at once.
+    #[arg(long, default_value_t = SandboxLimits::default().max_queued_calls)]
+    max_guest_queue: usize,
     /// Each plugin instance's memory cap, in MiB.
     #[arg(long, default_value_t = 64)]
     max_memory_mib: usize,
@@ -441,6 +445,7 @@ async fn run(args: RunArgs) -> ExitCode {
             quarantine_after: args.quarantine_after,
             quarantine_backoff: args.quarantine_backoff,
             plugin_deadlines: args.plugin_deadline.into_iter().collect(),
+            max_queued_calls: args.max_guest_queue.max(1),
             ..SandboxLimits::default()
         },
         actors: ActorConfig {

@@ -106,6 +106,7 @@ pub struct Metrics {
     subscriptions: Gauge,
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Gauge>,
+    guest_queue: Family<PluginLabels, Gauge>,
 }
 
 /// Figures read at scrape time.
@@ -121,8 +122,21 @@ pub struct Snapshot {
     pub aggregates_poisoned: u64,
     /// Subscriptions open.
     pub subscriptions: u64,
-    /// Per plugin: (name, quarantined now, failed calls since loaded).
-    pub plugins: Vec<(String, bool, u64)>,
+    /// Per plugin.
+    pub plugins: Vec<PluginFigures>,
+}
+
+/// One plugin's scrape-time figures.
+#[derive(Debug, Default)]
+pub struct PluginFigures {
+    /// The plugin's name.
+    pub name: String,
+    /// Whether it is quarantined now.
+    pub quarantined: bool,
+    /// Failed calls since its version was loaded.
+    pub failures: u64,
+    /// Guest calls waiting for its threads now.
+    pub queued_calls: u64,
 }
 
 fn seconds() -> Histogram {
@@ -252,6 +266,12 @@ impl Metrics {
             "Failed guest calls since the plugin version was loaded",
             plugin_failures.clone(),
         );
+        let guest_queue = Family::<PluginLabels, Gauge>::default();
+        registry.register(
+            "guest_queue_depth",
+            "Guest calls waiting for the plugin's threads (bounded by --max-guest-queue)",
+            guest_queue.clone(),
+        );
         Metrics {
             registry,
             commands,
@@ -273,6 +293,7 @@ impl Metrics {
             subscriptions,
             plugin_quarantined,
             plugin_failures,
+            guest_queue,
         }
     }
 
@@ -337,16 +358,19 @@ pub fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     m.subscriptions.set(gauge(snapshot.subscriptions));
     // Plugins that were removed keep their last values; those still here
     // are set afresh.
-    for (plugin, quarantined, failures) in &snapshot.plugins {
+    for figures in &snapshot.plugins {
         let labels = PluginLabels {
-            plugin: plugin.clone(),
+            plugin: figures.name.clone(),
         };
         m.plugin_quarantined
             .get_or_create(&labels)
-            .set(i64::from(*quarantined));
+            .set(i64::from(figures.quarantined));
         m.plugin_failures
             .get_or_create(&labels)
-            .set(gauge(*failures));
+            .set(gauge(figures.failures));
+        m.guest_queue
+            .get_or_create(&labels)
+            .set(gauge(figures.queued_calls));
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &m.registry)?;

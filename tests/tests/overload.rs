@@ -222,3 +222,73 @@ async fn the_resident_set_is_capped_in_bytes() {
         "{state}"
     );
 }
+
+/// Guest calls wait for a plugin's threads in a bounded queue: with every
+/// thread busy and `--max-guest-queue` calls waiting, the next command is
+/// refused at once with `overloaded`, and the waiting one still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_guest_queue_a_command_is_overloaded() {
+    let host = Host::start_with(
+        &["faulty"],
+        &[
+            "--max-guest-queue",
+            "1",
+            "--handle-deadline",
+            "1s",
+            "--poison-after",
+            "0",
+        ],
+    );
+    let post = |id: &str, command: &str| {
+        let url = format!("{}/v1/aggregates/faulty/{id}/commands/{command}", host.base);
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .body("{}")
+                .send()
+                .await
+                .expect("the host answers");
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.expect("JSON");
+            (status, body)
+        })
+    };
+    // Four spins hold the plugin's four guest threads to their deadline.
+    let spins: Vec<_> = ["s1", "s2", "s3", "s4"]
+        .into_iter()
+        .map(|id| post(id, "spin"))
+        .collect();
+    assert!(
+        until_metrics(&host, Duration::from_secs(10), |m| m.lines().any(
+            |l| l == "rehydra_command_queue_wait_seconds_count{aggregate_type=\"faulty\"} 4"
+        ))
+        .await,
+        "the spins started"
+    );
+    let waiting = post("q1", "ok");
+    assert!(
+        until_metrics(&host, Duration::from_secs(10), |m| m
+            .lines()
+            .any(|l| l == "rehydra_guest_queue_depth{plugin=\"faulty\"} 1"))
+        .await,
+        "a call waits for a guest thread: {}",
+        host.metrics().await
+    );
+    let (status, body) = post("q2", "ok").await.expect("join");
+    assert_eq!((status, code(&body)), (503, "overloaded"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-guest-queue")),
+        "{body}"
+    );
+    let (status, body) = waiting.await.expect("join");
+    assert_eq!(status, 200, "the queued call ran: {body}");
+    for spin in spins {
+        assert_eq!(
+            spin.await.expect("join").0,
+            500,
+            "the spins ran out of time"
+        );
+    }
+}

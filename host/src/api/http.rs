@@ -501,11 +501,12 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
             .iter()
             .map(|p| {
                 let status = p.quarantine_status();
-                (
-                    p.name.clone(),
-                    status.quarantined_for_ms > 0,
-                    status.total_failures,
-                )
+                crate::metrics::PluginFigures {
+                    name: p.name.clone(),
+                    quarantined: status.quarantined_for_ms > 0,
+                    failures: status.total_failures,
+                    queued_calls: p.queued_calls() as u64,
+                }
             })
             .collect(),
     };

@@ -23,8 +23,12 @@ pub struct SandboxLimits {
     pub handle_deadline: Duration,
     /// CPU time allowed for one rehydration `apply` batch.
     pub apply_deadline: Duration,
-    /// Idle instances kept warm per plugin version.
+    /// Idle instances kept warm per plugin version (and guest threads).
     pub pool_size: usize,
+    /// Guest calls that may wait for one plugin version's threads; past it
+    /// a call is refused with `overloaded` rather than queued, so that the
+    /// wait of the accepted ones stays bounded.
+    pub max_queued_calls: usize,
     /// Instances of all plugins that may exist at once (pooling allocator
     /// slots).
     pub total_instances: u32,
@@ -109,6 +113,7 @@ impl Default for SandboxLimits {
             handle_deadline: Duration::from_millis(500),
             apply_deadline: Duration::from_secs(5),
             pool_size: 4,
+            max_queued_calls: 1024,
             total_instances: 256,
             max_output_bytes: 16 << 10,
             max_event_bytes: 1 << 20,

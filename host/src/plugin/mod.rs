@@ -210,7 +210,11 @@ impl Backend {
     /// A component's backend: `pool`, with as many guest threads as it
     /// keeps warm instances.
     fn wasm(pool: InstancePool, limits: &SandboxLimits) -> Backend {
-        let threads = GuestThreads::new(pool.plugin_name(), limits.pool_size);
+        let threads = GuestThreads::new(
+            pool.plugin_name(),
+            limits.pool_size,
+            limits.max_queued_calls,
+        );
         Backend::Wasm { pool, threads }
     }
 }
@@ -267,6 +271,14 @@ impl Plugin {
     /// The state of an aggregate with no events.
     pub fn initial_state(&self) -> &StateBytes {
         &self.initial_state
+    }
+
+    /// Guest calls waiting for this version's threads now.
+    pub fn queued_calls(&self) -> usize {
+        match &self.backend {
+            Backend::Wasm { threads, .. } => threads.queued(),
+            Backend::Native(_) => 0,
+        }
     }
 
     /// Whether the plugin is quarantined, and its failure counts.
@@ -367,6 +379,11 @@ impl Plugin {
                 format!("the host's call into the plugin panicked: {message}"),
             )),
             Err(GuestThreadError::Unavailable(message)) => Err(CommandError::Internal(message)),
+            Err(GuestThreadError::Full(queued)) => Err(CommandError::Overloaded(format!(
+                "plugin {} has {queued} calls waiting for its guest threads, the most it queues \
+                 (--max-guest-queue)",
+                self.name
+            ))),
         }
     }
 

@@ -17,7 +17,11 @@
 //! `memory://`, where throughput rose 1.25× (BENCHMARKS.md). The price: a
 //! plugin version's calls
 //! beyond its thread count wait in its queue; they would have waited for a
-//! core anyway, and one plugin's calls never wait for another's.
+//! core anyway, and one plugin's calls never wait for another's. The queue
+//! is bounded (`--max-guest-queue`): past it a call is refused at once
+//! ([`GuestThreadError::Full`], `overloaded` to the client), so that a
+//! plugin that cannot keep up sheds load instead of making every accepted
+//! command wait longer.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -39,6 +43,7 @@ struct Shared {
     /// For thread names.
     plugin: String,
     max_threads: usize,
+    max_queued: usize,
     /// The runtime that guest threads enter, so that wasmtime-wasi's
     /// `block_on` uses it rather than starting a runtime of its own.
     runtime: Option<tokio::runtime::Handle>,
@@ -49,6 +54,8 @@ struct State {
     queue: VecDeque<Job>,
     threads: usize,
     idle: usize,
+    /// Threads running a call now.
+    busy: usize,
     closed: bool,
 }
 
@@ -59,18 +66,22 @@ pub enum GuestThreadError {
     Panicked(String),
     /// No thread could run it (none could be started, or they stopped).
     Unavailable(String),
+    /// The queue holds the most calls it may; this one was not queued.
+    Full(usize),
 }
 
 impl GuestThreads {
-    /// Threads for `plugin`, at most `max_threads` (at least one). Captures
+    /// Threads for `plugin`, at most `max_threads` (at least one), with at
+    /// most `max_queued` calls waiting for them (at least one). Captures
     /// the current tokio runtime, if any, for the threads to enter.
-    pub fn new(plugin: &str, max_threads: usize) -> Self {
+    pub fn new(plugin: &str, max_threads: usize, max_queued: usize) -> Self {
         GuestThreads {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 work: Condvar::new(),
                 plugin: plugin.to_string(),
                 max_threads: max_threads.max(1),
+                max_queued: max_queued.max(1),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
@@ -96,9 +107,24 @@ impl GuestThreads {
         })
     }
 
+    /// Calls waiting for a thread now (not counting those a free thread
+    /// is about to take).
+    pub fn queued(&self) -> usize {
+        let state = self.shared.lock();
+        let free = self.shared.max_threads.saturating_sub(state.busy);
+        state.queue.len().saturating_sub(free)
+    }
+
     fn submit(&self, job: Job) -> Result<(), GuestThreadError> {
         let shared = &self.shared;
         let mut state = shared.lock();
+        // Calls that a free (or starting) thread will take at once are not
+        // waiting; only those beyond are bounded.
+        let free = shared.max_threads.saturating_sub(state.busy);
+        let waiting = state.queue.len().saturating_sub(free);
+        if waiting >= shared.max_queued {
+            return Err(GuestThreadError::Full(waiting));
+        }
         state.queue.push_back(job);
         if state.idle > 0 {
             // A sleeping thread takes it. A thread that is busy would take
@@ -157,9 +183,11 @@ impl Shared {
         let mut state = self.lock();
         loop {
             if let Some(job) = state.queue.pop_front() {
+                state.busy += 1;
                 drop(state);
                 job();
                 state = self.lock();
+                state.busy -= 1;
                 continue;
             }
             if state.closed {
@@ -188,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_run_and_panics_are_reported() {
-        let threads = GuestThreads::new("t", 2);
+        let threads = GuestThreads::new("t", 2, 64);
         assert_eq!(threads.run(|| 2 + 2).await, Ok(4));
         let all: Vec<_> = (0..20).map(|i| threads.run(move || i * 2)).collect();
         for (i, call) in all.into_iter().enumerate() {
@@ -201,9 +229,47 @@ mod tests {
         assert!(threads.shared.lock().threads <= 2);
     }
 
+    /// Past its bound the queue refuses a call at once, and the calls it
+    /// took all run.
+    #[tokio::test]
+    async fn a_full_queue_refuses_calls() {
+        let threads = Arc::new(GuestThreads::new("t", 1, 2));
+        // Hold the one thread until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let busy = {
+            let threads = threads.clone();
+            tokio::spawn(async move {
+                threads
+                    .run(move || {
+                        let _ = started_tx.send(());
+                        let _ = held.recv();
+                        0
+                    })
+                    .await
+            })
+        };
+        started.await.expect("the thread started");
+        let queued: Vec<_> = (1..=2)
+            .map(|i| {
+                let threads = threads.clone();
+                tokio::spawn(async move { threads.run(move || i).await })
+            })
+            .collect();
+        while threads.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(threads.run(|| 3).await, Err(GuestThreadError::Full(2)));
+        release.send(()).expect("release");
+        assert_eq!(busy.await.expect("join"), Ok(0));
+        for (i, q) in queued.into_iter().enumerate() {
+            assert_eq!(q.await.expect("join"), Ok(i + 1));
+        }
+    }
+
     #[test]
     fn threads_end_when_dropped() {
-        let threads = GuestThreads::new("t", 1);
+        let threads = GuestThreads::new("t", 1, 1);
         let shared = threads.shared.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
