@@ -247,6 +247,12 @@ struct RunArgs {
     /// The first quarantine's length; it doubles while failures go on (up to 5m).
     #[arg(long, value_name = "DURATION", default_value = human(SandboxLimits::default().quarantine_backoff), value_parser = humantime::parse_duration)]
     quarantine_backoff: Duration,
+    /// Lines per second each plugin may log (its log calls and stdout and
+    /// stderr lines together), with a burst of as many; the rest are
+    /// dropped and counted in rehydra_plugin_log_lines_dropped_total. 0: no
+    /// limit.
+    #[arg(long, value_name = "N", default_value_t = SandboxLimits::default().log_rate)]
+    plugin_log_rate: u32,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -540,6 +546,7 @@ fn server_config(args: RunArgs) -> ServerConfig {
             quarantine_after: args.quarantine_after,
             quarantine_backoff: args.quarantine_backoff,
             plugin_deadlines: args.plugin_deadline.into_iter().collect(),
+            log_rate: args.plugin_log_rate,
             ..SandboxLimits::default()
         },
         actors: ActorConfig {
@@ -710,6 +717,7 @@ mod tests {
             ("max-state-bytes", "1000", "1000"),
             ("quarantine-after", "0", "0"),
             ("quarantine-backoff", "\"3s\"", "3s"),
+            ("plugin-log-rate", "0", "0"),
             ("log-format", "\"json\"", "json"),
         ];
         let mut text = String::new();
