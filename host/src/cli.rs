@@ -831,6 +831,15 @@ mod tests {
         let e = error(&["--config", &path], &[]);
         assert!(e.contains("expected NAME=HANDLE[,APPLY]"), "{e}");
 
+        // A bad value is refused even where a flag or the environment
+        // overrides it.
+        let (_dir, path) = file("max-in-flight = \"lots\"\n");
+        let e = error(
+            &["--config", &path, "--max-in-flight", "3"],
+            &[("REHYDRA_MAX_IN_FLIGHT", "2")],
+        );
+        assert!(e.contains("max-in-flight = \"lots\": invalid digit"), "{e}");
+
         // An environment variable is named as such.
         let e = error(&[], &[("REHYDRA_MAX_IN_FLIGHT", "many")]);
         assert!(

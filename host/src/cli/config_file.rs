@@ -88,27 +88,10 @@ pub fn layer(
     check_keys(&file_name, &entries, &file_keys(&cmd))?;
     for arg in &args {
         let id = arg.get_id().as_str().to_string();
-        let from_env = match arg.get_env() {
-            Some(name) => {
-                let name = name.to_string_lossy().into_owned();
-                cmd = cmd.mut_arg(&id, |a| a.env(None::<&'static str>));
-                env(&name).map(|value| (name, value))
-            }
-            None => None,
-        };
-        let from_file = arg.get_long().and_then(|key| entries.remove(key));
-        let values = match (from_env, from_file) {
-            (Some((name, value)), _) => {
-                check(arg, std::slice::from_ref(&value)).map_err(|reason| {
-                    ConfigError(format!(
-                        "the environment variable {name}={}: {}",
-                        value.to_string_lossy(),
-                        with_expected(reason, arg)
-                    ))
-                })?;
-                vec![value]
-            }
-            (None, Some(entry)) => {
+        // The file's value is checked even when the environment or a flag
+        // overrides it: a file is refused as a whole or taken as a whole.
+        let from_file = match arg.get_long().and_then(|key| entries.remove(key)) {
+            Some(entry) => {
                 let bad = |reason: String| {
                     ConfigError(format!(
                         "{file_name}, line {}: {} = {}: {}",
@@ -120,9 +103,32 @@ pub fn layer(
                 };
                 let values = from_toml(arg, &entry.value).map_err(bad)?;
                 check(arg, &values).map_err(bad)?;
-                values
+                Some(values)
             }
-            (None, None) => continue,
+            None => None,
+        };
+        let from_env = match arg.get_env() {
+            Some(name) => {
+                let name = name.to_string_lossy().into_owned();
+                cmd = cmd.mut_arg(&id, |a| a.env(None::<&'static str>));
+                match env(&name) {
+                    Some(value) => {
+                        check(arg, std::slice::from_ref(&value)).map_err(|reason| {
+                            ConfigError(format!(
+                                "the environment variable {name}={}: {}",
+                                value.to_string_lossy(),
+                                with_expected(reason, arg)
+                            ))
+                        })?;
+                        Some(vec![value])
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let Some(values) = from_env.or(from_file) else {
+            continue;
         };
         cmd = cmd.mut_arg(&id, |a| a.default_values(values));
     }
