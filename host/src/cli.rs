@@ -195,7 +195,7 @@ struct RunArgs {
     /// Store a snapshot of an aggregate's state every N events, and when it
     /// leaves memory, so that loading it replays only the events after the
     /// snapshot (0: no snapshots are stored or used).
-    #[arg(long, env = "REHYDRA_SNAPSHOT_EVERY", default_value_t = ActorConfig::default().snapshot_every)]
+    #[arg(long, env = "REHYDRA_SNAPSHOT_EVERY", value_name = "N", default_value_t = ActorConfig::default().snapshot_every)]
     snapshot_every: u64,
     /// Commands that may wait per aggregate before `overloaded`.
     #[arg(long, value_name = "N", default_value_t = ActorConfig::default().mailbox_capacity)]
@@ -704,6 +704,7 @@ mod tests {
             ("idle-timeout", "\"1h\"", "1h"),
             ("max-resident", "10", "10"),
             ("max-resident-bytes", "4096", "4096"),
+            ("snapshot-every", "0", "0"),
             ("mailbox-capacity", "2", "2"),
             ("max-in-flight", "4", "4"),
             ("command-timeout", "\"2s\"", "2s"),
