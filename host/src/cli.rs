@@ -238,7 +238,7 @@ struct RunArgs {
     /// failures on it in a row, without calling the plugin for it; other
     /// aggregates are served (0: never). The rest starts at
     /// --quarantine-backoff and doubles while failures go on.
-    #[arg(long, default_value_t = ActorConfig::default().poison_after)]
+    #[arg(long, value_name = "N", default_value_t = ActorConfig::default().poison_after)]
     poison_after: u32,
     /// Quarantine a plugin after this many failed calls in a row, spread
     /// over at least three aggregates (0: never).
@@ -716,6 +716,7 @@ mod tests {
             ("max-event-bytes", "100", "100"),
             ("max-events-per-command", "5", "5"),
             ("max-state-bytes", "1000", "1000"),
+            ("poison-after", "7", "7"),
             ("quarantine-after", "0", "0"),
             ("quarantine-backoff", "\"3s\"", "3s"),
             ("plugin-log-rate", "0", "0"),
