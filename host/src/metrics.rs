@@ -2,9 +2,9 @@
 //! OpenMetrics text, every name `rehydra_…`).
 //!
 //! One process-wide set of metrics ([`global`]): the places that count —
-//! the actors, the store writers, the compile cache — are far apart and a
-//! process serves one host, so threading a handle through every layer would
-//! buy nothing. Figures that are a state rather than an event (resident
+//! the actors, the store writers, the compile cache, the plugins' log
+//! limits — are far apart and a process serves one host, so threading a
+//! handle through every layer would buy nothing. Figures that are a state rather than an event (resident
 //! aggregates, mailbox depth, open subscriptions, plugin quarantine) are
 //! read when `/metrics` is scraped ([`Snapshot`]), not kept up to date on
 //! every command.
@@ -99,6 +99,8 @@ pub struct Metrics {
     pub snapshots_saved: Family<SnapshotLabels, Counter>,
     /// Loads by what the snapshot look-up gave.
     pub snapshot_loads: Family<SnapshotLabels, Counter>,
+    /// A plugin's log lines dropped over `--plugin-log-rate`.
+    pub plugin_log_lines_dropped: Family<PluginLabels, Counter>,
     resident_aggregates: Gauge,
     resident_state_bytes: Gauge,
     mailbox_depth: Gauge,
@@ -224,6 +226,12 @@ impl Metrics {
             "Aggregate loads by what the snapshot look-up gave (used, none, ignored, failed)",
             snapshot_loads.clone(),
         );
+        let plugin_log_lines_dropped = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_log_lines_dropped",
+            "Log lines of the plugin (log calls, stdout and stderr lines) dropped over --plugin-log-rate",
+            plugin_log_lines_dropped.clone(),
+        );
         let resident_aggregates = Gauge::default();
         registry.register(
             "resident_aggregates",
@@ -286,6 +294,7 @@ impl Metrics {
             compile_cache,
             snapshots_saved,
             snapshot_loads,
+            plugin_log_lines_dropped,
             resident_aggregates,
             resident_state_bytes,
             mailbox_depth,

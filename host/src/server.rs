@@ -45,6 +45,37 @@ pub struct ServerConfig {
     pub watch_debounce: std::time::Duration,
 }
 
+impl ServerConfig {
+    /// The compile cache directory when none is given (`--cache-dir`).
+    pub const DEFAULT_CACHE_DIR: &str = "./.rehydra-cache";
+}
+
+/// The built-in defaults of `rehydra run`. The command line's defaults are
+/// taken from here and from the `Default` impls of the nested configs, so
+/// each is written once (a unit test in `cli` checks that `rehydra run`
+/// without flags yields exactly this).
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        ServerConfig {
+            plugins: PathBuf::from("./plugins"),
+            store: "embedded://./rehydra-data".to_string(),
+            // Loopback: without --auth-tokens anyone who reaches the
+            // address may call the API.
+            http: loopback(8080),
+            grpc: Some(loopback(50051)),
+            auth_tokens: None,
+            subscriptions: SubscriptionConfig::default(),
+            cache_dir: Some(PathBuf::from(Self::DEFAULT_CACHE_DIR)),
+            sandbox: SandboxLimits::default(),
+            actors: ActorConfig::default(),
+            http_config: HttpConfig::default(),
+            watch: true,
+            watch_debounce: std::time::Duration::from_millis(300),
+        }
+    }
+}
+
 /// Runs the host until it is told to stop.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let started = Instant::now();

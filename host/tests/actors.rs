@@ -212,7 +212,10 @@ async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
         store.stream_version("bank_account-stuck").await.unwrap(),
         1101
     );
-    assert_eq!(store.load_snapshot("bank_account-stuck").await.unwrap(), None);
+    assert_eq!(
+        store.load_snapshot("bank_account-stuck").await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test]

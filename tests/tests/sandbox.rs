@@ -1,9 +1,10 @@
 //! The sandbox end to end: the `faulty` plugin's every misbehaviour ends in
 //! its defined error while `ok` (and every other plugin) carries on, broken
 //! plugin files are refused at load, a plugin that keeps failing is
-//! quarantined, a soak of hostile and healthy commands stores nothing from
-//! the failures and keeps memory flat, and random HTTP input never crashes
-//! the host or stores anything.
+//! quarantined, a plugin that floods the log is held to its log rate, a
+//! soak of hostile and healthy commands stores nothing from the failures
+//! and keeps memory flat, and random HTTP input never crashes the host or
+//! stores anything.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -362,6 +363,78 @@ async fn traps_on_one_aggregate_rest_that_aggregate_not_the_plugin() {
         assert!(Instant::now() < deadline, "the aggregate never came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_plugin_that_floods_the_log_is_held_to_its_rate_and_the_drops_are_counted() {
+    const RATE: u64 = 50;
+    let host = Host::start_with(
+        &["faulty", "bank-account"],
+        &["--plugin-log-rate", &RATE.to_string()],
+    );
+    let started = Instant::now();
+    let (status, body) = host
+        .command("faulty", "flood", "log-flood", json!({"count": 10_000}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The host serves on, the flooding plugin and the others alike.
+    let (status, body) = host
+        .command("bank-account", "a", "open", json!({"owner": "Ada"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    ok(&host, "f", 1).await;
+    let (status, _) = host.get("/healthz").await;
+    assert_eq!(status, 200);
+
+    // Of 10,000 lines through `log` and a stdout's worth, a burst of RATE
+    // and RATE a second since reached the log; the rest were counted.
+    let allowed = RATE + RATE * (started.elapsed().as_secs() + 1);
+    let dropped = dropped_log_lines(&host, "faulty").await;
+    assert!(
+        dropped >= (10_000 - allowed) as f64,
+        "{dropped} lines dropped, at most {allowed} may have been logged"
+    );
+    let logged = host
+        .log()
+        .lines()
+        .filter(|l| l.contains("log-flood line"))
+        .count() as u64;
+    assert!(
+        logged <= allowed,
+        "{logged} flood lines logged, past {allowed}"
+    );
+    assert!(logged >= RATE, "the burst was logged: {logged}");
+    assert_eq!(dropped_log_lines(&host, "bank-account").await, 0.0);
+
+    // Once a second has passed, the plugin's next line brings the summary.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _) = host
+        .command("faulty", "flood", "log-flood", json!({"count": 10}))
+        .await;
+    assert_eq!(status, 200);
+    let log = host.log();
+    assert!(
+        log.lines().any(|l| l.contains("plugin faulty: ")
+            && l.contains("log lines dropped in the last")
+            && l.contains("--plugin-log-rate")),
+        "no summary of the dropped lines in the log:\n{}",
+        &log[log.len().saturating_sub(4000)..]
+    );
+}
+
+/// `rehydra_plugin_log_lines_dropped_total` of `plugin` (0 before any drop).
+async fn dropped_log_lines(host: &Host, plugin: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", host.base))
+        .await
+        .expect("the host answers")
+        .text()
+        .await
+        .expect("a body");
+    let name = format!("rehydra_plugin_log_lines_dropped_total{{plugin=\"{plugin}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(0.0)
 }
 
 /// The `faulty` entry of `GET /v1/plugins`.

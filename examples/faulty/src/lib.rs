@@ -23,6 +23,7 @@
 //! | `bad-json` | event data that is not JSON | `plugin_failed` / `bad_output` |
 //! | `big-state` | state of `{bytes}` bytes (default 10 MiB) | `plugin_failed` / `bad_output` |
 //! | `admin-only` | succeeds only for the principal `admin` | `forbidden` otherwise (shows the principal reaches the plugin) |
+//! | `log-flood` | logs `{count}` lines (default 10 000) through `log`, and as many to stdout | `ok`; the host logs at most `--plugin-log-rate` lines a second of them and counts the rest as dropped |
 //!
 //! Feature `describe-traps` builds a variant whose `describe()` panics;
 //! feature `other-world` builds a component of another world of another
@@ -60,6 +61,7 @@ mod faulty {
         "bad-json",
         "big-state",
         "admin-only",
+        "log-flood",
     ];
 
     struct Faulty;
@@ -246,6 +248,17 @@ mod faulty {
                         state_of(n + count),
                         None,
                     )
+                }
+                "log-flood" => {
+                    let count = field(&c.data, "count").unwrap_or(10_000);
+                    for i in 0..count {
+                        log(LogLevel::Info, &format!("log-flood line {i} through log"));
+                    }
+                    // The host keeps only the first bytes of stdout per call.
+                    for i in 0..count {
+                        println!("log-flood line {i} on stdout");
+                    }
+                    decided(vec![happened()], next, None)
                 }
                 "bad-event-type" => decided(vec![event("has space", b"{}".to_vec())], next, None),
                 "undeclared-event" => decided(vec![event("Ghost", b"{}".to_vec())], next, None),

@@ -49,6 +49,11 @@ pub struct SandboxLimits {
     /// Deadlines for particular plugins (by plugin name), overriding
     /// `handle_deadline` and `apply_deadline`.
     pub plugin_deadlines: HashMap<String, PluginDeadlines>,
+    /// Lines per second each plugin may put in the host's log (its `log`
+    /// calls and its stdout and stderr lines, all its instances together),
+    /// with a burst of as many; the rest are dropped and counted. 0: no
+    /// limit. See [`super::log_limit`].
+    pub log_rate: u32,
     /// Interrupt guests at their deadline. Only turned off to measure what
     /// it costs: without it a looping guest runs forever.
     pub epoch_interruption: bool,
@@ -122,6 +127,7 @@ impl Default for SandboxLimits {
             quarantine_after: 10,
             quarantine_backoff: Duration::from_secs(1),
             plugin_deadlines: HashMap::new(),
+            log_rate: 100,
             epoch_interruption: true,
             pooling: true,
         }

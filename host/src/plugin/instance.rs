@@ -22,6 +22,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 use super::bindings::rehydra::aggregate::types::LogLevel;
 use super::bindings::{Aggregate, AggregateImports, AggregatePre};
 use super::engine::SandboxLimits;
+use super::log_limit::LogLimiter;
 use crate::error::FailureKind;
 
 /// Why a guest call failed. The instance that failed must be discarded.
@@ -36,6 +37,8 @@ pub struct GuestFailure {
 /// The host-side state of one instance's `Store`.
 pub struct GuestState {
     plugin: Arc<str>,
+    /// The plugin's log budget, shared with all its instances.
+    log: Arc<LogLimiter>,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
@@ -136,6 +139,9 @@ impl super::bindings::rehydra::aggregate::types::Host for GuestState {}
 
 impl AggregateImports for GuestState {
     fn log(&mut self, level: LogLevel, message: String) {
+        if !self.log.admit() {
+            return;
+        }
         let plugin = &*self.plugin;
         // Bound what one message can put in the host's log.
         let message = truncate(&message, 4096);
@@ -326,11 +332,17 @@ impl Instance {
         let stdout = data.stdout.take();
         let stderr = data.stderr.take();
         let plugin = &*data.plugin;
+        // The stderr text is kept whole for the failure's message below;
+        // only what reaches the log is limited.
         for line in stdout.lines().filter(|l| !l.is_empty()) {
-            tracing::info!(target: "rehydra::guest", plugin, stream = "stdout", "{line}");
+            if data.log.admit() {
+                tracing::info!(target: "rehydra::guest", plugin, stream = "stdout", "{line}");
+            }
         }
         for line in stderr.lines().filter(|l| !l.is_empty()) {
-            tracing::warn!(target: "rehydra::guest", plugin, stream = "stderr", "{line}");
+            if data.log.admit() {
+                tracing::warn!(target: "rehydra::guest", plugin, stream = "stderr", "{line}");
+            }
         }
         let interrupted = data.clock.interrupted;
         result.map_err(|e| classify(&e, data.limiter.denied, &stderr, deadline, interrupted))
@@ -391,6 +403,7 @@ fn classify(
 /// A small set of warm instances of one plugin version.
 pub struct InstancePool {
     plugin: Arc<str>,
+    log: Arc<LogLimiter>,
     engine: Engine,
     pre: AggregatePre<GuestState>,
     limits: SandboxLimits,
@@ -398,15 +411,17 @@ pub struct InstancePool {
 }
 
 impl InstancePool {
-    /// A pool instantiating from `pre`.
+    /// A pool instantiating from `pre`, whose instances log through `log`.
     pub fn new(
         plugin: &str,
         engine: &Engine,
         pre: AggregatePre<GuestState>,
         limits: &SandboxLimits,
+        log: Arc<LogLimiter>,
     ) -> Self {
         InstancePool {
             plugin: Arc::from(plugin),
+            log,
             engine: engine.clone(),
             pre,
             limits: limits.clone(),
@@ -433,6 +448,7 @@ impl InstancePool {
             .build();
         let state = GuestState {
             plugin: self.plugin.clone(),
+            log: self.log.clone(),
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter {

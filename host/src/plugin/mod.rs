@@ -8,6 +8,7 @@
 //! - [`engine`]: the shared engine and the sandbox limits.
 //! - [`cache`]: the on-disk compile cache.
 //! - [`instance`]: a sandboxed instance and the warm pool.
+//! - [`log_limit`]: the limit on the lines a plugin may log.
 //! - [`registry`]: the loaded plugins, by aggregate type.
 //! - [`threads`]: the threads that run a plugin's guest calls.
 //!
@@ -19,6 +20,7 @@ pub mod bindings;
 pub mod cache;
 pub mod engine;
 pub mod instance;
+pub mod log_limit;
 pub mod quarantine;
 pub mod registry;
 pub mod threads;

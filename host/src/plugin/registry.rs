@@ -23,6 +23,7 @@ use super::bindings::{AggregatePre, WIT_PACKAGE, WIT_VERSION};
 use super::cache::{CacheOutcome, CompileCache};
 use super::engine::{EpochTicker, SandboxLimits, new_engine};
 use super::instance::{GuestState, InstancePool, add_to_linker};
+use super::log_limit::LogLimiter;
 use super::quarantine::Quarantine;
 use super::{
     Backend, CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
@@ -99,6 +100,9 @@ pub struct PluginRegistry {
     limits: SandboxLimits,
     plugins: ArcSwap<HashMap<String, PluginRef>>,
     failures: Mutex<Vec<LoadFailure>>,
+    /// Each plugin name's log budget, kept across its versions so that a
+    /// reload does not refill it.
+    log_limiters: Mutex<HashMap<String, Arc<LogLimiter>>>,
     /// The directory of the last scan, for [`rescan`](Self::rescan).
     dir: Mutex<Option<PathBuf>>,
     /// One scan at a time: a scan reads the map, loads, then swaps it.
@@ -124,6 +128,7 @@ impl PluginRegistry {
             limits,
             plugins: ArcSwap::from_pointee(HashMap::new()),
             failures: Mutex::new(Vec::new()),
+            log_limiters: Mutex::new(HashMap::new()),
             dir: Mutex::new(None),
             scanning: Arc::new(tokio::sync::Mutex::new(())),
             pending: tokio::sync::watch::Sender::new(Vec::new()),
@@ -452,7 +457,7 @@ impl PluginRegistry {
         let (component, outcome) = compiled.context("compiling the component")?;
         let pre = self.instantiate_pre(&component)?;
         let limits = self.limits.for_plugin(&name);
-        let pool = InstancePool::new(&name, &self.engine, pre, &limits);
+        let pool = InstancePool::new(&name, &self.engine, pre, &limits, self.log_limiter(&name));
 
         let (info, initial) = pool
             .with_instance(|i| {
@@ -499,6 +504,20 @@ impl PluginRegistry {
             ),
             limits,
         })
+    }
+
+    /// The log budget of the plugin `name`, made on first use.
+    fn log_limiter(&self, name: &str) -> Arc<LogLimiter> {
+        let mut limiters = self
+            .log_limiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        limiters
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(LogLimiter::new(name, self.limits.log_rate, Instant::now()))
+            })
+            .clone()
     }
 
     fn instantiate_pre(&self, component: &Component) -> anyhow::Result<AggregatePre<GuestState>> {
