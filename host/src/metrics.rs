@@ -106,6 +106,7 @@ pub struct Metrics {
     mailbox_depth: Gauge,
     aggregates_poisoned: Gauge,
     subscriptions: Gauge,
+    subscription_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Gauge>,
     guest_queue: Family<PluginLabels, Gauge>,
@@ -124,6 +125,8 @@ pub struct Snapshot {
     pub aggregates_poisoned: u64,
     /// Subscriptions open.
     pub subscriptions: u64,
+    /// The largest lag of an open subscription, in seconds.
+    pub subscription_lag_seconds: f64,
     /// Per plugin.
     pub plugins: Vec<PluginFigures>,
 }
@@ -256,6 +259,12 @@ impl Metrics {
             "Aggregates resting (aggregate_poisoned) after repeated plugin failures on them",
             aggregates_poisoned.clone(),
         );
+        let subscription_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "subscription_lag_seconds",
+            "The open subscription furthest behind: how long it has had events to read or to hand to its full buffer without catching up (0: every subscription is live)",
+            subscription_lag.clone(),
+        );
         let subscriptions = Gauge::default();
         registry.register(
             "subscriptions_open",
@@ -300,6 +309,7 @@ impl Metrics {
             mailbox_depth,
             aggregates_poisoned,
             subscriptions,
+            subscription_lag,
             plugin_quarantined,
             plugin_failures,
             guest_queue,
@@ -365,6 +375,7 @@ pub fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     m.aggregates_poisoned
         .set(gauge(snapshot.aggregates_poisoned));
     m.subscriptions.set(gauge(snapshot.subscriptions));
+    m.subscription_lag.set(snapshot.subscription_lag_seconds);
     // Plugins that were removed keep their last values; those still here
     // are set afresh.
     for figures in &snapshot.plugins {

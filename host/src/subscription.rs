@@ -138,9 +138,72 @@ pub struct Subscriptions {
     /// Set once the host shuts down: every subscription ends, so that the
     /// servers' graceful shutdown does not wait for endless streams.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Each open subscription's lag, for the metrics.
+    lags: Arc<Mutex<Vec<std::sync::Weak<Lag>>>>,
+}
+
+/// How far behind the log one subscription is: since when it has had
+/// events to read or deliver without a pause (0: it has read everything
+/// and waits for commits). Milliseconds since `base` (its start), plus one.
+#[derive(Debug)]
+struct Lag {
+    base: std::time::Instant,
+    behind_since: std::sync::atomic::AtomicU64,
+}
+
+impl Lag {
+    fn new() -> Self {
+        let lag = Lag {
+            base: std::time::Instant::now(),
+            behind_since: std::sync::atomic::AtomicU64::new(0),
+        };
+        lag.behind();
+        lag
+    }
+
+    /// It has events to read or deliver; the clock runs from the first.
+    fn behind(&self) {
+        let now = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = self.behind_since.compare_exchange(
+            0,
+            now,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+    }
+
+    /// It has read everything stored and waits for a commit.
+    fn live(&self) {
+        self.behind_since
+            .store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    fn seconds(&self) -> f64 {
+        match self.behind_since.load(std::sync::atomic::Ordering::Acquire) {
+            0 => 0.0,
+            since => {
+                let now = self.base.elapsed().as_millis() as u64 + 1;
+                now.saturating_sub(since) as f64 / 1000.0
+            }
+        }
+    }
 }
 
 impl Subscriptions {
+    /// The largest lag of the open subscriptions, in seconds: how long the
+    /// one furthest behind has had events to read or deliver without
+    /// catching up (0 when every subscription waits for new commits).
+    pub fn max_lag_seconds(&self) -> f64 {
+        let Ok(mut lags) = self.lags.lock() else {
+            return 0.0;
+        };
+        lags.retain(|l| l.strong_count() > 0);
+        lags.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|l| l.seconds())
+            .fold(0.0, f64::max)
+    }
+
     /// How many subscriptions are open now.
     pub fn open_count(&self) -> usize {
         self.config
@@ -156,6 +219,7 @@ impl Subscriptions {
             config,
             open,
             closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+            lags: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -200,6 +264,11 @@ impl Subscriptions {
         };
         let (tx, rx) = mpsc::channel(self.config.buffer.max(1));
         let end = Arc::new(Mutex::new(None));
+        let lag = Arc::new(Lag::new());
+        if let Ok(mut lags) = self.lags.lock() {
+            lags.retain(|l| l.strong_count() > 0);
+            lags.push(Arc::downgrade(&lag));
+        }
         let task = tokio::spawn(follow(
             self.store.clone(),
             (from, looked_at),
@@ -207,6 +276,7 @@ impl Subscriptions {
             Limits {
                 slow_timeout: self.config.slow_timeout,
                 closing: self.closing.subscribe(),
+                lag,
             },
             tx,
             end.clone(),
@@ -278,6 +348,8 @@ async fn follow(
 struct Limits {
     slow_timeout: Duration,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// This subscription's lag, which the metrics read.
+    lag: Arc<Lag>,
 }
 
 /// The loop of [`follow`]; `Ok` when the subscriber left.
@@ -298,6 +370,9 @@ async fn read_on(
         }
         let page = store.read_all(next, PAGE).await?;
         let full = page.len() == PAGE;
+        if !page.is_empty() {
+            limits.lag.behind();
+        }
         for event in page {
             let position = event.position;
             if filter.matches(&event) && !deliver(tx, Item::Event(event), limits, position).await? {
@@ -321,6 +396,8 @@ async fn read_on(
         if *limits.closing.borrow() {
             return Err(CommandError::ShuttingDown { resume_from: next });
         }
+        // Everything stored is read and in the buffer.
+        limits.lag.live();
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             _ = limits.closing.changed() => {}
@@ -618,6 +695,45 @@ mod tests {
             assert_eq!(next_event(&mut again).await.position, expected);
         }
         assert_eq!(caught_up(&mut again).await, 100);
+    }
+
+    /// A subscriber that does not read has a lag that grows; once it has
+    /// read everything and the task waits for commits, the lag is 0.
+    #[tokio::test]
+    async fn the_lag_grows_while_a_subscriber_is_behind_and_is_0_once_live() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+        for _ in 0..5 {
+            append(&*store, "bank-1", &["Deposited"; 10]).await;
+        }
+        let subs = Subscriptions::new(store.clone(), config(4, Duration::from_secs(60)));
+        assert_eq!(subs.max_lag_seconds(), 0.0, "no subscription, no lag");
+        let mut sub = subs
+            .subscribe(Start::Beginning, Filter::default())
+            .await
+            .unwrap();
+        // Not reading: the task waits for room with 46 events to go.
+        let started = std::time::Instant::now();
+        while subs.max_lag_seconds() < 0.05 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the lag never grew"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for expected in 1..=50 {
+            assert_eq!(next_event(&mut sub).await.position, expected);
+        }
+        assert_eq!(caught_up(&mut sub).await, 50);
+        // Live now: the task has read everything and waits.
+        let started = std::time::Instant::now();
+        while subs.max_lag_seconds() > 0.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the lag stayed above 0 though the subscription is live"
+            );
+            tokio::task::yield_now().await;
+        }
+        drop(sub);
     }
 
     #[tokio::test]

@@ -127,6 +127,16 @@ async fn metrics_count_commands_by_outcome_and_measure_the_command_path() {
         Some(0.0),
         "{text}"
     );
+    // The figures an operator watches for overload and abuse are there,
+    // at rest.
+    for (name, value) in [
+        ("rehydra_guest_queue_depth{plugin=\"bank-account\"}", 0.0),
+        ("rehydra_aggregates_poisoned", 0.0),
+        ("rehydra_subscription_lag_seconds", 0.0),
+        ("rehydra_subscriptions_open", 0.0),
+    ] {
+        assert_eq!(sample(&text, name), Some(value), "{name}: {text}");
+    }
     assert!(
         sample(&text, "rehydra_compile_cache_lookups_total{result=\"hit\"}").is_some()
             || sample(

@@ -494,6 +494,7 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
         mailbox_depth: footprint.queued,
         aggregates_poisoned: footprint.poisoned,
         subscriptions: app.subscriptions.open_count() as u64,
+        subscription_lag_seconds: app.subscriptions.max_lag_seconds(),
         plugins: app
             .aggregates
             .plugins()
