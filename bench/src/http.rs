@@ -72,6 +72,12 @@ impl HostDir {
     /// [`start`](Self::start), with the plugin directory watched for new
     /// versions when `watch` is set.
     pub fn start_watching(&self, data: &str, cache: &str, watch: bool) -> Host {
+        self.start_with(data, cache, watch, &[])
+    }
+
+    /// [`start_watching`](Self::start_watching) with more `rehydra run`
+    /// arguments.
+    pub fn start_with(&self, data: &str, cache: &str, watch: bool, extra: &[&str]) -> Host {
         let d = self.path();
         let t0 = Instant::now();
         let mut child = Command::new(binary())
@@ -84,6 +90,7 @@ impl HostDir {
             .arg(d.join(cache))
             .args(["--http", "127.0.0.1:0", "--grpc", "off"])
             .args(if watch { None } else { Some("--no-watch") })
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -309,6 +316,134 @@ pub async fn throughput(
             results.push(r);
         }
         out.push((c, RunResult::median_of(&results)));
+    }
+    drop(host);
+    out
+}
+
+/// What one load level of the overload scenario measured.
+#[derive(Debug, Clone)]
+pub struct OverloadResult {
+    /// Client tasks sending commands back to back.
+    pub clients: usize,
+    /// Accepted (200) commands per second, and their latencies.
+    pub accepted: RunResult,
+    /// `overloaded` answers per second.
+    pub overloaded_per_sec: f64,
+    /// Answers that were neither 200 nor `overloaded` (and transport
+    /// errors).
+    pub other: usize,
+    /// The host's resident memory at the start and the most seen, KiB.
+    pub rss_start_kib: u64,
+    /// The most resident memory sampled during the run, KiB.
+    pub rss_max_kib: u64,
+}
+
+/// Scenario: one host on `embedded://` with `--max-in-flight` `cap` and
+/// `--max-connections` 512; for
+/// each client count, `secs` of deposits sent back to back by that many
+/// tasks over 1,000 accounts. Reports the accepted commands' rate and
+/// latency, the `overloaded` rate, anything else, and the host's memory.
+pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadResult> {
+    let n = 1000;
+    let dir = HostDir::new();
+    let cap_arg = cap.to_string();
+    let host = dir.start_with(
+        "data",
+        "cache",
+        false,
+        &["--max-in-flight", &cap_arg, "--max-connections", "512"],
+    );
+    let pid = host.child.id();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .build()
+        .expect("an HTTP client");
+    let base: Arc<str> = host.base.clone().into();
+    for i in 0..n {
+        post(
+            &client,
+            &base,
+            &agg_id(i),
+            "open",
+            &json!({"owner": "bench"}),
+        )
+        .await
+        .expect("opening an account over HTTP");
+    }
+    let mut out = Vec::new();
+    for &c in clients {
+        let rss_start_kib = rehydra_e2e::rss_kib_of(pid);
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let mut max = 0;
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    max = max.max(rehydra_e2e::rss_kib_of(pid));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                max
+            })
+        };
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut tasks = Vec::new();
+        for t in 0..c {
+            let (client, base) = (client.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"amount": 1});
+                let (mut lat, mut overloaded, mut other) = (Vec::new(), 0usize, 0usize);
+                let mine = client_accounts(t, c, n);
+                let mut k = 0;
+                while Instant::now() < deadline {
+                    let id = agg_id(mine[k % mine.len()]);
+                    k += 1;
+                    let url = format!("{base}/v1/aggregates/bank-account/{id}/commands/deposit");
+                    let t0 = Instant::now();
+                    match client.post(url).json(&body).send().await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            let text = resp.text().await.unwrap_or_default();
+                            if status == 200 {
+                                lat.push(t0.elapsed().as_nanos() as u64);
+                            } else if status == 503 && text.contains("\"overloaded\"") {
+                                overloaded += 1;
+                            } else {
+                                other += 1;
+                            }
+                        }
+                        Err(_) => other += 1,
+                    }
+                }
+                (lat, overloaded, other)
+            }));
+        }
+        let (mut all, mut overloaded, mut other) = (Vec::new(), 0, 0);
+        for t in tasks {
+            let (lat, o, e) = t.await.expect("a client task");
+            all.extend(lat);
+            overloaded += o;
+            other += e;
+        }
+        let elapsed = start.elapsed();
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let rss_max_kib = sampler.await.expect("the sampler");
+        let accepted = RunResult::from_latencies(all, elapsed, 0);
+        eprintln!(
+            "  overload cap={cap} c={c}: {:.0}/s accepted p99 {:?}, {:.0}/s overloaded, {other} other, RSS {rss_start_kib}→{rss_max_kib} KiB",
+            accepted.per_sec,
+            accepted.p99,
+            overloaded as f64 / elapsed.as_secs_f64()
+        );
+        out.push(OverloadResult {
+            clients: c,
+            accepted,
+            overloaded_per_sec: overloaded as f64 / elapsed.as_secs_f64(),
+            other,
+            rss_start_kib,
+            rss_max_kib,
+        });
     }
     drop(host);
     out

@@ -691,7 +691,7 @@ async fn call_cost_on_worker(
             std::hint::black_box(r);
         }
         times[2].push(t0.elapsed().as_secs_f64() / iters as f64);
-        let threads = GuestThreads::new("bench", 4);
+        let threads = GuestThreads::new("bench", 4, SandboxLimits::default().max_queued_calls);
         let t0 = Instant::now();
         for i in 0..iters {
             let r = threads

@@ -12,6 +12,7 @@
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
+//! | `overload` | HTTP deposits at 16 / 256 / 2,048 clients against `--max-in-flight 64` and `--max-connections 512`: accepted rate and latency, `overloaded` rate, host memory |
 //! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
@@ -99,7 +100,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -415,6 +416,29 @@ async fn main() {
                     );
                 }
             }
+        }
+        out!();
+    }
+
+    if o.wants("overload") {
+        let cap = 64;
+        eprintln!("overload (--max-in-flight {cap})…");
+        out!(
+            "### Overload: deposits over HTTP to one host on `embedded://` with `--max-in-flight {cap}` and `--max-connections 512`, {secs} s per level, clients in this process (latency from the client's send, connection wait included)\n\n| clients | accepted/s | accepted p50 | accepted p99 | overloaded/s | other answers | host RSS start → max |\n|---:|---:|---:|---:|---:|---:|---:|",
+            secs = o.secs * 5.0
+        );
+        for r in http::overload(cap, &[16, 256, 2048], o.secs * 5.0).await {
+            out!(
+                "| {} | {} | {} | {} | {} | {} | {:.1} → {:.1} MiB |",
+                r.clients,
+                fmt_rate(r.accepted.per_sec),
+                fmt_dur(r.accepted.p50),
+                fmt_dur(r.accepted.p99),
+                fmt_rate(r.overloaded_per_sec),
+                r.other,
+                r.rss_start_kib as f64 / 1024.0,
+                r.rss_max_kib as f64 / 1024.0
+            );
         }
         out!();
     }

@@ -182,6 +182,10 @@ struct RunArgs {
     /// finished file into place is instant and safe with a short wait).
     #[arg(long, value_name = "DURATION", default_value = human(ServerConfig::default().watch_debounce), value_parser = humantime::parse_duration)]
     watch_debounce: Duration,
+    /// Connections each API server (HTTP, gRPC) holds open at once; more
+    /// wait in the kernel's accept queue until others close.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections)]
+    max_connections: usize,
     /// Passivate an aggregate after this long without a command.
     #[arg(long, value_name = "DURATION", default_value = human(ActorConfig::default().idle_timeout), value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -572,6 +576,7 @@ fn server_config(args: RunArgs) -> ServerConfig {
         },
         watch: !args.no_watch,
         watch_debounce: args.watch_debounce,
+        max_connections: args.max_connections.max(1),
     }
 }
 
@@ -706,6 +711,7 @@ mod tests {
             ("max-subscriptions", "3", "3"),
             ("cache-dir", "\"/var/cache/rehydra\"", "/var/cache/rehydra"),
             ("watch-debounce", "\"50ms\"", "50ms"),
+            ("max-connections", "9", "9"),
             ("idle-timeout", "\"1h\"", "1h"),
             ("max-resident", "10", "10"),
             ("max-resident-bytes", "4096", "4096"),

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::actor::{ActorConfig, Aggregates};
+use crate::api::connections::{self, LimitedListener};
 use crate::api::http::{self, HttpConfig};
 use crate::api::{ApiContext, grpc};
 use crate::auth::TokenFile;
@@ -43,6 +44,8 @@ pub struct ServerConfig {
     pub watch: bool,
     /// How long the plugin directory must be quiet before a rescan.
     pub watch_debounce: std::time::Duration,
+    /// Connections each API server (HTTP, gRPC) holds open at once.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             http_config: HttpConfig::default(),
             watch: true,
             watch_debounce: std::time::Duration::from_millis(300),
+            max_connections: 4096,
         }
     }
 }
@@ -202,6 +206,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
 
     let app = http::router(context.clone());
+    let listener = LimitedListener::new(listener, config.max_connections);
     let http_server = async {
         axum::serve(listener, app)
             .with_graceful_shutdown(stopped(stopping.clone()))
@@ -219,7 +224,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .add_service(services.streams)
             .add_service(services.plugins)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                connections::incoming(LimitedListener::new(listener, config.max_connections)),
                 stopped(stopping.clone()),
             )
             .await

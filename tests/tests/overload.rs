@@ -292,3 +292,41 @@ async fn past_max_guest_queue_a_command_is_overloaded() {
         );
     }
 }
+
+/// Past `--max-connections` the host accepts no more connections until one
+/// closes: a client holding sockets open cannot grow the host's memory
+/// with them. The waiting connection is served once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_connection_waits_for_room() {
+    let host = Host::start_with(&["faulty"], &["--max-connections", "2"]);
+    let addr = host.base.trim_start_matches("http://").to_owned();
+    // Two idle connections take the room.
+    let idle1 = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let _idle2 = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let request = {
+        let base = host.base.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(format!("{base}/livez"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !request.is_finished(),
+        "answered while two connections were open"
+    );
+    drop(idle1);
+    let status = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("served once a connection closed")
+        .expect("join")
+        .expect("an answer");
+    assert_eq!(status, 200);
+}

@@ -6,7 +6,9 @@
 //!
 //! - [`http`]: HTTP/JSON with axum, and server-sent events for subscriptions.
 //! - [`grpc`]: gRPC with tonic, from `proto/rehydra/v1`.
+//! - [`connections`]: the cap on open connections both servers accept.
 
+pub mod connections;
 pub mod grpc;
 pub mod http;
 
