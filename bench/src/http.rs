@@ -339,8 +339,7 @@ pub struct OverloadResult {
     pub rss_max_kib: u64,
 }
 
-/// Scenario: one host on `embedded://` with `--max-in-flight` `cap` and
-/// `--max-connections` 512; for
+/// Scenario: one host on `embedded://` with `--max-in-flight` `cap`; for
 /// each client count, `secs` of deposits sent back to back by that many
 /// tasks over 1,000 accounts. Reports the accepted commands' rate and
 /// latency, the `overloaded` rate, anything else, and the host's memory.
@@ -352,7 +351,7 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
         "data",
         "cache",
         false,
-        &["--max-in-flight", &cap_arg, "--max-connections", "512"],
+        &["--max-in-flight", &cap_arg],
     );
     let pid = host.child.id();
     let client = reqwest::Client::builder()

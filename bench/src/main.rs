@@ -12,7 +12,7 @@
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
-//! | `overload` | HTTP deposits at 16 / 256 / 2,048 clients against `--max-in-flight 64` and `--max-connections 512`: accepted rate and latency, `overloaded` rate, host memory |
+//! | `overload` | HTTP deposits at 16 / 256 / 2,048 clients against `--max-in-flight 64`: accepted rate and latency, `overloaded` rate, host memory |
 //! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
@@ -424,7 +424,7 @@ async fn main() {
         let cap = 64;
         eprintln!("overload (--max-in-flight {cap})…");
         out!(
-            "### Overload: deposits over HTTP to one host on `embedded://` with `--max-in-flight {cap}` and `--max-connections 512`, {secs} s per level, clients in this process (latency from the client's send, connection wait included)\n\n| clients | accepted/s | accepted p50 | accepted p99 | overloaded/s | other answers | host RSS start → max |\n|---:|---:|---:|---:|---:|---:|---:|",
+            "### Overload: deposits over HTTP to one host on `embedded://` with `--max-in-flight {cap}`, {secs} s per level, clients in this process (latency from the client's send, connection wait included)\n\n| clients | accepted/s | accepted p50 | accepted p99 | overloaded/s | other answers | host RSS start → max |\n|---:|---:|---:|---:|---:|---:|---:|",
             secs = o.secs * 5.0
         );
         for r in http::overload(cap, &[16, 256, 2048], o.secs * 5.0).await {

@@ -330,3 +330,68 @@ async fn past_max_connections_a_new_connection_waits_for_room() {
         .expect("an answer");
     assert_eq!(status, 200);
 }
+
+/// Every number a client sends is checked: past `u64`, negative or not a
+/// number is `400 malformed_request`; the largest `u64` is an answer, never
+/// a panic or a wrapped value; nothing is stored by the refused commands
+/// and the host serves on.
+#[tokio::test]
+async fn numbers_a_client_sends_are_checked() {
+    let host = Host::start(&["bank-account"]);
+    let (status, body) = host
+        .command("bank-account", "n1", "open", json!({"owner": "Ada"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let stream = format!("{}-n1", rehydra_e2e::stream_prefix("bank-account"));
+    let too_big = "18446744073709551616";
+    for query in [
+        format!("/v1/streams/{stream}?from={too_big}"),
+        format!("/v1/streams/{stream}?from=-1"),
+        format!("/v1/streams/{stream}?limit={too_big}"),
+        format!("/v1/streams/{stream}?limit=-1"),
+        format!("/v1/subscribe?from={too_big}"),
+        "/v1/subscribe?from=-1".to_owned(),
+    ] {
+        let (status, body) = host.get(&query).await;
+        assert_eq!((status, code(&body)), (400, "malformed_request"), "{query}: {body}");
+    }
+    // The largest values are read as what they say.
+    let (status, body) = host
+        .get(&format!("/v1/streams/{stream}?from=18446744073709551615&limit=18446744073709551615"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], json!([]), "nothing that far: {body}");
+
+    for if_match in [too_big, "-1", "3.0", "\"\""] {
+        let (status, body) = host
+            .command_raw(
+                "bank-account",
+                "n1",
+                "deposit",
+                r#"{"amount":1}"#,
+                &[("If-Match", if_match)],
+            )
+            .await;
+        assert_eq!(
+            (status, code(&body)),
+            (400, "malformed_request"),
+            "If-Match {if_match}: {body}"
+        );
+    }
+    let (status, body) = host
+        .command_raw(
+            "bank-account",
+            "n1",
+            "deposit",
+            r#"{"amount":1}"#,
+            &[("If-Match", "18446744073709551615")],
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (409, "wrong_expected_version"),
+        "{body}"
+    );
+    let (status, body) = host.get("/v1/aggregates/bank-account/n1").await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(1)), "nothing stored: {body}");
+}
