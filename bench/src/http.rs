@@ -347,12 +347,7 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
     let n = 1000;
     let dir = HostDir::new();
     let cap_arg = cap.to_string();
-    let host = dir.start_with(
-        "data",
-        "cache",
-        false,
-        &["--max-in-flight", &cap_arg],
-    );
+    let host = dir.start_with("data", "cache", false, &["--max-in-flight", &cap_arg]);
     let pid = host.child.id();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)

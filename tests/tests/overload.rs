@@ -353,11 +353,17 @@ async fn numbers_a_client_sends_are_checked() {
         "/v1/subscribe?from=-1".to_owned(),
     ] {
         let (status, body) = host.get(&query).await;
-        assert_eq!((status, code(&body)), (400, "malformed_request"), "{query}: {body}");
+        assert_eq!(
+            (status, code(&body)),
+            (400, "malformed_request"),
+            "{query}: {body}"
+        );
     }
     // The largest values are read as what they say.
     let (status, body) = host
-        .get(&format!("/v1/streams/{stream}?from=18446744073709551615&limit=18446744073709551615"))
+        .get(&format!(
+            "/v1/streams/{stream}?from=18446744073709551615&limit=18446744073709551615"
+        ))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"], json!([]), "nothing that far: {body}");
@@ -393,5 +399,9 @@ async fn numbers_a_client_sends_are_checked() {
         "{body}"
     );
     let (status, body) = host.get("/v1/aggregates/bank-account/n1").await;
-    assert_eq!((status, body["version"].as_u64()), (200, Some(1)), "nothing stored: {body}");
+    assert_eq!(
+        (status, body["version"].as_u64()),
+        (200, Some(1)),
+        "nothing stored: {body}"
+    );
 }
