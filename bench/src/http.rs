@@ -333,10 +333,13 @@ pub struct OverloadResult {
     /// Answers that were neither 200 nor `overloaded` (and transport
     /// errors).
     pub other: usize,
-    /// The host's resident memory at the start and the most seen, KiB.
+    /// The host's resident memory at the start, KiB.
     pub rss_start_kib: u64,
-    /// The most resident memory sampled during the run, KiB.
-    pub rss_max_kib: u64,
+    /// The most resident memory sampled in the first half of the run, KiB.
+    pub rss_first_half_kib: u64,
+    /// The most resident memory sampled in the second half, KiB: equal to
+    /// the first half's when memory is flat under the load.
+    pub rss_second_half_kib: u64,
 }
 
 /// Scenario: one host on `embedded://` with `--max-in-flight` `cap`; for
@@ -369,18 +372,24 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
     for &c in clients {
         let rss_start_kib = rehydra_e2e::rss_kib_of(pid);
         let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let start = Instant::now();
+        let half = Duration::from_secs_f64(secs / 2.0);
         let sampler = {
             let sampling = sampling.clone();
             tokio::spawn(async move {
-                let mut max = 0;
+                let (mut first, mut second) = (0, 0);
                 while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                    max = max.max(rehydra_e2e::rss_kib_of(pid));
+                    let rss = rehydra_e2e::rss_kib_of(pid);
+                    if start.elapsed() < half {
+                        first = first.max(rss);
+                    } else {
+                        second = second.max(rss);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                max
+                (first, second)
             })
         };
-        let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(secs);
         let mut tasks = Vec::new();
         for t in 0..c {
@@ -422,10 +431,10 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
         }
         let elapsed = start.elapsed();
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-        let rss_max_kib = sampler.await.expect("the sampler");
+        let (rss_first_half_kib, rss_second_half_kib) = sampler.await.expect("the sampler");
         let accepted = RunResult::from_latencies(all, elapsed, 0);
         eprintln!(
-            "  overload cap={cap} c={c}: {:.0}/s accepted p99 {:?}, {:.0}/s overloaded, {other} other, RSS {rss_start_kib}→{rss_max_kib} KiB",
+            "  overload cap={cap} c={c}: {:.0}/s accepted p99 {:?}, {:.0}/s overloaded, {other} other, RSS {rss_start_kib}→{rss_first_half_kib}→{rss_second_half_kib} KiB",
             accepted.per_sec,
             accepted.p99,
             overloaded as f64 / elapsed.as_secs_f64()
@@ -436,7 +445,8 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
             overloaded_per_sec: overloaded as f64 / elapsed.as_secs_f64(),
             other,
             rss_start_kib,
-            rss_max_kib,
+            rss_first_half_kib,
+            rss_second_half_kib,
         });
     }
     drop(host);

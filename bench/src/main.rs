@@ -424,12 +424,12 @@ async fn main() {
         let cap = 64;
         eprintln!("overload (--max-in-flight {cap})…");
         out!(
-            "### Overload: deposits over HTTP to one host on `embedded://` with `--max-in-flight {cap}`, {secs} s per level, clients in this process (latency from the client's send, connection wait included)\n\n| clients | accepted/s | accepted p50 | accepted p99 | overloaded/s | other answers | host RSS start → max |\n|---:|---:|---:|---:|---:|---:|---:|",
+            "### Overload: deposits over HTTP to one host on `embedded://` with `--max-in-flight {cap}`, {secs} s per level, clients in this process (latency from the client's send, connection wait included)\n\n| clients | accepted/s | accepted p50 | accepted p99 | overloaded/s | other answers | host RSS: start, most in 1st half, most in 2nd half |\n|---:|---:|---:|---:|---:|---:|---:|",
             secs = o.secs * 5.0
         );
         for r in http::overload(cap, &[16, 256, 2048], o.secs * 5.0).await {
             out!(
-                "| {} | {} | {} | {} | {} | {} | {:.1} → {:.1} MiB |",
+                "| {} | {} | {} | {} | {} | {} | {:.1}, {:.1}, {:.1} MiB |",
                 r.clients,
                 fmt_rate(r.accepted.per_sec),
                 fmt_dur(r.accepted.p50),
@@ -437,7 +437,8 @@ async fn main() {
                 fmt_rate(r.overloaded_per_sec),
                 r.other,
                 r.rss_start_kib as f64 / 1024.0,
-                r.rss_max_kib as f64 / 1024.0
+                r.rss_first_half_kib as f64 / 1024.0,
+                r.rss_second_half_kib as f64 / 1024.0
             );
         }
         out!();

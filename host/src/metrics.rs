@@ -110,6 +110,7 @@ pub struct Metrics {
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Gauge>,
     guest_queue: Family<PluginLabels, Gauge>,
+    guest_running: Family<PluginLabels, Gauge>,
 }
 
 /// Figures read at scrape time.
@@ -142,6 +143,8 @@ pub struct PluginFigures {
     pub failures: u64,
     /// Guest calls waiting for its threads now.
     pub queued_calls: u64,
+    /// Guest calls running on its threads now.
+    pub running_calls: u64,
 }
 
 fn seconds() -> Histogram {
@@ -289,6 +292,12 @@ impl Metrics {
             "Guest calls waiting for the plugin's threads (bounded by --max-guest-queue)",
             guest_queue.clone(),
         );
+        let guest_running = Family::<PluginLabels, Gauge>::default();
+        registry.register(
+            "guest_calls_running",
+            "Guest calls running on the plugin's threads now (at most its pool size)",
+            guest_running.clone(),
+        );
         Metrics {
             registry,
             commands,
@@ -313,6 +322,7 @@ impl Metrics {
             plugin_quarantined,
             plugin_failures,
             guest_queue,
+            guest_running,
         }
     }
 
@@ -391,6 +401,9 @@ pub fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         m.guest_queue
             .get_or_create(&labels)
             .set(gauge(figures.queued_calls));
+        m.guest_running
+            .get_or_create(&labels)
+            .set(gauge(figures.running_calls));
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &m.registry)?;

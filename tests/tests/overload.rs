@@ -259,11 +259,11 @@ async fn past_max_guest_queue_a_command_is_overloaded() {
         .map(|id| post(id, "spin"))
         .collect();
     assert!(
-        until_metrics(&host, Duration::from_secs(10), |m| m.lines().any(
-            |l| l == "rehydra_command_queue_wait_seconds_count{aggregate_type=\"faulty\"} 4"
-        ))
+        until_metrics(&host, Duration::from_secs(30), |m| m
+            .lines()
+            .any(|l| l == "rehydra_guest_calls_running{plugin=\"faulty\"} 4"))
         .await,
-        "the spins started"
+        "the spins run on all four guest threads"
     );
     let waiting = post("q1", "ok");
     assert!(

@@ -507,6 +507,7 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
                     quarantined: status.quarantined_for_ms > 0,
                     failures: status.total_failures,
                     queued_calls: p.queued_calls() as u64,
+                    running_calls: p.running_calls() as u64,
                 }
             })
             .collect(),

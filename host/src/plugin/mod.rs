@@ -283,6 +283,14 @@ impl Plugin {
         }
     }
 
+    /// Guest calls running on this version's threads now.
+    pub fn running_calls(&self) -> usize {
+        match &self.backend {
+            Backend::Wasm { threads, .. } => threads.running(),
+            Backend::Native(_) => 0,
+        }
+    }
+
     /// Whether the plugin is quarantined, and its failure counts.
     pub fn quarantine_status(&self) -> QuarantineStatus {
         self.quarantine.status()

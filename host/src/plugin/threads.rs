@@ -107,6 +107,11 @@ impl GuestThreads {
         })
     }
 
+    /// Calls running on a thread now.
+    pub fn running(&self) -> usize {
+        self.shared.lock().busy
+    }
+
     /// Calls waiting for a thread now (not counting those a free thread
     /// is about to take).
     pub fn queued(&self) -> usize {
