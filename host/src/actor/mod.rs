@@ -322,7 +322,7 @@ impl Aggregates {
         }
         let (tx, rx) = oneshot::channel();
         let (t, id) = (req.aggregate_type.clone(), req.aggregate_id.clone());
-        self.inner.poison.check(&slot_key(&t, &id), &t, &id)?;
+        self.inner.poison.check(&t, &id)?;
         self.inner
             .enqueue(&t, &id, Work::Command(Box::new(req), tx, Instant::now()))?;
         self.wait(rx).await
@@ -339,9 +339,7 @@ impl Aggregates {
         if self.inner.plugins.get(aggregate_type).is_none() {
             return Err(self.no_plugin(aggregate_type));
         }
-        self.inner
-            .poison
-            .check(&slot_key(aggregate_type, id), aggregate_type, id)?;
+        self.inner.poison.check(aggregate_type, id)?;
         let (tx, rx) = oneshot::channel();
         self.inner.enqueue(aggregate_type, id, Work::State(tx))?;
         self.wait(rx).await
@@ -510,25 +508,24 @@ impl Inner {
                         );
                     }
                     let (result, live) = self.run_command(&req, live).await;
-                    self.poison
-                        .record(&slot_key(&slot.aggregate_type, &slot.id), &result);
+                    self.poison.record(&slot.aggregate_type, &slot.id, &result);
                     let _ = reply.send(result);
                     live
                 }
                 Work::State(reply) => {
                     let (result, live) =
                         self.read_state(&slot.aggregate_type, &slot.id, live).await;
-                    self.poison
-                        .record(&slot_key(&slot.aggregate_type, &slot.id), &result);
+                    self.poison.record(&slot.aggregate_type, &slot.id, &result);
                     let _ = reply.send(result);
                     live
                 }
             };
             let mut live = live;
             if let Some(l) = live.as_mut() {
+                let schema = l.state.schema;
                 self.snapshots.after_work(
                     &slot.aggregate_type,
-                    || self.stream_of(&slot.aggregate_type, &slot.id),
+                    || self.stream_of(&slot.aggregate_type, &slot.id, schema),
                     l,
                 );
             }
@@ -625,9 +622,10 @@ impl Inner {
         let live = s.live.take();
         drop(s);
         if let Some(mut live) = live {
+            let schema = live.state.schema;
             self.snapshots.on_passivation(
                 &slot.aggregate_type,
-                || self.stream_of(&slot.aggregate_type, &slot.id),
+                || self.stream_of(&slot.aggregate_type, &slot.id, schema),
                 &mut live,
             );
         }
@@ -635,10 +633,13 @@ impl Inner {
     }
 
     /// The stream of aggregate `id` of `aggregate_type`, if a plugin serves
-    /// the type.
-    fn stream_of(&self, aggregate_type: &str, id: &str) -> Option<String> {
+    /// the type with state of `schema`: state cached from a previous plugin
+    /// version of another schema is not worth a snapshot (the current
+    /// version would ignore it, and it would replace the current one's).
+    fn stream_of(&self, aggregate_type: &str, id: &str, schema: u32) -> Option<String> {
         self.plugins
             .get(aggregate_type)
+            .filter(|p| p.info.state_schema == schema)
             .map(|p| p.info.stream_name(id))
     }
 }
