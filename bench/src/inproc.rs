@@ -238,11 +238,21 @@ async fn with_accounts(
     kind: StoreKind,
     n: usize,
 ) -> (OpenStore, Arc<Aggregates>) {
+    with_accounts_under(registry, kind, n, ActorConfig::default()).await
+}
+
+/// [`with_accounts`] with the actors under `config`.
+async fn with_accounts_under(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+    config: ActorConfig,
+) -> (OpenStore, Arc<Aggregates>) {
     let store = OpenStore::new(kind).await;
     let aggregates = Arc::new(Aggregates::new(
         store.store.clone(),
         registry.clone(),
-        ActorConfig::default(),
+        config,
     ));
     open_accounts(&aggregates, n, 64).await;
     (store, aggregates)
@@ -285,6 +295,43 @@ pub async fn throughput(
         .zip(per_level)
         .map(|(&c, rs)| (c, RunResult::median_of(&rs)))
         .collect()
+}
+
+/// What snapshots cost the command path: deposits on `kind` with `n`
+/// accounts and `c` clients, runs alternating between `--snapshot-every
+/// 100` (the default) and `0`, each on a fresh store. Median results: (with
+/// snapshots, without).
+pub async fn snapshot_cost(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+    c: usize,
+    runs: usize,
+    secs: f64,
+) -> (RunResult, RunResult) {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        for every in [100, 0] {
+            let config = ActorConfig {
+                snapshot_every: every,
+                ..ActorConfig::default()
+            };
+            let (store, aggregates) = with_accounts_under(registry, kind, n, config).await;
+            let r = drive(&aggregates, n, c, secs).await;
+            eprintln!(
+                "  snapshot-every {every}: {:.0}/s p99 {:?} CPU/command {:?}",
+                r.per_sec, r.p99, r.cpu_per_op
+            );
+            if every == 0 {
+                without.push(r);
+            } else {
+                with.push(r);
+            }
+            drop(aggregates);
+            store.close().await;
+        }
+    }
+    (RunResult::median_of(&with), RunResult::median_of(&without))
 }
 
 /// The metadata seeded events carry.

@@ -12,6 +12,7 @@
 //! | `http`      | the real binary on `embedded://`, POSTs from a load client  |
 //! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
+//! | `snapshot-cost` | in-process deposits with `--snapshot-every 100` and `0`, alternating: what storing snapshots costs commands |
 //! | `overload` | HTTP deposits at 16 / 256 / 2,048 clients against `--max-in-flight 64`: accepted rate and latency, `overloaded` rate, host memory |
 //! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
@@ -100,7 +101,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,snapshot-cost,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -416,6 +417,26 @@ async fn main() {
                     );
                 }
             }
+        }
+        out!();
+    }
+
+    if o.wants("snapshot-cost") {
+        eprintln!("what snapshots cost the command path…");
+        out!(
+            "### Snapshots on the command path: deposits through `Aggregates::execute`, 1,000 accounts, 64 clients, runs alternating\n\n{LOAD_HEADER}"
+        );
+        for kind in [StoreKind::Memory, StoreKind::Embedded] {
+            let (with, without) =
+                inproc::snapshot_cost(&registry, kind, 1000, 64, o.runs, o.secs).await;
+            out!(
+                "{}",
+                load_row("`--snapshot-every 100`", kind.label(), 1000, 64, &with)
+            );
+            out!(
+                "{}",
+                load_row("`--snapshot-every 0`", kind.label(), 1000, 64, &without)
+            );
         }
         out!();
     }
