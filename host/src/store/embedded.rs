@@ -90,6 +90,9 @@ pub const MAX_BATCH: usize = 512;
 /// Appends waiting for the writer, at most; a full queue makes callers wait
 /// (back-pressure) instead of growing memory.
 const QUEUE_CAPACITY: usize = 4096;
+/// WAL pages after which a commit checkpoints the log into the database
+/// (about 40 MB; see `open.rs` for why not SQLite's default).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 /// Read-only connections in the pool.
 const READERS: usize = 4;
 /// How long a statement waits for a lock held by someone else (only a

@@ -9,8 +9,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::MAX_BATCH;
 use super::rows::{from_sql_int, sql_error, stream_head, to_sql_int};
+use super::{MAX_BATCH, WAL_AUTOCHECKPOINT_PAGES};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
 use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
 
@@ -155,13 +155,17 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
 /// append. The transaction is not fsynced (`synchronous=OFF` for it): a
 /// snapshot lost in a crash costs a replay, not data, and the next append's
 /// fsync makes it durable anyway, since it syncs the whole log file.
+/// Automatic checkpoints are off for that transaction too: a checkpoint
+/// under `synchronous=OFF` would copy the log into the database file without
+/// syncing it, and a later commit could then reuse the log while the
+/// acknowledged appends it held are in neither file on disk.
 ///
 /// Returns false if the writer must stop: it could not make commits durable
 /// again.
 fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> bool {
     let began = std::time::Instant::now();
     let written = (|| -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        conn.execute_batch("PRAGMA synchronous=OFF; BEGIN IMMEDIATE")
+        conn.execute_batch("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=0; BEGIN IMMEDIATE")
             .map_err(sql_error)?;
         let mut results = Vec::with_capacity(snapshots.len());
         for request in snapshots.iter() {
@@ -180,7 +184,9 @@ fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> 
     }
     // Appends are acknowledged as durable: FULL must be back before the
     // next one, or the writer must not go on.
-    if let Err(e) = conn.execute_batch("PRAGMA synchronous=FULL") {
+    if let Err(e) = conn.execute_batch(&format!(
+        "PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"
+    )) {
         tracing::error!(error = %e, "cannot make commits durable again after storing snapshots; the event store stops taking appends");
         return false;
     }
@@ -434,6 +440,36 @@ mod tests {
             |r| r.get(0),
         )
         .expect("count")
+    }
+
+    /// Storing snapshots (without fsync) leaves the connection as appends
+    /// need it: `synchronous=FULL` and automatic checkpoints on, so that
+    /// the next append is durable when acknowledged.
+    #[test]
+    fn snapshots_leave_commits_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = open_blocking(dir.path()).expect("open");
+        let conn = &opened.writer;
+        let (reply, mut answer) = oneshot::channel();
+        let mut snapshots = vec![SnapshotRequest {
+            snapshot: crate::store::conformance::snapshot("s-1", 1, 1),
+            reply,
+        }];
+        assert!(commit_snapshots(conn, &mut snapshots), "the writer goes on");
+        answer.try_recv().expect("answered").expect("stored");
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .expect("pragma")
+        };
+        assert_eq!(pragma("synchronous"), 2, "FULL");
+        assert_eq!(
+            pragma("wal_autocheckpoint"),
+            i64::from(super::super::WAL_AUTOCHECKPOINT_PAGES)
+        );
+        let stored: i64 = conn
+            .query_row("SELECT count(*) FROM snapshots", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(stored, 1);
     }
 
     /// A full disk (simulated with `max_page_count`) fails the appends it
