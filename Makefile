@@ -113,8 +113,8 @@ sdk-test:
 # `faulty` built with each feature that breaks it in another way.
 TEST_PLUGIN_DIR := $(TARGET_DIR)/test-plugins
 HOSTILE_VARIANTS := describe-traps other-world contract-0-1
-# Later versions of bank-account, for the hot-reload tests.
-BANK_VERSIONS := withdrawal-fee schema-2
+# Later versions of bank-account, for the hot-reload and upgrade-check tests.
+BANK_VERSIONS := withdrawal-fee schema-2 fold-bug apply-traps
 test-plugins: plugins
 	@mkdir -p $(TEST_PLUGIN_DIR)
 	@set -e; for f in $(HOSTILE_VARIANTS); do \

@@ -186,6 +186,20 @@ struct RunArgs {
     /// wait in the kernel's accept queue until others close.
     #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
+    /// What a new version of a loaded plugin must pass before it serves:
+    /// `enforce` replays a sample of aggregates through it and refuses it
+    /// (the current version keeps serving) if a state differs or a rebuild
+    /// fails; `warn` activates it anyway, with the report; `off` skips it.
+    #[arg(long, value_name = "POLICY", default_value_t = ServerConfig::default().upgrade_check)]
+    upgrade_check: crate::plugin::verify::UpgradeCheck,
+    /// Aggregates the upgrade check replays, at most (resident ones first,
+    /// then the oldest streams).
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().upgrade_budget.aggregates)]
+    upgrade_check_aggregates: usize,
+    /// Time the upgrade check may take; aggregates not reached by then are
+    /// not checked (the report says so).
+    #[arg(long, value_name = "DURATION", default_value = human(ServerConfig::default().upgrade_budget.time), value_parser = humantime::parse_duration)]
+    upgrade_check_time: Duration,
     /// Passivate an aggregate after this long without a command.
     #[arg(long, value_name = "DURATION", default_value = human(ActorConfig::default().idle_timeout), value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -577,6 +591,11 @@ fn server_config(args: RunArgs) -> ServerConfig {
         watch: !args.no_watch,
         watch_debounce: args.watch_debounce,
         max_connections: args.max_connections.max(1),
+        upgrade_check: args.upgrade_check,
+        upgrade_budget: crate::plugin::verify::VerifyBudget {
+            aggregates: args.upgrade_check_aggregates,
+            time: args.upgrade_check_time,
+        },
     }
 }
 
@@ -712,6 +731,9 @@ mod tests {
             ("cache-dir", "\"/var/cache/rehydra\"", "/var/cache/rehydra"),
             ("watch-debounce", "\"50ms\"", "50ms"),
             ("max-connections", "9", "9"),
+            ("upgrade-check", "\"warn\"", "warn"),
+            ("upgrade-check-aggregates", "5", "5"),
+            ("upgrade-check-time", "\"2s\"", "2s"),
             ("idle-timeout", "\"1h\"", "1h"),
             ("max-resident", "10", "10"),
             ("max-resident-bytes", "4096", "4096"),

@@ -46,6 +46,10 @@ pub struct ServerConfig {
     pub watch_debounce: std::time::Duration,
     /// Connections each API server (HTTP, gRPC) holds open at once.
     pub max_connections: usize,
+    /// What a new plugin version that fails verification does.
+    pub upgrade_check: crate::plugin::verify::UpgradeCheck,
+    /// How much verifying a new plugin version may replay.
+    pub upgrade_budget: crate::plugin::verify::VerifyBudget,
 }
 
 impl ServerConfig {
@@ -76,6 +80,8 @@ impl Default for ServerConfig {
             watch: true,
             watch_debounce: std::time::Duration::from_millis(300),
             max_connections: 4096,
+            upgrade_check: crate::plugin::verify::UpgradeCheck::default(),
+            upgrade_budget: crate::plugin::verify::VerifyBudget::default(),
         }
     }
 }
@@ -132,7 +138,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     reload_on_sighup(registry.clone(), tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), config.subscriptions.clone());
-    let aggregates = Aggregates::new(store, registry, config.actors.clone());
+    let aggregates = Aggregates::new(store, registry.clone(), config.actors.clone());
+    // From here on a new version of a loaded plugin is checked against this
+    // host's aggregates before it serves.
+    registry.set_verifier(
+        aggregates.upgrade_verifier(),
+        config.upgrade_check,
+        config.upgrade_budget,
+    );
     let context = ApiContext {
         aggregates: aggregates.clone(),
         subscriptions: subscriptions.clone(),

@@ -139,7 +139,13 @@ impl Aggregate for BankAccount {
                 account.owner = owner;
                 account.open = true;
             }
+            #[cfg(not(feature = "fold-bug"))]
             Event::Deposited { amount } => account.balance += amount,
+            #[cfg(feature = "fold-bug")]
+            Event::Deposited { amount } => account.balance += 2 * amount,
+            #[cfg(feature = "apply-traps")]
+            Event::Withdrawn { .. } => panic!("this version cannot fold a withdrawal"),
+            #[cfg(not(feature = "apply-traps"))]
             Event::Withdrawn { amount } => account.balance -= amount,
             Event::Closed => account.open = false,
             #[cfg(feature = "withdrawal-fee")]

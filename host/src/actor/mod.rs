@@ -11,11 +11,14 @@
 //! - this file: the directory of aggregates, the mailbox, passivation;
 //! - [`aggregate`]: what happens to one command inside an actor;
 //! - [`snapshot`]: persisted snapshots, stored off the command path;
-//! - [`poison`]: resting one aggregate that keeps making its plugin fail.
+//! - [`poison`]: resting one aggregate that keeps making its plugin fail;
+//! - [`verify`]: replaying a sample of aggregates through a new plugin
+//!   version before it serves.
 
 mod aggregate;
 mod poison;
 mod snapshot;
+mod verify;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -206,6 +209,12 @@ impl Aggregates {
             }
         });
         Aggregates { inner }
+    }
+
+    /// What verifies new plugin versions against this host's aggregates
+    /// and store, for [`PluginRegistry::set_verifier`].
+    pub fn upgrade_verifier(&self) -> Arc<dyn crate::plugin::verify::UpgradeVerifier> {
+        Arc::new(verify::Verifier(Arc::downgrade(&self.inner)))
     }
 
     /// The event store.

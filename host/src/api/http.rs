@@ -446,6 +446,10 @@ async fn plugins(State(app): State<AppState>) -> Response {
                 "loaded_at": humantime::format_rfc3339_millis(p.loaded_at).to_string(),
                 "last_error": last_error,
                 "health": p.quarantine_status(),
+                // The check this version passed (or, under warn, failed)
+                // before it served, and the last new version it refused.
+                "verification": p.verification(),
+                "refused_verification": registry.refused_verification(&p.name),
             })
         })
         .collect();

@@ -24,6 +24,7 @@ pub mod log_limit;
 pub mod quarantine;
 pub mod registry;
 pub mod threads;
+pub mod verify;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -191,6 +192,7 @@ pub struct Plugin {
     backend: Backend,
     limits: SandboxLimits,
     quarantine: Quarantine,
+    verification: std::sync::OnceLock<verify::VerificationReport>,
 }
 
 /// What runs a plugin's `handle` and `apply`.
@@ -201,7 +203,7 @@ enum Backend {
     /// A WebAssembly component's warm instances, and the threads its calls
     /// run on: every plugin the host loads from its plugin directory.
     Wasm {
-        pool: InstancePool,
+        pool: Arc<InstancePool>,
         threads: GuestThreads,
     },
     /// Native code behind the benchmark seam ([`NativeAggregate`]).
@@ -211,7 +213,7 @@ enum Backend {
 impl Backend {
     /// A component's backend: `pool`, with as many guest threads as it
     /// keeps warm instances.
-    fn wasm(pool: InstancePool, limits: &SandboxLimits) -> Backend {
+    fn wasm(pool: Arc<InstancePool>, limits: &SandboxLimits) -> Backend {
         let threads = GuestThreads::new(
             pool.plugin_name(),
             limits.pool_size,
@@ -367,7 +369,45 @@ impl Plugin {
             backend: Backend::Native(logic),
             quarantine: Quarantine::new(limits.quarantine_after, limits.quarantine_backoff),
             limits,
+            verification: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A copy of this version that runs its calls on guest threads of its
+    /// own (sharing the warm instances), with a quarantine of its own: for
+    /// work that must not queue behind, or rest, the commands this version
+    /// serves (replaying history to verify a new version).
+    pub fn shadow(&self) -> Plugin {
+        let backend = match &self.backend {
+            Backend::Wasm { pool, .. } => Backend::wasm(Arc::clone(pool), &self.limits),
+            Backend::Native(logic) => Backend::Native(Arc::clone(logic)),
+        };
+        Plugin {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            hash: self.hash.clone(),
+            size: self.size,
+            loaded_at: self.loaded_at,
+            previous_hash: self.previous_hash.clone(),
+            info: self.info.clone(),
+            initial_state: self.initial_state.clone(),
+            backend,
+            limits: self.limits.clone(),
+            quarantine: Quarantine::new(0, self.limits.quarantine_backoff),
+            verification: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The report of the verification this version passed (or, under
+    /// `--upgrade-check warn`, failed) before it served; `None` for a first
+    /// load or with the check off.
+    pub fn verification(&self) -> Option<&verify::VerificationReport> {
+        self.verification.get()
+    }
+
+    /// Records this version's verification report (once).
+    pub fn set_verification(&self, report: verify::VerificationReport) {
+        let _ = self.verification.set(report);
     }
 
     /// Runs `f`, a guest call, on one of the plugin's guest threads — never

@@ -25,6 +25,7 @@ use super::engine::{EpochTicker, SandboxLimits, new_engine};
 use super::instance::{GuestState, InstancePool, add_to_linker};
 use super::log_limit::LogLimiter;
 use super::quarantine::Quarantine;
+use super::verify::{UpgradeCheck, UpgradeVerifier, VerificationReport, VerifyBudget};
 use super::{
     Backend, CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
     is_valid_stream_prefix,
@@ -110,6 +111,11 @@ pub struct PluginRegistry {
     /// Files a start-up scan left compiling in the background (a watch, so
     /// [`wait_loaded`](Self::wait_loaded) can wait for it to empty).
     pending: tokio::sync::watch::Sender<Vec<PendingLoad>>,
+    /// What verifies a new version of a loaded plugin before it serves,
+    /// under which policy and budget; set once by the server.
+    verifier: std::sync::OnceLock<(Arc<dyn UpgradeVerifier>, UpgradeCheck, VerifyBudget)>,
+    /// Each plugin name's last refused verification, until a version passes.
+    refused: Mutex<HashMap<String, VerificationReport>>,
     _ticker: EpochTicker,
 }
 
@@ -132,8 +138,32 @@ impl PluginRegistry {
             dir: Mutex::new(None),
             scanning: Arc::new(tokio::sync::Mutex::new(())),
             pending: tokio::sync::watch::Sender::new(Vec::new()),
+            verifier: std::sync::OnceLock::new(),
+            refused: Mutex::new(HashMap::new()),
             _ticker: ticker,
         })
+    }
+
+    /// Has every new version of a loaded plugin verified by `verifier`
+    /// before it serves, under `policy` (see [`super::verify`]). Set once;
+    /// later calls are ignored.
+    pub fn set_verifier(
+        &self,
+        verifier: Arc<dyn UpgradeVerifier>,
+        policy: UpgradeCheck,
+        budget: VerifyBudget,
+    ) {
+        let _ = self.verifier.set((verifier, policy, budget));
+    }
+
+    /// The last verification that refused a new version of plugin `name`
+    /// (under `--upgrade-check enforce`), until a version passes.
+    pub fn refused_verification(&self, name: &str) -> Option<VerificationReport> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The plugin that handles `aggregate_type` now.
@@ -389,10 +419,20 @@ impl PluginRegistry {
             report.failed.push(LoadFailure { path, error });
             return;
         }
+        if let Some(old) = &by_path {
+            plugin.previous_hash = Some(old.hash.clone());
+        }
+        let plugin = Arc::new(plugin);
+        if let Some(old) = by_path
+            .as_ref()
+            .filter(|o| o.info.aggregate_type == aggregate_type)
+            && !self.verified(old, &plugin, &path, report).await
+        {
+            return;
+        }
         let short = plugin.short_hash().to_string();
         match &by_path {
             Some(old) => {
-                plugin.previous_hash = Some(old.hash.clone());
                 if old.info.aggregate_type != aggregate_type {
                     next.remove(&old.info.aggregate_type);
                     report.removed.push(old.info.aggregate_type.clone());
@@ -404,10 +444,65 @@ impl PluginRegistry {
             }
             None => report.loaded.push(format!("{aggregate_type}@{short}")),
         }
-        next.insert(aggregate_type, Arc::new(plugin));
+        next.insert(aggregate_type, plugin);
         // Scans are serialised and nothing else writes the map, so a plain
         // store cannot lose another writer's change.
         self.plugins.store(Arc::new(next));
+    }
+
+    /// Verifies `candidate`, a new version of `current`, if a verifier is
+    /// set and the policy is not `off`. False when the policy refuses it
+    /// (recorded as a load failure of `path`; `current` keeps serving).
+    async fn verified(
+        &self,
+        current: &PluginRef,
+        candidate: &PluginRef,
+        path: &Path,
+        report: &mut ScanReport,
+    ) -> bool {
+        let Some((verifier, policy, budget)) = self.verifier.get() else {
+            return true;
+        };
+        if *policy == UpgradeCheck::Off {
+            return true;
+        }
+        tracing::info!(
+            plugin = %candidate.name,
+            from = %current.short_hash(),
+            to = %candidate.short_hash(),
+            "verifying the new version against stored history"
+        );
+        let mut checked = verifier
+            .verify(current.clone(), candidate.clone(), *budget)
+            .await;
+        checked.policy = policy.to_string();
+        let summary = checked.summary();
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.passed() {
+            tracing::info!(plugin = %candidate.name, "the new version passed verification: {summary}");
+            refused.remove(&candidate.name);
+        } else if *policy == UpgradeCheck::Enforce {
+            let error = format!(
+                "new version {} refused by --upgrade-check enforce; version {} keeps serving: {summary}",
+                candidate.short_hash(),
+                current.short_hash()
+            );
+            tracing::error!(path = %path.display(), "{error}");
+            refused.insert(candidate.name.clone(), checked);
+            report.failed.push(LoadFailure {
+                path: path.to_path_buf(),
+                error,
+            });
+            return false;
+        } else {
+            tracing::warn!(
+                plugin = %candidate.name,
+                "the new version serves although its verification failed (--upgrade-check warn): {summary}"
+            );
+            refused.remove(&candidate.name);
+        }
+        candidate.set_verification(checked);
+        true
     }
 
     /// Reads, compiles (or takes from the cache), instantiates and validates
@@ -497,12 +592,13 @@ impl PluginRegistry {
                 schema: initial.schema,
                 bytes: initial.bytes,
             },
-            backend: Backend::wasm(pool, &limits),
+            backend: Backend::wasm(Arc::new(pool), &limits),
             quarantine: Quarantine::new(
                 self.limits.quarantine_after,
                 self.limits.quarantine_backoff,
             ),
             limits,
+            verification: std::sync::OnceLock::new(),
         })
     }
 
