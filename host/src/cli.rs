@@ -1,8 +1,8 @@
 //! The command line: `rehydra run` starts the host; `send`, `state`,
-//! `stream`, `plugins` and `subscribe` are clients of a running host's HTTP
-//! API. Client commands print JSON on stdout; on failure they print the
-//! error body and exit non-zero (1: the server refused, 3: the server is
-//! unreachable).
+//! `stream`, `plugins`, `versions`, `rollback` and `subscribe` are clients
+//! of a running host's HTTP API. Client commands print JSON on stdout; on
+//! failure they print the error body and exit non-zero (1: the server
+//! refused, 3: the server is unreachable).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -81,6 +81,22 @@ enum Command {
     },
     /// List the loaded plugins and any that failed to load.
     Plugins {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the kept versions of a plugin: when each served, and the report
+    /// of the check each passed before it served.
+    Versions {
+        /// The plugin's name (its file name without `.wasm`).
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Serve the previous version of a plugin again, at once, and write it
+    /// back to the plugin's file.
+    Rollback {
+        /// The plugin's name (its file name without `.wasm`).
+        name: String,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -388,6 +404,14 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Plugins { server } => match server.client() {
             Ok(c) => print_result(c.plugins().await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Versions { name, server } => match server.client() {
+            Ok(c) => print_result(c.versions(&name).await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Rollback { name, server } => match server.client() {
+            Ok(c) => print_result(c.rollback(&name).await),
             Err(e) => print_result(Err(e)),
         },
         Command::Subscribe {

@@ -199,6 +199,18 @@ impl Client {
             .await
     }
 
+    /// The kept versions of plugin `name`.
+    pub async fn versions(&self, name: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/plugins/{}/versions", self.base, segment(name));
+        self.finish(self.http.get(url)).await
+    }
+
+    /// Serves the previous version of plugin `name` again.
+    pub async fn rollback(&self, name: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/plugins/{}/rollback", self.base, segment(name));
+        self.finish(self.http.post(url)).await
+    }
+
     async fn finish(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
         let unreachable = |e: reqwest::Error| ClientError::Unreachable {
             url: self.base.clone(),

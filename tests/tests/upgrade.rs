@@ -213,3 +213,128 @@ async fn warn_serves_a_failing_version_with_its_report_and_off_checks_nothing() 
     assert_eq!(report["failed"], json!([]), "{report}");
     assert_eq!(bank_plugin(&host).await["verification"], Value::Null);
 }
+
+/// A rollback serves the previous version again at once, under load, and
+/// writes it back to the plugin file: a rescan then finds the file
+/// unchanged. No command is lost, each command's events name one version,
+/// and the versions are listed with when each served. The CLI and gRPC
+/// roll back too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_serves_the_previous_version_and_the_file_agrees() {
+    let host = Host::start(&[PLUGIN]);
+    accounts(&host).await;
+    let first = bank_plugin(&host).await["hash"].clone();
+    let report = deploy(&host, "bank-account-withdrawal-fee").await;
+    assert_eq!(report["failed"], json!([]), "{report}");
+    let second = bank_plugin(&host).await["hash"].clone();
+    assert_ne!(first, second);
+
+    // Deposits keep coming while the rollback happens.
+    let load = {
+        let base = host.base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            for _ in 0..200 {
+                let resp = client
+                    .post(format!("{base}/v1/aggregates/{PLUGIN}/l/commands/deposit"))
+                    .body(r#"{"amount":1}"#)
+                    .send()
+                    .await
+                    .expect("the host answers");
+                statuses.push(resp.status().as_u16());
+            }
+            statuses
+        })
+    };
+    let (status, _) = host
+        .command(PLUGIN, "l", "open", json!({"owner": "Load"}))
+        .await;
+    assert!(status == 200 || status == 409, "{status}");
+    let (status, done) = host
+        .command_raw_post(&format!("/v1/plugins/{PLUGIN}/rollback"))
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((&done["from"], &done["to"]), (&second, &first), "{done}");
+    let statuses = load.await.expect("the load");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 404),
+        "{statuses:?}"
+    );
+    let deposits = statuses.iter().filter(|s| **s == 200).count() as u64;
+
+    assert_eq!(
+        bank_plugin(&host).await["hash"],
+        first,
+        "the first version serves"
+    );
+    let on_disk = std::fs::read(host.dir.path().join("plugins").join("bank-account.wasm"))
+        .expect("the plugin file");
+    assert_eq!(
+        on_disk,
+        std::fs::read(rehydra_e2e::plugin(PLUGIN)).expect("the first version's file"),
+        "the file holds the version that serves"
+    );
+    let (_, rescan) = host.command_raw_post("/v1/plugins/reload").await;
+    assert_eq!(rescan["replaced"], json!([]), "{rescan}");
+    assert_eq!(bank_plugin(&host).await["hash"], first);
+
+    // Every deposit is there once, each event names one of the versions.
+    assert_eq!(balance(&host, "l").await, deposits);
+    let (_, stream) = host
+        .get(&format!(
+            "/v1/streams/{}-l?limit=1000",
+            rehydra_e2e::stream_prefix(PLUGIN)
+        ))
+        .await;
+    for event in stream["events"].as_array().expect("events") {
+        let hash = &event["metadata"]["pluginHash"];
+        assert!(*hash == first || *hash == second, "{event}");
+    }
+
+    let (status, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
+    assert_eq!(status, 200, "{listed}");
+    let hashes: Vec<&Value> = listed["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| &v["hash"])
+        .collect();
+    assert_eq!(hashes, vec![&first, &second, &first], "{listed}");
+    assert_eq!(listed["versions"][2]["serving"], true, "{listed}");
+    assert!(
+        listed["versions"][1]["served_until"].is_string(),
+        "{listed}"
+    );
+    assert!(listed["versions"][1]["verification"]["aggregates_checked"].as_u64() >= Some(3));
+
+    // The CLI rolls back again (to the second version), gRPC once more.
+    let (code, stdout, stderr) = host.cli(&["rollback", PLUGIN]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(bank_plugin(&host).await["hash"], second);
+    let channel = tonic::transport::Channel::from_shared(host.grpc.clone())
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("the gRPC server answers");
+    let done = rehydra::api::grpc::pb::plugins_client::PluginsClient::new(channel)
+        .rollback(rehydra::api::grpc::pb::RollbackPluginRequest {
+            name: PLUGIN.to_owned(),
+        })
+        .await
+        .expect("a gRPC rollback")
+        .into_inner();
+    assert_eq!(
+        (json!(done.from_hash), json!(done.to_hash)),
+        (second, first.clone())
+    );
+    assert_eq!(bank_plugin(&host).await["hash"], first);
+
+    // A plugin with nothing to roll back to, and one that does not exist.
+    let (status, body) = host.command_raw_post("/v1/plugins/nope/rollback").await;
+    assert_eq!(
+        (status, rehydra_e2e::code(&body)),
+        (404, "not_found"),
+        "{body}"
+    );
+}

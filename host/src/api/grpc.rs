@@ -372,6 +372,25 @@ impl Plugins for GrpcApi {
             loading,
         }))
     }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackPluginRequest>,
+    ) -> Result<Response<pb::RollbackPluginResponse>, Status> {
+        let name = request.into_inner().name;
+        let done = self
+            .context
+            .aggregates
+            .plugins()
+            .rollback(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(pb::RollbackPluginResponse {
+            plugin: done.plugin,
+            from_hash: done.from,
+            to_hash: done.to,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! | `GET /v1/streams/{stream}?from=&limit=` | read a stream |
 //! | `GET /v1/plugins` | loaded plugins and load failures |
 //! | `POST /v1/plugins/reload` | rescan the plugin directory now |
+//! | `GET /v1/plugins/{name}/versions` | the kept versions of a plugin, when each served, their reports |
+//! | `POST /v1/plugins/{name}/rollback` | serve the previous version again |
 //! | `GET /v1/subscribe?from=&category=&event_type=` | follow the event log (server-sent events) |
 //! | `GET /healthz` | store reachability and counts (kept as it was) |
 //! | `GET /livez` | liveness: the process serves |
@@ -71,6 +73,8 @@ pub fn router(context: ApiContext) -> Router {
         .route("/v1/streams/{stream}", get(read_stream))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/reload", post(reload_plugins))
+        .route("/v1/plugins/{name}/versions", get(plugin_versions))
+        .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
         .route("/v1/subscribe", get(subscribe))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
@@ -460,6 +464,31 @@ async fn plugins(State(app): State<AppState>) -> Response {
         .collect();
     axum::Json(json!({ "plugins": plugins, "failed": failures, "loading": loading }))
         .into_response()
+}
+
+/// `GET /v1/plugins/{name}/versions`.
+async fn plugin_versions(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = path.map_err(path_error)?;
+    let versions = app.aggregates.plugins().versions(&name);
+    if versions.is_empty() {
+        return Err(ApiError(CommandError::NotFound(format!(
+            "no versions of a plugin named {name:?} are kept (GET /v1/plugins lists the plugins)"
+        ))));
+    }
+    Ok(axum::Json(json!({ "plugin": name, "versions": versions })).into_response())
+}
+
+/// `POST /v1/plugins/{name}/rollback`.
+async fn rollback_plugin(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = path.map_err(path_error)?;
+    let done = app.aggregates.plugins().rollback(&name).await?;
+    Ok(axum::Json(done).into_response())
 }
 
 async fn reload_plugins(State(app): State<AppState>) -> Result<Response, ApiError> {

@@ -485,6 +485,15 @@ impl InstancePool {
         Ok(Instance { store, aggregate })
     }
 
+    /// Drops the warm instances, giving their slots back to the engine's
+    /// pool: for a version that no longer serves but is kept for a
+    /// rollback. Calls still running return theirs as usual.
+    pub fn release_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
     /// Runs `f` on a pooled instance. On success the instance goes back to
     /// the pool; on a guest failure it is dropped.
     pub fn with_instance<R>(

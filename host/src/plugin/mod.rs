@@ -25,6 +25,7 @@ pub mod quarantine;
 pub mod registry;
 pub mod threads;
 pub mod verify;
+pub mod versions;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -282,6 +283,14 @@ impl Plugin {
         match &self.backend {
             Backend::Wasm { threads, .. } => threads.queued(),
             Backend::Native(_) => 0,
+        }
+    }
+
+    /// Gives this version's warm instances back to the engine: it no
+    /// longer serves (it is kept for a rollback, which warms it again).
+    pub fn release_instances(&self) {
+        if let Backend::Wasm { pool, .. } = &self.backend {
+            pool.release_idle();
         }
     }
 

@@ -26,10 +26,12 @@ use super::instance::{GuestState, InstancePool, add_to_linker};
 use super::log_limit::LogLimiter;
 use super::quarantine::Quarantine;
 use super::verify::{UpgradeCheck, UpgradeVerifier, VerificationReport, VerifyBudget};
+use super::versions::{History, VersionInfo};
 use super::{
     Backend, CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
     is_valid_stream_prefix,
 };
+use crate::error::CommandError;
 
 /// A file that could not be loaded, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +95,17 @@ struct Candidate {
     slow: bool,
 }
 
+/// What a rollback did.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Rollback {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The version that served before (content hash).
+    pub from: String,
+    /// The version that serves now.
+    pub to: String,
+}
+
 /// The loaded plugins and everything needed to load more.
 pub struct PluginRegistry {
     engine: Engine,
@@ -116,6 +129,8 @@ pub struct PluginRegistry {
     verifier: std::sync::OnceLock<(Arc<dyn UpgradeVerifier>, UpgradeCheck, VerifyBudget)>,
     /// Each plugin name's last refused verification, until a version passes.
     refused: Mutex<HashMap<String, VerificationReport>>,
+    /// The last versions of each plugin, for rollback.
+    history: History,
     _ticker: EpochTicker,
 }
 
@@ -140,6 +155,7 @@ impl PluginRegistry {
             pending: tokio::sync::watch::Sender::new(Vec::new()),
             verifier: std::sync::OnceLock::new(),
             refused: Mutex::new(HashMap::new()),
+            history: History::default(),
             _ticker: ticker,
         })
     }
@@ -164,6 +180,62 @@ impl PluginRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// The kept versions of plugin `name`, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<VersionInfo> {
+        self.history.list(name)
+    }
+
+    /// Serves the version of plugin `name` that served before the current
+    /// one again, at once (it is kept loaded; it served before, so it is not
+    /// verified again), and writes its bytes to the plugin's file so that
+    /// the directory agrees: the next scan finds the file unchanged.
+    /// Commands already running finish on the version they started with.
+    pub async fn rollback(&self, name: &str) -> Result<Rollback, CommandError> {
+        // No scan may swap the map, or read the file, in between.
+        let _one_at_a_time = self.scanning.clone().lock_owned().await;
+        let Some(current) = self.list().into_iter().find(|p| p.name == name) else {
+            return Err(CommandError::NotFound(format!(
+                "no plugin named {name:?} is loaded (GET /v1/plugins lists them)"
+            )));
+        };
+        let Some(earlier) = self.history.earlier(name, &current.hash) else {
+            return Err(CommandError::NotFound(format!(
+                "plugin {name:?} has no earlier version kept to roll back to: only versions that \
+                 served since the host started are kept (GET /v1/plugins/{name}/versions)"
+            )));
+        };
+        let path = current.path.clone();
+        let tmp = path.with_extension("wasm.rollback");
+        let written = async {
+            tokio::fs::write(&tmp, earlier.bytes.as_slice()).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(CommandError::Internal(format!(
+                "cannot write the earlier version to {} ({e}); nothing was rolled back: make the \
+                 plugin directory writable by this user",
+                path.display()
+            )));
+        }
+        let mut next: HashMap<String, PluginRef> = (*self.plugins.load_full()).clone();
+        next.insert(current.info.aggregate_type.clone(), earlier.plugin.clone());
+        self.plugins.store(Arc::new(next));
+        self.history.served(&earlier.plugin, earlier.bytes);
+        tracing::warn!(
+            plugin = name,
+            from = %current.short_hash(),
+            to = %earlier.plugin.short_hash(),
+            "plugin rolled back"
+        );
+        Ok(Rollback {
+            plugin: name.to_owned(),
+            from: current.hash.clone(),
+            to: earlier.plugin.hash.clone(),
+        })
     }
 
     /// The plugin that handles `aggregate_type` now.
@@ -292,6 +364,7 @@ impl PluginRegistry {
             if !present {
                 tracing::info!(aggregate_type = %aggregate_type, path = %p.path.display(), "plugin file removed; no longer serving this type");
                 report.removed.push(aggregate_type.clone());
+                self.history.stopped(&p.name);
             }
             present
         });
@@ -392,7 +465,9 @@ impl PluginRegistry {
         } = c;
         let this = self.clone();
         let p = path.clone();
-        let result = tokio::task::spawn_blocking(move || this.load_bytes(&p, &bytes, hash))
+        let bytes = Arc::new(bytes);
+        let file = bytes.clone();
+        let result = tokio::task::spawn_blocking(move || this.load_bytes(&p, &file, hash))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("loading panicked: {e}")));
         let mut plugin = match result {
@@ -444,6 +519,7 @@ impl PluginRegistry {
             }
             None => report.loaded.push(format!("{aggregate_type}@{short}")),
         }
+        self.history.served(&plugin, bytes);
         next.insert(aggregate_type, plugin);
         // Scans are serialised and nothing else writes the map, so a plain
         // store cannot lose another writer's change.
