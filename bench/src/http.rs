@@ -132,7 +132,7 @@ pub fn startup(runs: usize) -> (Duration, Duration) {
 
 /// The second version of bank-account the reload scenario deploys:
 /// `target/test-plugins/bank-account-withdrawal-fee.wasm`.
-fn next_version_wasm() -> PathBuf {
+pub fn next_version_wasm() -> PathBuf {
     let path = target_dir()
         .join("test-plugins")
         .join("bank-account-withdrawal-fee.wasm");

@@ -334,6 +334,100 @@ pub async fn snapshot_cost(
     (RunResult::median_of(&with), RunResult::median_of(&without))
 }
 
+/// What the upgrade check measured: commands' results without and with a
+/// verification running, and the verification's own rate.
+#[derive(Debug, Clone)]
+pub struct VerifyCost {
+    /// Deposits, no verification running (median of the runs).
+    pub quiet: RunResult,
+    /// Deposits while verifications of the next version run back to back.
+    pub verifying: RunResult,
+    /// Aggregates the verifications checked per second.
+    pub aggregates_per_sec: f64,
+    /// Events they replayed per second.
+    pub events_per_sec: f64,
+}
+
+/// Scenario: `n` accounts (opened, resident), deposits from `c` clients for
+/// `secs`, runs alternating between no verification and verifications of
+/// the next bank-account version (`withdrawal-fee`: same state schema)
+/// against every account, back to back through the actor layer's
+/// verifier, as a reload would run them.
+pub async fn verification(
+    registry: &Arc<PluginRegistry>,
+    kind: StoreKind,
+    n: usize,
+    c: usize,
+    runs: usize,
+    secs: f64,
+) -> VerifyCost {
+    use rehydra::plugin::verify::VerifyBudget;
+    let candidate: rehydra::plugin::PluginRef = Arc::new(
+        registry
+            .load_file(&crate::http::next_version_wasm())
+            .expect("loading the next version"),
+    );
+    let current = registry
+        .get("bank-account")
+        .expect("bank-account is loaded");
+    let (mut quiet, mut verifying) = (Vec::new(), Vec::new());
+    let (mut checked, mut events, mut busy) = (0usize, 0u64, Duration::ZERO);
+    for _ in 0..runs {
+        for with_check in [false, true] {
+            let (store, aggregates) = with_accounts(registry, kind, n).await;
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let checker = with_check.then(|| {
+                let (verifier, done) = (aggregates.upgrade_verifier(), done.clone());
+                let (current, candidate) = (current.clone(), candidate.clone());
+                tokio::spawn(async move {
+                    let mut reports = Vec::new();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        let budget = VerifyBudget {
+                            aggregates: n,
+                            time: Duration::from_secs(600),
+                        };
+                        let report = verifier
+                            .verify(current.clone(), candidate.clone(), budget)
+                            .await;
+                        assert!(report.passed(), "{}", report.summary());
+                        reports.push(report);
+                    }
+                    reports
+                })
+            });
+            let r = drive(&aggregates, n, c, secs).await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(checker) = checker {
+                for report in checker.await.expect("the verifications") {
+                    checked += report.aggregates_checked;
+                    events += report.events_replayed;
+                    busy += Duration::from_millis(report.duration_ms);
+                }
+            }
+            eprintln!(
+                "  verification {}: {:.0}/s p99 {:?}",
+                if with_check { "running" } else { "off" },
+                r.per_sec,
+                r.p99
+            );
+            if with_check {
+                verifying.push(r);
+            } else {
+                quiet.push(r);
+            }
+            drop(aggregates);
+            store.close().await;
+        }
+    }
+    let seconds = busy.as_secs_f64().max(1e-9);
+    VerifyCost {
+        quiet: RunResult::median_of(&quiet),
+        verifying: RunResult::median_of(&verifying),
+        aggregates_per_sec: checked as f64 / seconds,
+        events_per_sec: events as f64 / seconds,
+    }
+}
+
 /// The metadata seeded events carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeedMetadata {

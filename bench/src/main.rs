@@ -13,6 +13,7 @@
 //! | `cluster`   | three hosts on one `postgres://` behind nginx (`deploy/nginx`), wrk; consistent hashing vs round-robin |
 //! | `rehydrate` | cold load of one aggregate with 10 / 1,000 / 100,000 events, with the host's metadata and with `{}` |
 //! | `snapshot-cost` | in-process deposits with `--snapshot-every 100` and `0`, alternating: what storing snapshots costs commands |
+//! | `verify` | in-process deposits on 10,000 accounts with and without verifications of the next plugin version running: the p99 impact and the verification's rate |
 //! | `overload` | HTTP deposits at 16 / 256 / 2,048 clients against `--max-in-flight 64`: accepted rate and latency, `overloaded` rate, host memory |
 //! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
@@ -101,7 +102,7 @@ impl Options {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,snapshot-cost,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,snapshot-cost,verify,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
                     );
                     std::process::exit(0);
                 }
@@ -419,6 +420,34 @@ async fn main() {
             }
         }
         out!();
+    }
+
+    if o.wants("verify") {
+        eprintln!("what verifying a new plugin version costs…");
+        let v =
+            inproc::verification(&registry, StoreKind::Memory, 10_000, 64, o.runs, o.secs).await;
+        out!(
+            "### Upgrade check: deposits on `memory://`, 10,000 resident accounts, 64 clients, with and without verifications of the next version running, runs alternating\n\n{LOAD_HEADER}"
+        );
+        out!(
+            "{}",
+            load_row("no verification", "memory://", 10_000, 64, &v.quiet)
+        );
+        out!(
+            "{}",
+            load_row(
+                "verifying 10,000 accounts",
+                "memory://",
+                10_000,
+                64,
+                &v.verifying
+            )
+        );
+        out!(
+            "\nVerification ran at {} aggregates/s and {} events/s while the deposits ran.\n",
+            fmt_rate(v.aggregates_per_sec),
+            fmt_rate(v.events_per_sec)
+        );
     }
 
     if o.wants("snapshot-cost") {
