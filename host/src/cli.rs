@@ -208,6 +208,10 @@ struct RunArgs {
     /// fails; `warn` activates it anyway, with the report; `off` skips it.
     #[arg(long, value_name = "POLICY", default_value_t = ServerConfig::default().upgrade_check)]
     upgrade_check: crate::plugin::verify::UpgradeCheck,
+    /// The upgrade check's policy for one plugin, repeatable:
+    /// NAME=enforce|warn|off, e.g. reports=warn.
+    #[arg(long, value_name = "NAME=POLICY", value_parser = crate::plugin::verify::parse_plugin_upgrade_check)]
+    plugin_upgrade_check: Vec<(String, crate::plugin::verify::UpgradeCheck)>,
     /// Aggregates the upgrade check replays, at most (resident ones first,
     /// then the oldest streams).
     #[arg(long, value_name = "N", default_value_t = ServerConfig::default().upgrade_budget.aggregates)]
@@ -616,6 +620,7 @@ fn server_config(args: RunArgs) -> ServerConfig {
         watch_debounce: args.watch_debounce,
         max_connections: args.max_connections.max(1),
         upgrade_check: args.upgrade_check,
+        plugin_upgrade_checks: args.plugin_upgrade_check.into_iter().collect(),
         upgrade_budget: crate::plugin::verify::VerifyBudget {
             aggregates: args.upgrade_check_aggregates,
             time: args.upgrade_check_time,
@@ -791,6 +796,8 @@ mod tests {
             "--plugin-deadline=reports=2s,30s".into(),
             "--plugin-deadline=slow=1s".into(),
         ]);
+        text.push_str("plugin-upgrade-check = [\"reports=warn\"]\n");
+        argv.push("--plugin-upgrade-check=reports=warn".into());
         text.push_str("no-cache = true\nno-watch = true\n");
         argv.extend(["--no-cache".into(), "--no-watch".into()]);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// What a new plugin version that fails verification does.
     pub upgrade_check: crate::plugin::verify::UpgradeCheck,
+    /// The same, for particular plugins (by name).
+    pub plugin_upgrade_checks:
+        std::collections::HashMap<String, crate::plugin::verify::UpgradeCheck>,
     /// How much verifying a new plugin version may replay.
     pub upgrade_budget: crate::plugin::verify::VerifyBudget,
 }
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             watch_debounce: std::time::Duration::from_millis(300),
             max_connections: 4096,
             upgrade_check: crate::plugin::verify::UpgradeCheck::default(),
+            plugin_upgrade_checks: std::collections::HashMap::new(),
             upgrade_budget: crate::plugin::verify::VerifyBudget::default(),
         }
     }
@@ -144,6 +148,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     registry.set_verifier(
         aggregates.upgrade_verifier(),
         config.upgrade_check,
+        config.plugin_upgrade_checks.clone(),
         config.upgrade_budget,
     );
     let context = ApiContext {

@@ -212,6 +212,16 @@ async fn warn_serves_a_failing_version_with_its_report_and_off_checks_nothing() 
     let report = deploy(&host, "bank-account-fold-bug").await;
     assert_eq!(report["failed"], json!([]), "{report}");
     assert_eq!(bank_plugin(&host).await["verification"], Value::Null);
+
+    // A plugin's own policy wins over the host's.
+    let host = Host::start_with(
+        &[PLUGIN],
+        &["--no-watch", "--plugin-upgrade-check", "bank-account=warn"],
+    );
+    accounts(&host).await;
+    let report = deploy(&host, "bank-account-fold-bug").await;
+    assert_eq!(report["failed"], json!([]), "{report}");
+    assert_eq!(bank_plugin(&host).await["verification"]["policy"], "warn");
 }
 
 /// A rollback serves the previous version again at once, under load, and

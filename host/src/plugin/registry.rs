@@ -95,6 +95,15 @@ struct Candidate {
     slow: bool,
 }
 
+/// How new versions are verified: by what, under which policies, within
+/// which budget.
+struct Verification {
+    verifier: Arc<dyn UpgradeVerifier>,
+    policy: UpgradeCheck,
+    per_plugin: HashMap<String, UpgradeCheck>,
+    budget: VerifyBudget,
+}
+
 /// What a rollback did.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
 pub struct Rollback {
@@ -126,7 +135,7 @@ pub struct PluginRegistry {
     pending: tokio::sync::watch::Sender<Vec<PendingLoad>>,
     /// What verifies a new version of a loaded plugin before it serves,
     /// under which policy and budget; set once by the server.
-    verifier: std::sync::OnceLock<(Arc<dyn UpgradeVerifier>, UpgradeCheck, VerifyBudget)>,
+    verifier: std::sync::OnceLock<Verification>,
     /// Each plugin name's last refused verification, until a version passes.
     refused: Mutex<HashMap<String, VerificationReport>>,
     /// The last versions of each plugin, for rollback.
@@ -161,15 +170,22 @@ impl PluginRegistry {
     }
 
     /// Has every new version of a loaded plugin verified by `verifier`
-    /// before it serves, under `policy` (see [`super::verify`]). Set once;
+    /// before it serves, under `policy`, or the plugin's own policy in
+    /// `per_plugin` (by plugin name; see [`super::verify`]). Set once;
     /// later calls are ignored.
     pub fn set_verifier(
         &self,
         verifier: Arc<dyn UpgradeVerifier>,
         policy: UpgradeCheck,
+        per_plugin: HashMap<String, UpgradeCheck>,
         budget: VerifyBudget,
     ) {
-        let _ = self.verifier.set((verifier, policy, budget));
+        let _ = self.verifier.set(Verification {
+            verifier,
+            policy,
+            per_plugin,
+            budget,
+        });
     }
 
     /// The last verification that refused a new version of plugin `name`
@@ -536,9 +552,13 @@ impl PluginRegistry {
         path: &Path,
         report: &mut ScanReport,
     ) -> bool {
-        let Some((verifier, policy, budget)) = self.verifier.get() else {
+        let Some(check) = self.verifier.get() else {
             return true;
         };
+        let policy = check
+            .per_plugin
+            .get(&candidate.name)
+            .unwrap_or(&check.policy);
         if *policy == UpgradeCheck::Off {
             return true;
         }
@@ -548,8 +568,9 @@ impl PluginRegistry {
             to = %candidate.short_hash(),
             "verifying the new version against stored history"
         );
-        let mut checked = verifier
-            .verify(current.clone(), candidate.clone(), *budget)
+        let mut checked = check
+            .verifier
+            .verify(current.clone(), candidate.clone(), check.budget)
             .await;
         checked.policy = policy.to_string();
         let summary = checked.summary();

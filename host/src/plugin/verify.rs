@@ -62,6 +62,17 @@ impl FromStr for UpgradeCheck {
     }
 }
 
+/// Parses a `--plugin-upgrade-check` value: `NAME=enforce|warn|off`.
+pub fn parse_plugin_upgrade_check(s: &str) -> Result<(String, UpgradeCheck), String> {
+    let (name, policy) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use NAME=enforce|warn|off, e.g. reports=warn"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?}: the plugin's name is missing before '='"));
+    }
+    Ok((name.to_owned(), policy.parse()?))
+}
+
 /// How much a verification may replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifyBudget {
@@ -197,6 +208,13 @@ mod tests {
             assert_eq!(p.as_str().parse::<UpgradeCheck>(), Ok(p));
         }
         assert!("strict".parse::<UpgradeCheck>().is_err());
+        assert_eq!(
+            parse_plugin_upgrade_check("reports=warn"),
+            Ok(("reports".to_owned(), UpgradeCheck::Warn))
+        );
+        for bad in ["reports", "=warn", "reports=strict"] {
+            assert!(parse_plugin_upgrade_check(bad).is_err(), "{bad}");
+        }
         assert_eq!(excerpt("abcdef", 3), "abc…");
         assert_eq!(excerpt("abc", 3), "abc");
     }
