@@ -322,6 +322,27 @@ async fn a_rollback_serves_the_previous_version_and_the_file_agrees() {
     let (code, stdout, stderr) = host.cli(&["rollback", PLUGIN]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(bank_plugin(&host).await["hash"], second);
+    // gRPC lists the serving version's report too (the second version's,
+    // from when it was deployed).
+    let channel = tonic::transport::Channel::from_shared(host.grpc.clone())
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("the gRPC server answers");
+    let listed = rehydra::api::grpc::pb::plugins_client::PluginsClient::new(channel)
+        .list(rehydra::api::grpc::pb::ListPluginsRequest {})
+        .await
+        .expect("a gRPC list")
+        .into_inner();
+    let report: Value = serde_json::from_str(
+        listed.plugins[0]
+            .verification_json
+            .as_deref()
+            .expect("the second version's report"),
+    )
+    .expect("JSON");
+    assert_eq!(report["candidate_hash"], second, "{report}");
+
     let channel = tonic::transport::Channel::from_shared(host.grpc.clone())
         .expect("an endpoint")
         .connect()

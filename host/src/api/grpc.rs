@@ -347,6 +347,10 @@ impl Plugins for GrpcApi {
                     consecutive_failures: health.consecutive_failures,
                     total_failures: health.total_failures,
                     quarantined_for_ms: health.quarantined_for_ms,
+                    verification_json: p.verification().and_then(|r| serde_json::to_string(r).ok()),
+                    refused_verification_json: registry
+                        .refused_verification(&p.name)
+                        .and_then(|r| serde_json::to_string(&r).ok()),
                 }
             })
             .collect();
