@@ -175,6 +175,24 @@ async fn a_correct_version_passes_and_serves_with_its_report() {
     assert_eq!(verification["events_replayed"], 7, "{plugin}");
     assert_eq!(verification["differences"], json!([]), "{plugin}");
     assert_eq!(verification["policy"], "enforce", "{plugin}");
+    // The recent commands re-ran through both versions; the new one charges
+    // a fee on the withdrawal, which is reported, not enforced.
+    assert_eq!(verification["commands_rerun"], 7, "{plugin}");
+    let changed = verification["command_differences"]
+        .as_array()
+        .expect("command differences");
+    assert_eq!(changed.len(), 1, "{plugin}");
+    assert_eq!(
+        (&changed[0]["aggregate"], &changed[0]["command"]),
+        (&json!("a"), &json!("withdraw"))
+    );
+    assert!(
+        changed[0]["candidate"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("FeeCharged"),
+        "{plugin}"
+    );
     assert_eq!(plugin["refused_verification"], Value::Null, "{plugin}");
     // A new state schema is checked by rebuilding only.
     let report = deploy(&host, "bank-account-schema-2").await;

@@ -237,6 +237,9 @@ impl Inner {
             );
             match appended {
                 Ok(appended) => {
+                    // Kept for the re-run of an upgrade check.
+                    self.recent
+                        .record(&req.aggregate_type, &input, live.version);
                     live.version = appended.version;
                     live.head_event_id = head_event_id;
                     live.state = decision.state;

@@ -174,6 +174,8 @@ struct Inner {
     evicting: AtomicBool,
     snapshots: snapshot::Snapshots,
     poison: poison::Poison,
+    /// The last commands of each type, for the upgrade check's re-run.
+    recent: verify::Recent,
 }
 
 impl Aggregates {
@@ -189,6 +191,7 @@ impl Aggregates {
         let inner = Arc::new(Inner {
             snapshots,
             poison,
+            recent: verify::Recent::default(),
             slots: DashMap::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             resident_bytes: AtomicU64::new(0),

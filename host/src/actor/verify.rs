@@ -10,27 +10,88 @@
 //! event by event to name the first event they differ after. With a new
 //! state schema only the new version's rebuild is checked.
 //!
+//! Then the last few commands of the type that stored events (kept in
+//! memory, [`Recent`]) are re-run through both versions' `handle` on the
+//! state each version builds up to the command's version — a dry run, that
+//! stores nothing — and outcomes that differ are reported, not enforced.
+//!
 //! Neither version runs on the threads that serve commands: the current
 //! version is a shadow copy with guest threads of its own, and the new one
 //! serves nothing yet.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
 
 use super::Inner;
 use crate::plugin::verify::{
-    Difference, Failure, UpgradeVerifier, VerificationReport, VerifyBudget, excerpt,
+    CommandDifference, Difference, Failure, UpgradeVerifier, VerificationReport, VerifyBudget,
+    excerpt,
 };
-use crate::plugin::{PluginRef, StateBytes};
+use crate::plugin::{CommandInput, Decision, PluginRef, Rejection, StateBytes};
 use crate::store::RecordedEvent;
 
 /// Events of the log read, at most, while looking for streams to sample.
 const MAX_LOG_SCAN: usize = 100_000;
 /// Characters of each state shown in a difference.
 const STATE_EXCERPT: usize = 200;
+/// Recent commands kept per aggregate type, for the re-run.
+const RECENT_COMMANDS: usize = 10;
+/// Commands with a larger payload are not kept.
+const RECENT_MAX_BYTES: usize = 64 << 10;
+
+/// A command that stored events, kept to re-run through a new version.
+#[derive(Debug, Clone)]
+pub(super) struct RecentCommand {
+    id: String,
+    command: String,
+    data: Vec<u8>,
+    metadata: Vec<(String, String)>,
+    /// The aggregate's version when the command ran.
+    version: u64,
+}
+
+/// The last [`RECENT_COMMANDS`] commands of each aggregate type that
+/// stored events.
+#[derive(Default)]
+pub(super) struct Recent {
+    by_type: Mutex<HashMap<String, VecDeque<RecentCommand>>>,
+}
+
+impl Recent {
+    /// Keeps a command of `aggregate_type` that ran at `version`.
+    pub(super) fn record(&self, aggregate_type: &str, input: &CommandInput<'_>, version: u64) {
+        if input.data.len() > RECENT_MAX_BYTES {
+            return;
+        }
+        let mut all = self.by_type.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = match all.get_mut(aggregate_type) {
+            Some(kept) => kept,
+            None => all.entry(aggregate_type.to_owned()).or_default(),
+        };
+        if kept.len() >= RECENT_COMMANDS {
+            kept.pop_front();
+        }
+        kept.push_back(RecentCommand {
+            id: input.aggregate_id.to_owned(),
+            command: input.command_type.to_owned(),
+            data: input.data.to_vec(),
+            metadata: input.metadata.to_vec(),
+            version,
+        });
+    }
+
+    fn of(&self, aggregate_type: &str) -> Vec<RecentCommand> {
+        self.by_type
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(aggregate_type)
+            .map(|kept| kept.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
 
 /// The actor layer's [`UpgradeVerifier`]. Holds the directory weakly: the
 /// registry it is given to is held by the directory.
@@ -55,6 +116,8 @@ impl UpgradeVerifier for Verifier {
             truncated: false,
             differences: Vec::new(),
             failures: Vec::new(),
+            commands_rerun: 0,
+            command_differences: Vec::new(),
             policy: String::new(),
         };
         let Some(inner) = self.0.upgrade() else {
@@ -68,6 +131,13 @@ impl UpgradeVerifier for Verifier {
                 break;
             }
             inner.check_one(&shadow, &candidate, &id, &mut report).await;
+        }
+        for recent in inner.recent.of(&current.info.aggregate_type) {
+            if started.elapsed() >= budget.time {
+                report.truncated = true;
+                break;
+            }
+            inner.rerun(&shadow, &candidate, &recent, &mut report).await;
         }
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         report
@@ -190,6 +260,83 @@ impl Inner {
             Some(Err(failure)) => report.failures.push(failure),
             None => {}
         }
+    }
+}
+
+impl Inner {
+    /// Re-runs `recent` through both versions' `handle`, each on the state
+    /// it builds from the events before the command, and reports a
+    /// different outcome. Nothing is stored.
+    async fn rerun(
+        &self,
+        current: &PluginRef,
+        candidate: &PluginRef,
+        recent: &RecentCommand,
+        report: &mut VerificationReport,
+    ) {
+        let stream = current.info.stream_name(&recent.id);
+        let (Some(a), Some(b)) = (
+            self.state_at(current, &stream, recent.version).await,
+            self.state_at(candidate, &stream, recent.version).await,
+        ) else {
+            return;
+        };
+        let input = CommandInput {
+            command_type: &recent.command,
+            aggregate_id: &recent.id,
+            data: &recent.data,
+            metadata: &recent.metadata,
+        };
+        let decided_a = outcome(current.handle(&a, recent.version, &input).await);
+        let decided_b = outcome(candidate.handle(&b, recent.version, &input).await);
+        report.commands_rerun += 1;
+        if decided_a != decided_b {
+            report.command_differences.push(CommandDifference {
+                aggregate: recent.id.clone(),
+                command: recent.command.clone(),
+                version: recent.version,
+                current: excerpt(&decided_a, STATE_EXCERPT),
+                candidate: excerpt(&decided_b, STATE_EXCERPT),
+            });
+        }
+    }
+
+    /// The state `plugin` builds from the first `version` events of
+    /// `stream`; `None` if they cannot be read or folded.
+    async fn state_at(&self, plugin: &PluginRef, stream: &str, version: u64) -> Option<StateBytes> {
+        let mut state = plugin.initial_state().clone();
+        let page = self.config.rehydrate_page;
+        let mut from = 1;
+        while from <= version {
+            let limit = usize::try_from(version - from + 1).map_or(page, |left| left.min(page));
+            let batch = self.store.read_stream(stream, from, limit).await.ok()?;
+            let last = batch.last()?.version;
+            state = plugin.apply(&state, batch).await.ok()?;
+            from = last.saturating_add(1);
+        }
+        Some(state)
+    }
+}
+
+/// A decision as text to compare: the events (type and data) and the reply,
+/// or the refusal. The state is left out: its encoding may change with the
+/// version.
+fn outcome(decided: Result<Result<Decision, Rejection>, crate::error::CommandError>) -> String {
+    match decided {
+        Ok(Ok(d)) => {
+            let events: Vec<String> = d
+                .events
+                .iter()
+                .map(|e| format!("{} {}", e.event_type, String::from_utf8_lossy(&e.data)))
+                .collect();
+            let reply = d
+                .reply
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .unwrap_or_else(|| "none".to_owned());
+            format!("events [{}], reply {reply}", events.join(", "))
+        }
+        Ok(Err(rejection)) => format!("refused: {rejection:?}"),
+        Err(e) => format!("failed: {e}"),
     }
 }
 

@@ -115,6 +115,23 @@ pub struct Failure {
     pub error: String,
 }
 
+/// A recent command whose outcome the new version would change (reported,
+/// never enforced: a new version may well decide differently on purpose).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CommandDifference {
+    /// The aggregate's id.
+    pub aggregate: String,
+    /// The command's name.
+    pub command: String,
+    /// The aggregate's version the command ran at.
+    pub version: u64,
+    /// What the current version decides (events and reply, or the
+    /// refusal), shortened.
+    pub current: String,
+    /// What the new version decides, shortened.
+    pub candidate: String,
+}
+
 /// What verifying a new version against stored history found.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct VerificationReport {
@@ -137,6 +154,10 @@ pub struct VerificationReport {
     pub differences: Vec<Difference>,
     /// Aggregates the new version failed on.
     pub failures: Vec<Failure>,
+    /// Recent commands re-run in dry-run mode through both versions.
+    pub commands_rerun: usize,
+    /// Those whose outcome differs (not enforced).
+    pub command_differences: Vec<CommandDifference>,
     /// The policy the check ran under.
     pub policy: String,
 }
