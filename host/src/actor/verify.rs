@@ -54,19 +54,59 @@ pub(super) struct RecentCommand {
 }
 
 /// The last [`RECENT_COMMANDS`] commands of each aggregate type that
-/// stored events.
-#[derive(Default)]
+/// stored events. The first [`RECENT_ALWAYS`] are all kept; after that they
+/// are sampled, at most one every [`RECENT_EVERY_MS`] across the host, so
+/// that a busy command path pays an atomic load for it, not a lock and a
+/// copy per command.
 pub(super) struct Recent {
     by_type: Mutex<HashMap<String, VecDeque<RecentCommand>>>,
+    started: Instant,
+    /// Milliseconds since `started` before which no command is kept.
+    next_ms: std::sync::atomic::AtomicU64,
+    /// Commands kept so far.
+    kept: std::sync::atomic::AtomicUsize,
+}
+
+/// Commands kept before sampling starts.
+const RECENT_ALWAYS: usize = 64;
+
+/// How often a command is kept, at most (milliseconds).
+const RECENT_EVERY_MS: u64 = 10;
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent {
+            by_type: Mutex::default(),
+            started: Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            kept: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Recent {
     /// Keeps a command of `aggregate_type` that ran at `version`.
     pub(super) fn record(&self, aggregate_type: &str, input: &CommandInput<'_>, version: u64) {
+        use std::sync::atomic::Ordering;
         if input.data.len() > RECENT_MAX_BYTES {
             return;
         }
-        let mut all = self.by_type.lock().unwrap_or_else(|e| e.into_inner());
+        let warming_up = self.kept.load(Ordering::Relaxed) < RECENT_ALWAYS;
+        let mut all = if warming_up {
+            self.by_type.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if now < self.next_ms.load(Ordering::Relaxed) {
+                return;
+            }
+            self.next_ms
+                .store(now.saturating_add(RECENT_EVERY_MS), Ordering::Relaxed);
+            let Ok(all) = self.by_type.try_lock() else {
+                return;
+            };
+            all
+        };
+        self.kept.fetch_add(1, Ordering::Relaxed);
         let kept = match all.get_mut(aggregate_type) {
             Some(kept) => kept,
             None => all.entry(aggregate_type.to_owned()).or_default(),
