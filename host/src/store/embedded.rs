@@ -233,6 +233,28 @@ impl EmbeddedStore {
         closed_error(&self.shared.dir)
     }
 
+    /// Hands the writer the request `make` builds around the reply channel,
+    /// and waits for its answer. `what` names the request in the error.
+    async fn ask_writer<T>(
+        &self,
+        what: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(self.closed_error());
+        }
+        let (reply, answer) = oneshot::channel();
+        // Either failure means the writer has stopped (closed, or crashed);
+        // a request it dropped unanswered was not committed.
+        self.writer
+            .send(make(reply))
+            .await
+            .map_err(|_| writer_gone(&self.shared.dir, what))?;
+        answer
+            .await
+            .map_err(|_| writer_gone(&self.shared.dir, what))?
+    }
+
     /// Runs `f` with a read-only connection on a blocking thread.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -284,23 +306,15 @@ impl EventStore for EmbeddedStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Err(self.closed_error());
-        }
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            stream: stream.to_owned(),
-            expected,
-            events,
-            reply,
-        };
-        // Either failure means the writer has stopped (closed, or crashed);
-        // a request it dropped unanswered was not committed.
-        self.writer
-            .send(Command::Append(request))
-            .await
-            .map_err(|_| writer_gone(&self.shared.dir))?;
-        answer.await.map_err(|_| writer_gone(&self.shared.dir))?
+        self.ask_writer("append", |reply| {
+            Command::Append(AppendRequest {
+                stream: stream.to_owned(),
+                expected,
+                events,
+                reply,
+            })
+        })
+        .await
     }
 
     async fn read_stream(
@@ -405,19 +419,13 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
-        if self.shared.closed.load(Ordering::SeqCst) {
-            return Err(self.closed_error());
-        }
-        let (reply, answer) = oneshot::channel();
-        let request = SnapshotRequest {
-            snapshot: snapshot.clone(),
-            reply,
-        };
-        self.writer
-            .send(Command::Snapshot(request))
-            .await
-            .map_err(|_| writer_gone(&self.shared.dir))?;
-        answer.await.map_err(|_| writer_gone(&self.shared.dir))?
+        self.ask_writer("snapshot", |reply| {
+            Command::Snapshot(SnapshotRequest {
+                snapshot: snapshot.clone(),
+                reply,
+            })
+        })
+        .await
     }
 
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
@@ -462,9 +470,11 @@ impl EventStore for EmbeddedStore {
     }
 }
 
-fn writer_gone(dir: &Path) -> StoreError {
+/// `what` (an append, a snapshot) did not reach the writer, or the writer
+/// dropped it unanswered.
+fn writer_gone(dir: &Path, what: &str) -> StoreError {
     StoreError::Unavailable(format!(
-        "the embedded store at {} is closed or its writer has stopped; the append was not \
+        "the embedded store at {} is closed or its writer has stopped; the {what} was not \
          committed",
         dir.display()
     ))
