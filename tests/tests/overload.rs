@@ -1,6 +1,9 @@
-//! Overload, end to end: past `--max-in-flight` a command is refused at
-//! once with `overloaded` (503, `Retry-After`) instead of queueing, and a
-//! command whose caller has gone is dropped before it runs.
+//! Overload and abuse, end to end: past `--max-in-flight` or
+//! `--max-guest-queue` a command is refused at once with `overloaded` (503,
+//! `Retry-After`) instead of queueing; a command whose caller has gone is
+//! dropped before it runs; aggregates that do not exist occupy no cache and
+//! the resident set is capped in bytes; past `--max-connections` a new
+//! connection waits for room; every number a client sends is checked.
 
 use std::time::{Duration, Instant};
 
@@ -11,18 +14,33 @@ use serde_json::json;
 async fn until_metrics(host: &Host, within: Duration, condition: impl Fn(&str) -> bool) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        let text = reqwest::get(format!("{}/metrics", host.base))
-            .await
-            .expect("the host answers")
-            .text()
-            .await
-            .expect("a body");
-        if condition(&text) {
+        if condition(&host.metrics().await) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// Sends `command` with `{}` to the `faulty` aggregate `id` in a task of
+/// its own; the task answers the status and the JSON body.
+fn spawn_command(
+    host: &Host,
+    id: &str,
+    command: &str,
+) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
+    let url = format!("{}/v1/aggregates/faulty/{id}/commands/{command}", host.base);
+    tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .body("{}")
+            .send()
+            .await
+            .expect("the host answers");
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.expect("JSON");
+        (status, body)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,19 +52,7 @@ async fn past_max_in_flight_a_command_is_overloaded_at_once() {
     // Two commands that hold the guest until their deadline.
     let spins: Vec<_> = ["s1", "s2"]
         .into_iter()
-        .map(|id| {
-            let url = format!("{}/v1/aggregates/faulty/{id}/commands/spin", host.base);
-            tokio::spawn(async move {
-                reqwest::Client::new()
-                    .post(url)
-                    .body("{}")
-                    .send()
-                    .await
-                    .expect("the host answers")
-                    .status()
-                    .as_u16()
-            })
-        })
+        .map(|id| spawn_command(&host, id, "spin"))
         .collect();
     // Both have reached their actors.
     assert!(
@@ -82,7 +88,7 @@ async fn past_max_in_flight_a_command_is_overloaded_at_once() {
 
     for spin in spins {
         assert_eq!(
-            spin.await.expect("a spin"),
+            spin.await.expect("a spin").0,
             500,
             "the spins ran out of time"
         );
@@ -239,20 +245,7 @@ async fn past_max_guest_queue_a_command_is_overloaded() {
             "0",
         ],
     );
-    let post = |id: &str, command: &str| {
-        let url = format!("{}/v1/aggregates/faulty/{id}/commands/{command}", host.base);
-        tokio::spawn(async move {
-            let resp = reqwest::Client::new()
-                .post(url)
-                .body("{}")
-                .send()
-                .await
-                .expect("the host answers");
-            let status = resp.status().as_u16();
-            let body: serde_json::Value = resp.json().await.expect("JSON");
-            (status, body)
-        })
-    };
+    let post = |id: &str, command: &str| spawn_command(&host, id, command);
     // Four spins hold the plugin's four guest threads to their deadline.
     let spins: Vec<_> = ["s1", "s2", "s3", "s4"]
         .into_iter()
