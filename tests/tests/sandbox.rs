@@ -424,12 +424,7 @@ async fn a_plugin_that_floods_the_log_is_held_to_its_rate_and_the_drops_are_coun
 
 /// `rehydra_plugin_log_lines_dropped_total` of `plugin` (0 before any drop).
 async fn dropped_log_lines(host: &Host, plugin: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", host.base))
-        .await
-        .expect("the host answers")
-        .text()
-        .await
-        .expect("a body");
+    let text = host.metrics().await;
     let name = format!("rehydra_plugin_log_lines_dropped_total{{plugin=\"{plugin}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&name))
