@@ -240,24 +240,8 @@ async fn post(
     }
 }
 
-/// Scenario (b): one host with a warm cache; `n` accounts opened over
-/// HTTP; then, at each concurrency level, `runs` runs of `secs` with that
-/// many client tasks POSTing deposits, each over its share of the
-/// accounts ([`client_accounts`]).
-pub async fn throughput(
-    n: usize,
-    concurrency: &[usize],
-    runs: usize,
-    secs: f64,
-) -> Vec<(usize, RunResult)> {
-    let dir = HostDir::new();
-    let host = dir.start(&format!("data-{n}"), "cache");
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .expect("an HTTP client");
-    let base: Arc<str> = host.base.clone().into();
-    // Open the accounts, 32 at a time.
+/// Opens accounts `agg_id(0..n)` over HTTP, 32 at a time.
+async fn open_accounts(client: &reqwest::Client, base: &Arc<str>, n: usize) {
     let mut tasks = Vec::new();
     for p in 0..32.min(n) {
         let (client, base) = (client.clone(), base.clone());
@@ -280,6 +264,26 @@ pub async fn throughput(
     for t in tasks {
         t.await.expect("an opening task");
     }
+}
+
+/// Scenario (b): one host with a warm cache; `n` accounts opened over
+/// HTTP; then, at each concurrency level, `runs` runs of `secs` with that
+/// many client tasks POSTing deposits, each over its share of the
+/// accounts ([`client_accounts`]).
+pub async fn throughput(
+    n: usize,
+    concurrency: &[usize],
+    runs: usize,
+    secs: f64,
+) -> Vec<(usize, RunResult)> {
+    let dir = HostDir::new();
+    let host = dir.start(&format!("data-{n}"), "cache");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("an HTTP client");
+    let base: Arc<str> = host.base.clone().into();
+    open_accounts(&client, &base, n).await;
     let mut out = Vec::new();
     for &c in concurrency {
         let mut results = Vec::new();
@@ -357,17 +361,7 @@ pub async fn overload(cap: usize, clients: &[usize], secs: f64) -> Vec<OverloadR
         .build()
         .expect("an HTTP client");
     let base: Arc<str> = host.base.clone().into();
-    for i in 0..n {
-        post(
-            &client,
-            &base,
-            &agg_id(i),
-            "open",
-            &json!({"owner": "bench"}),
-        )
-        .await
-        .expect("opening an account over HTTP");
-    }
+    open_accounts(&client, &base, n).await;
     let mut out = Vec::new();
     for &c in clients {
         let rss_start_kib = rehydra_e2e::rss_kib_of(pid);
