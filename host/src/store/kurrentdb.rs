@@ -62,6 +62,13 @@ use wire::{
     to_wire,
 };
 
+/// Whether `stream`'s records are Rehydra events: not one of KurrentDB's
+/// system streams (`$…`) nor a snapshot stream. Every read and subscription
+/// of `$all` keeps only these.
+fn holds_events(stream: &str) -> bool {
+    !stream.starts_with('$') && !snapshot::is_snapshot_stream(stream)
+}
+
 /// How long and how hard the backend keeps trying.
 #[derive(Debug, Clone)]
 pub struct Resilience {
@@ -444,9 +451,7 @@ impl KurrentDbStore {
                 match read.next().await {
                     Ok(Some(e)) => {
                         let e = e.get_original_event();
-                        let event = if e.stream_id().starts_with('$')
-                            || snapshot::is_snapshot_stream(e.stream_id())
-                        {
+                        let event = if !holds_events(e.stream_id()) {
                             None
                         } else {
                             Some(convert(e)?)
@@ -618,7 +623,7 @@ impl KurrentDbStore {
                         let e = e.get_original_event();
                         newest = newest.or(Some(e.position));
                         let stream = e.stream_id();
-                        if !stream.starts_with('$') && !snapshot::is_snapshot_stream(stream) {
+                        if holds_events(stream) {
                             return Ok(Some(e.position));
                         }
                     }

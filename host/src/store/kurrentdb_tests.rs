@@ -311,6 +311,38 @@ mod resilience {
         out
     }
 
+    /// Snapshots are kept in streams of their own; a subscription to every
+    /// stream delivers none of them, stored or live.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscription_to_every_stream_delivers_no_snapshot() {
+        let double = KurrentDbDouble::single().await.expect("double");
+        let store = open(&double, Resilience::default()).await;
+        let s = new_stream("snapsub");
+        store
+            .append(&s, ExpectedVersion::NoStream, events(2))
+            .await
+            .expect("append");
+        store
+            .save_snapshot(&crate::store::conformance::snapshot(&s, 1, 2))
+            .await
+            .expect("a stored snapshot");
+        let mut rx = store.subscribe(1, Vec::new());
+        let stored = receive(&mut rx, 2).await;
+        assert!(stored.iter().all(|e| e.stream == s), "{stored:?}");
+
+        // Live: a snapshot written now, then an event; the event comes next.
+        store
+            .save_snapshot(&crate::store::conformance::snapshot(&s, 1, 3))
+            .await
+            .expect("a live snapshot");
+        store
+            .append(&s, ExpectedVersion::Exact(2), events(1))
+            .await
+            .expect("append");
+        let live = receive(&mut rx, 1).await;
+        assert_eq!((live[0].stream.as_str(), live[0].version), (s.as_str(), 3));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn subscription_catches_up_goes_live_and_survives_failover() {
         let double = KurrentDbDouble::cluster().await.expect("double");

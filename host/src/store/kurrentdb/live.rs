@@ -76,7 +76,7 @@ async fn drive_signal(
         let error = loop {
             match subscription.next_subscription_event().await {
                 Ok(SubscriptionEvent::EventAppeared(e)) => {
-                    if !e.get_original_event().stream_id().starts_with('$') {
+                    if holds_events(e.get_original_event().stream_id()) {
                         bump();
                     }
                 }
@@ -189,7 +189,7 @@ impl KurrentDbStore {
                         failing_since = None;
                         let e = e.get_original_event();
                         resume = Some(e.position);
-                        if rehydra_position(e.position) < next || e.stream_id().starts_with('$') {
+                        if rehydra_position(e.position) < next || !holds_events(e.stream_id()) {
                             continue;
                         }
                         if tx.send(Ok(convert(e)?)).await.is_err() {
