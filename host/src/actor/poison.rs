@@ -16,6 +16,7 @@
 //! that fails before it has events is never resident, and its failures must
 //! still add up. The map is bounded and swept with the idle aggregates.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -32,6 +33,10 @@ pub(super) struct Poison {
     after: u32,
     first_rest: Duration,
     entries: DashMap<String, Entry>,
+    /// How many `entries` there are, kept beside the map: the command path
+    /// asks whether it is empty twice per command, and the map can only
+    /// tell by locking each of its shards.
+    tracked: AtomicUsize,
 }
 
 struct Entry {
@@ -50,13 +55,14 @@ impl Poison {
             after,
             first_rest: first_rest.max(Duration::from_millis(1)),
             entries: DashMap::new(),
+            tracked: AtomicUsize::new(0),
         }
     }
 
     /// `Err(aggregate_poisoned)` while the aggregate rests.
     pub(super) fn check(&self, aggregate_type: &str, id: &str) -> Result<(), CommandError> {
         // The common case, no failures on record, costs no key.
-        if self.after == 0 || self.entries.is_empty() {
+        if self.after == 0 || self.tracked.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
         let Some(entry) = self.entries.get(&super::slot_key(aggregate_type, id)) else {
@@ -96,8 +102,14 @@ impl Poison {
                 };
                 self.failed(&super::slot_key(aggregate_type, id), &message);
             }
-            PluginVerdict::Worked if !self.entries.is_empty() => {
-                self.entries.remove(&super::slot_key(aggregate_type, id));
+            PluginVerdict::Worked if self.tracked.load(Ordering::Acquire) > 0 => {
+                if self
+                    .entries
+                    .remove(&super::slot_key(aggregate_type, id))
+                    .is_some()
+                {
+                    self.tracked.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             PluginVerdict::Worked | PluginVerdict::Unknown => {}
         }
@@ -105,15 +117,18 @@ impl Poison {
 
     fn failed(&self, key: &str, message: &str) {
         let now = Instant::now();
-        if !self.entries.contains_key(key) && self.entries.len() >= MAX_TRACKED {
+        if !self.entries.contains_key(key) && self.tracked.load(Ordering::Acquire) >= MAX_TRACKED {
             return;
         }
-        let mut entry = self.entries.entry(key.to_owned()).or_insert_with(|| Entry {
-            consecutive: 0,
-            until: None,
-            rest: self.first_rest,
-            last_failure: now,
-            last_error: String::new(),
+        let mut entry = self.entries.entry(key.to_owned()).or_insert_with(|| {
+            self.tracked.fetch_add(1, Ordering::AcqRel);
+            Entry {
+                consecutive: 0,
+                until: None,
+                rest: self.first_rest,
+                last_failure: now,
+                last_error: String::new(),
+            }
         });
         entry.consecutive = entry.consecutive.saturating_add(1);
         entry.last_failure = now;
@@ -138,7 +153,11 @@ impl Poison {
         let now = Instant::now();
         self.entries.retain(|_, e| {
             let resting = e.until.is_some_and(|u| u > now);
-            resting || now.duration_since(e.last_failure) < MAX_QUARANTINE
+            let keep = resting || now.duration_since(e.last_failure) < MAX_QUARANTINE;
+            if !keep {
+                self.tracked.fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
         });
     }
 
@@ -184,6 +203,11 @@ mod tests {
         // A refusal is an answer: the plugin works for this aggregate.
         p.record::<()>("t", "a", &Err(CommandError::Rejected("no".into())));
         assert!(p.check("t", "a").is_ok());
+        assert_eq!(
+            p.tracked.load(Ordering::Acquire),
+            0,
+            "the count follows the map"
+        );
     }
 
     #[test]
