@@ -183,10 +183,12 @@ struct RunArgs {
     /// The most subscriptions open at once.
     #[arg(long, value_name = "N", default_value_t = SubscriptionConfig::default().max_subscriptions)]
     max_subscriptions: usize,
-    /// The compile cache directory (private to this user: it holds native code).
+    /// The compile cache directory, which also keeps the plugin versions that
+    /// served, for rollback (private to this user: it holds native code).
     #[arg(long, env = "REHYDRA_CACHE_DIR", value_name = "DIR", default_value = ServerConfig::DEFAULT_CACHE_DIR)]
     cache_dir: PathBuf,
-    /// Compile every plugin at start, without the cache.
+    /// Compile every plugin at start, without the cache (and keep plugin
+    /// versions for rollback in memory only).
     #[arg(long)]
     no_cache: bool,
     /// Do not reload plugins when the plugin directory changes (SIGHUP and

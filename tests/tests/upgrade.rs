@@ -387,3 +387,74 @@ async fn a_rollback_serves_the_previous_version_and_the_file_agrees() {
         "{body}"
     );
 }
+
+/// The versions that served survive a restart (kept in the compile cache):
+/// after a `kill -9`, the list still shows them with the report the
+/// serving one passed, and a rollback loads the earlier version from its
+/// kept file, serves it and writes it back to the plugin file. A second
+/// restart serves what the file holds and keeps the list.
+#[tokio::test]
+async fn versions_and_rollback_survive_a_restart() {
+    let mut host = Host::start_with(&[PLUGIN], &["--no-watch"]);
+    accounts(&host).await;
+    let first = bank_plugin(&host).await["hash"].clone();
+    let report = deploy(&host, "bank-account-withdrawal-fee").await;
+    assert_eq!(report["failed"], json!([]), "{report}");
+    let second = bank_plugin(&host).await["hash"].clone();
+
+    host.restart();
+    let (status, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
+    assert_eq!(status, 200, "{listed}");
+    let versions = listed["versions"].as_array().expect("versions");
+    let hashes: Vec<&Value> = versions.iter().map(|v| &v["hash"]).collect();
+    assert_eq!(hashes, vec![&first, &second], "{listed}");
+    assert_eq!(
+        (&versions[0]["serving"], &versions[1]["serving"]),
+        (&json!(false), &json!(true)),
+        "{listed}"
+    );
+    assert!(versions[0]["served_until"].is_string(), "{listed}");
+    assert_eq!(
+        versions[1]["verification"]["aggregates_checked"], 3,
+        "{listed}"
+    );
+    // The serving version shows the report it passed before the restart.
+    assert_eq!(
+        bank_plugin(&host).await["verification"]["candidate_hash"],
+        second
+    );
+
+    let (status, done) = host
+        .command_raw_post(&format!("/v1/plugins/{PLUGIN}/rollback"))
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((&done["from"], &done["to"]), (&second, &first), "{done}");
+    assert_eq!(bank_plugin(&host).await["hash"], first);
+    let plugin_file = host.dir.path().join("plugins").join("bank-account.wasm");
+    let first_bytes = std::fs::read(rehydra_e2e::plugin(PLUGIN)).expect("the first version");
+    assert_eq!(
+        std::fs::read(&plugin_file).expect("the plugin file"),
+        first_bytes,
+        "the file holds the version that serves"
+    );
+    // The stored accounts fold on the version rolled back to, and it
+    // takes commands.
+    assert_eq!(balance(&host, "a").await, 25);
+    let (status, answer) = host
+        .command(PLUGIN, "c", "deposit", json!({"amount": 3}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(balance(&host, "c").await, 10);
+
+    host.restart();
+    assert_eq!(bank_plugin(&host).await["hash"], first);
+    let (_, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
+    let hashes: Vec<&Value> = listed["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| &v["hash"])
+        .collect();
+    assert_eq!(hashes, vec![&first, &second, &first], "{listed}");
+    assert_eq!(listed["versions"][2]["serving"], true, "{listed}");
+}

@@ -33,6 +33,11 @@ impl CompileCache {
         CompileCache { dir }
     }
 
+    /// The cache's directory, if the cache is enabled.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
     fn entry_path(&self, engine: &Engine, content_hash: &str) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -9,8 +9,13 @@
 //! - [`cache`]: the on-disk compile cache.
 //! - [`instance`]: a sandboxed instance and the warm pool.
 //! - [`log_limit`]: the limit on the lines a plugin may log.
-//! - [`registry`]: the loaded plugins, by aggregate type.
+//! - [`registry`]: the loaded plugins, by aggregate type; `loader` turns a
+//!   file into a [`Plugin`], `contract` says what a component must be.
 //! - [`threads`]: the threads that run a plugin's guest calls.
+//! - [`types`]: the host types of a plugin's calls; `convert` maps them to
+//!   and from the WIT bindings.
+//! - [`verify`], [`versions`], [`kept`]: upgrades — the check a new version
+//!   passes before it serves, and the versions kept for rollback.
 //!
 //! A [`Plugin`] is normally a component. [`NativeAggregate`] is the one
 //! other kind: logic compiled into the process, for benchmarks that measure
@@ -18,12 +23,18 @@
 
 pub mod bindings;
 pub mod cache;
+mod contract;
+mod convert;
 pub mod engine;
 pub mod instance;
+pub mod kept;
+mod loader;
 pub mod log_limit;
 pub mod quarantine;
 pub mod registry;
 pub mod threads;
+pub mod types;
+mod upgrade;
 pub mod verify;
 pub mod versions;
 pub mod watch;
@@ -32,146 +43,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
 
 use self::bindings::rehydra::aggregate::types as wit;
 use self::engine::SandboxLimits;
 use self::instance::{GuestFailure, InstancePool};
 use self::quarantine::{Quarantine, QuarantineStatus};
 use self::threads::{GuestThreadError, GuestThreads};
-use crate::error::{CommandError, FailureKind, FieldError};
+use crate::error::{CommandError, FailureKind};
 use crate::store::RecordedEvent;
 
+use self::convert::{from_wit_outcome, handle_args, to_wit_event};
 pub use self::registry::{LoadFailure, PluginRegistry, ScanReport};
-
-/// Whether a command creates its aggregate, updates it, or either.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CommandMode {
-    /// The aggregate must not exist yet.
-    Create,
-    /// The aggregate must exist.
-    Update,
-    /// Either.
-    Upsert,
-}
-
-/// A command a plugin accepts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CommandSpec {
-    /// The command's name.
-    pub name: String,
-    /// Its mode.
-    pub mode: CommandMode,
-}
-
-/// What a plugin said about itself in `describe()`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PluginInfo {
-    /// The aggregate type, unique among loaded plugins.
-    pub aggregate_type: String,
-    /// Streams are named `<stream_prefix>-<id>`.
-    pub stream_prefix: String,
-    /// The version of the state encoding.
-    pub state_schema: u32,
-    /// Every command the plugin handles.
-    pub commands: Vec<CommandSpec>,
-    /// Every event type it emits.
-    pub event_types: Vec<String>,
-}
-
-impl PluginInfo {
-    /// The spec of the command `name`, if the plugin has it.
-    pub fn command(&self, name: &str) -> Option<&CommandSpec> {
-        self.commands.iter().find(|c| c.name == name)
-    }
-
-    /// The stream of aggregate `id`.
-    pub fn stream_name(&self, id: &str) -> String {
-        format!("{}-{}", self.stream_prefix, id)
-    }
-}
-
-/// An aggregate's state as the plugin encoded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateBytes {
-    /// The encoding's version.
-    pub schema: u32,
-    /// The encoded state.
-    pub bytes: Vec<u8>,
-}
-
-/// An event a command produced, not yet stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEvent {
-    /// The event type.
-    pub event_type: String,
-    /// The payload (JSON).
-    pub data: Vec<u8>,
-}
-
-/// What a command produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    /// Events to append, in order.
-    pub events: Vec<NewEvent>,
-    /// The state after those events.
-    pub state: StateBytes,
-    /// The reply for the client (JSON), if any.
-    pub reply: Option<Vec<u8>>,
-}
-
-/// Why a plugin refused a command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    /// Invalid fields.
-    Invalid(Vec<FieldError>),
-    /// A domain rule refused it.
-    Rejected(String),
-    /// The caller may not do this.
-    Forbidden(String),
-    /// The plugin cannot read state of this schema.
-    IncompatibleState(u32),
-}
-
-/// A stored event as `apply` receives it: the host-side twin of the WIT
-/// `recorded-event`, which both kinds of plugin are given.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayEvent {
-    /// The event type.
-    pub event_type: String,
-    /// The payload (JSON).
-    pub data: Vec<u8>,
-    /// The aggregate's version once this event is applied (1-based).
-    pub version: u64,
-    /// The stored metadata JSON object, as text and unparsed (see the WIT's
-    /// `recorded-event.metadata`; empty when the stored bytes are not UTF-8).
-    pub metadata: String,
-}
-
-impl From<RecordedEvent> for ReplayEvent {
-    fn from(e: RecordedEvent) -> Self {
-        ReplayEvent {
-            event_type: e.event_type,
-            data: e.data,
-            version: e.version,
-            metadata: metadata_text(e.metadata),
-        }
-    }
-}
-
-/// A command as the plugin receives it.
-#[derive(Debug, Clone)]
-pub struct CommandInput<'a> {
-    /// The command's name.
-    pub command_type: &'a str,
-    /// The aggregate's id.
-    pub aggregate_id: &'a str,
-    /// The payload (JSON).
-    pub data: &'a [u8],
-    /// Host-supplied metadata (`now`, `message-id`, …).
-    pub metadata: &'a [(String, String)],
-}
+pub use self::types::{
+    CommandInput, CommandMode, CommandSpec, Decision, NewEvent, PluginInfo, Rejection, ReplayEvent,
+    StateBytes, is_valid_name, is_valid_stream_prefix,
+};
 
 /// One loaded, validated version of a plugin.
 pub struct Plugin {
@@ -667,160 +553,5 @@ impl Plugin {
     }
 }
 
-/// What `handle` returned, in host types.
-fn from_wit_outcome(result: Result<wit::Decision, wit::Rejection>) -> Result<Decision, Rejection> {
-    match result {
-        Ok(d) => Ok(Decision {
-            events: d
-                .events
-                .into_iter()
-                .map(|e| NewEvent {
-                    event_type: e.event_type,
-                    data: e.data,
-                })
-                .collect(),
-            state: StateBytes {
-                schema: d.state.schema,
-                bytes: d.state.bytes,
-            },
-            reply: d.reply,
-        }),
-        Err(wit::Rejection::Invalid(fields)) => Err(Rejection::Invalid(
-            fields
-                .into_iter()
-                .map(|f| FieldError {
-                    field: f.field,
-                    message: f.message,
-                })
-                .collect(),
-        )),
-        Err(wit::Rejection::Rejected(m)) => Err(Rejection::Rejected(m)),
-        Err(wit::Rejection::Forbidden(m)) => Err(Rejection::Forbidden(m)),
-        Err(wit::Rejection::IncompatibleState(s)) => Err(Rejection::IncompatibleState(s)),
-    }
-}
-
-/// The WIT arguments of a `handle` call (owned: they cross to a guest
-/// thread).
-fn handle_args(state: &StateBytes, command: &CommandInput<'_>) -> (wit::State, wit::Command) {
-    let s = wit::State {
-        schema: state.schema,
-        bytes: state.bytes.clone(),
-    };
-    let c = wit::Command {
-        command_type: command.command_type.to_string(),
-        aggregate_id: command.aggregate_id.to_string(),
-        data: command.data.to_vec(),
-        metadata: command.metadata.to_vec(),
-    };
-    (s, c)
-}
-
-/// A stored event as the WIT `recorded-event`: every field moves, none is
-/// copied or parsed.
-fn to_wit_event(e: RecordedEvent) -> wit::RecordedEvent {
-    wit::RecordedEvent {
-        event_type: e.event_type,
-        data: e.data,
-        version: e.version,
-        metadata: metadata_text(e.metadata),
-    }
-}
-
-/// An event's stored metadata as the text `apply` is given: the bytes
-/// themselves, after a UTF-8 check and without a copy. The host writes
-/// UTF-8 JSON, so only an event another tool wrote (into a KurrentDB
-/// stream) can fail the check; its metadata becomes the empty string. A
-/// WIT `string` cannot carry such bytes, and a lossy conversion would give
-/// the plugin altered values that look genuine.
-fn metadata_text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_default()
-}
-
-/// Whether `s` is a valid name for an aggregate type, command or event type:
-/// 1–64 ASCII letters, digits, `-`, `_` or `.`, starting with a letter.
-pub fn is_valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-/// Whether `s` is a valid stream prefix: like a name but without `-`, since
-/// KurrentDB's category is everything before the first `-` of a stream name.
-pub fn is_valid_stream_prefix(s: &str) -> bool {
-    is_valid_name(s) && !s.contains('-')
-}
-
 /// Shared by `Arc` everywhere a command runs.
 pub type PluginRef = Arc<Plugin>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stored(metadata: &[u8]) -> RecordedEvent {
-        RecordedEvent {
-            stream: "account-1".into(),
-            version: 7,
-            position: 42,
-            event_id: uuid::Uuid::nil(),
-            event_type: "Deposited".into(),
-            data: br#"{"amount":5}"#.to_vec(),
-            metadata: metadata.to_vec(),
-            message_id: "m-1".into(),
-        }
-    }
-
-    /// The metadata reaches the guest byte for byte: not parsed, so not
-    /// reordered, reformatted or stripped of non-string values.
-    #[test]
-    fn stored_metadata_reaches_the_guest_unchanged() {
-        let cases: [&[u8]; 5] = [
-            br#"{"$causationId":"c","$correlationId":"c","commandType":"deposit","messageId":"m-1","plugin":"bank-account","pluginHash":"ab12","reply":{"balance":5},"timestamp":"2026-01-01T00:00:00.000Z"}"#,
-            "{ \"z\": 1,\n  \"a\": [true, null, 1.50], \"\u{e9}\": \"\\u00e9\" }".as_bytes(),
-            b"{}",
-            // Another tool's metadata: text that is not a JSON object.
-            b"written by a tool",
-            b"",
-        ];
-        for metadata in cases {
-            let e = to_wit_event(stored(metadata));
-            assert_eq!(e.metadata.as_bytes(), metadata);
-            assert_eq!(
-                (e.event_type.as_str(), e.data.as_slice(), e.version),
-                ("Deposited", &br#"{"amount":5}"#[..], 7)
-            );
-        }
-    }
-
-    /// Bytes a WIT `string` cannot carry arrive as the empty string; the
-    /// rest of the event is untouched.
-    #[test]
-    fn metadata_that_is_not_utf8_arrives_empty() {
-        for metadata in [&b"\xff\xfe"[..], b"{\"k\":\"\xc3\x28\"}"] {
-            let e = to_wit_event(stored(metadata));
-            assert_eq!(e.metadata, "");
-            assert_eq!((e.event_type.as_str(), e.version), ("Deposited", 7));
-        }
-    }
-
-    /// The native seam gets what a component gets.
-    #[test]
-    fn native_logic_sees_the_events_as_a_component_does() {
-        for metadata in [&br#"{"messageId":"m-1"}"#[..], b"\xff"] {
-            let wit = to_wit_event(stored(metadata));
-            let native = ReplayEvent::from(stored(metadata));
-            assert_eq!(
-                native,
-                ReplayEvent {
-                    event_type: wit.event_type,
-                    data: wit.data,
-                    version: wit.version,
-                    metadata: wit.metadata,
-                }
-            );
-        }
-    }
-}

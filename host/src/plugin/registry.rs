@@ -7,31 +7,25 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::Linker;
 
-use super::bindings::rehydra::aggregate::types as wit;
-use super::bindings::{AggregatePre, WIT_PACKAGE, WIT_VERSION};
-use super::cache::{CacheOutcome, CompileCache};
+use super::cache::CompileCache;
 use super::engine::{EpochTicker, SandboxLimits, new_engine};
-use super::instance::{GuestState, InstancePool, add_to_linker};
+use super::instance::{GuestState, add_to_linker};
+use super::kept::KeptFiles;
 use super::log_limit::LogLimiter;
-use super::quarantine::Quarantine;
-use super::verify::{UpgradeCheck, UpgradeVerifier, VerificationReport, VerifyBudget};
-use super::versions::{History, VersionInfo};
-use super::{
-    Backend, CommandMode, CommandSpec, Plugin, PluginInfo, PluginRef, StateBytes, is_valid_name,
-    is_valid_stream_prefix,
-};
-use crate::error::CommandError;
+use super::upgrade::Verification;
+use super::verify::VerificationReport;
+use super::versions::History;
+use super::{Plugin, PluginRef};
 
 /// A file that could not be loaded, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +77,7 @@ impl PendingLoad {
 
 /// Components at least this large and not in the compile cache are
 /// compiled in the background at start-up: they take seconds to minutes.
-const SLOW_COMPILE_BYTES: usize = 2_000_000;
+pub(super) const SLOW_COMPILE_BYTES: usize = 2_000_000;
 
 /// A new or changed plugin file, read and hashed, waiting to be loaded.
 struct Candidate {
@@ -95,52 +89,32 @@ struct Candidate {
     slow: bool,
 }
 
-/// How new versions are verified: by what, under which policies, within
-/// which budget.
-struct Verification {
-    verifier: Arc<dyn UpgradeVerifier>,
-    policy: UpgradeCheck,
-    per_plugin: HashMap<String, UpgradeCheck>,
-    budget: VerifyBudget,
-}
-
-/// What a rollback did.
-#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
-pub struct Rollback {
-    /// The plugin's name.
-    pub plugin: String,
-    /// The version that served before (content hash).
-    pub from: String,
-    /// The version that serves now.
-    pub to: String,
-}
-
 /// The loaded plugins and everything needed to load more.
 pub struct PluginRegistry {
-    engine: Engine,
-    linker: Linker<GuestState>,
-    cache: CompileCache,
-    limits: SandboxLimits,
-    plugins: ArcSwap<HashMap<String, PluginRef>>,
-    failures: Mutex<Vec<LoadFailure>>,
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<GuestState>,
+    pub(super) cache: CompileCache,
+    pub(super) limits: SandboxLimits,
+    pub(super) plugins: ArcSwap<HashMap<String, PluginRef>>,
+    pub(super) failures: Mutex<Vec<LoadFailure>>,
     /// Each plugin name's log budget, kept across its versions so that a
     /// reload does not refill it.
-    log_limiters: Mutex<HashMap<String, Arc<LogLimiter>>>,
+    pub(super) log_limiters: Mutex<HashMap<String, Arc<LogLimiter>>>,
     /// The directory of the last scan, for [`rescan`](Self::rescan).
-    dir: Mutex<Option<PathBuf>>,
+    pub(super) dir: Mutex<Option<PathBuf>>,
     /// One scan at a time: a scan reads the map, loads, then swaps it.
-    scanning: Arc<tokio::sync::Mutex<()>>,
+    pub(super) scanning: Arc<tokio::sync::Mutex<()>>,
     /// Files a start-up scan left compiling in the background (a watch, so
     /// [`wait_loaded`](Self::wait_loaded) can wait for it to empty).
-    pending: tokio::sync::watch::Sender<Vec<PendingLoad>>,
+    pub(super) pending: tokio::sync::watch::Sender<Vec<PendingLoad>>,
     /// What verifies a new version of a loaded plugin before it serves,
     /// under which policy and budget; set once by the server.
-    verifier: std::sync::OnceLock<Verification>,
+    pub(super) verifier: std::sync::OnceLock<Verification>,
     /// Each plugin name's last refused verification, until a version passes.
-    refused: Mutex<HashMap<String, VerificationReport>>,
+    pub(super) refused: Mutex<HashMap<String, VerificationReport>>,
     /// The last versions of each plugin, for rollback.
-    history: History,
-    _ticker: EpochTicker,
+    pub(super) history: History,
+    pub(super) _ticker: EpochTicker,
 }
 
 impl PluginRegistry {
@@ -166,91 +140,6 @@ impl PluginRegistry {
             refused: Mutex::new(HashMap::new()),
             history: History::default(),
             _ticker: ticker,
-        })
-    }
-
-    /// Has every new version of a loaded plugin verified by `verifier`
-    /// before it serves, under `policy`, or the plugin's own policy in
-    /// `per_plugin` (by plugin name; see [`super::verify`]). Set once;
-    /// later calls are ignored.
-    pub fn set_verifier(
-        &self,
-        verifier: Arc<dyn UpgradeVerifier>,
-        policy: UpgradeCheck,
-        per_plugin: HashMap<String, UpgradeCheck>,
-        budget: VerifyBudget,
-    ) {
-        let _ = self.verifier.set(Verification {
-            verifier,
-            policy,
-            per_plugin,
-            budget,
-        });
-    }
-
-    /// The last verification that refused a new version of plugin `name`
-    /// (under `--upgrade-check enforce`), until a version passes.
-    pub fn refused_verification(&self, name: &str) -> Option<VerificationReport> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    /// The kept versions of plugin `name`, oldest first.
-    pub fn versions(&self, name: &str) -> Vec<VersionInfo> {
-        self.history.list(name)
-    }
-
-    /// Serves the version of plugin `name` that served before the current
-    /// one again, at once (it is kept loaded; it served before, so it is not
-    /// verified again), and writes its bytes to the plugin's file so that
-    /// the directory agrees: the next scan finds the file unchanged.
-    /// Commands already running finish on the version they started with.
-    pub async fn rollback(&self, name: &str) -> Result<Rollback, CommandError> {
-        // No scan may swap the map, or read the file, in between.
-        let _one_at_a_time = self.scanning.clone().lock_owned().await;
-        let Some(current) = self.list().into_iter().find(|p| p.name == name) else {
-            return Err(CommandError::NotFound(format!(
-                "no plugin named {name:?} is loaded (GET /v1/plugins lists them)"
-            )));
-        };
-        let Some(earlier) = self.history.earlier(name, &current.hash) else {
-            return Err(CommandError::NotFound(format!(
-                "plugin {name:?} has no earlier version kept to roll back to: only versions that \
-                 served since the host started are kept (GET /v1/plugins/{name}/versions)"
-            )));
-        };
-        let path = current.path.clone();
-        let tmp = path.with_extension("wasm.rollback");
-        let written = async {
-            tokio::fs::write(&tmp, earlier.bytes.as_slice()).await?;
-            tokio::fs::rename(&tmp, &path).await
-        }
-        .await;
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(CommandError::Internal(format!(
-                "cannot write the earlier version to {} ({e}); nothing was rolled back: make the \
-                 plugin directory writable by this user",
-                path.display()
-            )));
-        }
-        let mut next: HashMap<String, PluginRef> = (*self.plugins.load_full()).clone();
-        next.insert(current.info.aggregate_type.clone(), earlier.plugin.clone());
-        self.plugins.store(Arc::new(next));
-        self.history.served(&earlier.plugin, earlier.bytes);
-        tracing::warn!(
-            plugin = name,
-            from = %current.short_hash(),
-            to = %earlier.plugin.short_hash(),
-            "plugin rolled back"
-        );
-        Ok(Rollback {
-            plugin: name.to_owned(),
-            from: current.hash.clone(),
-            to: earlier.plugin.hash.clone(),
         })
     }
 
@@ -358,6 +247,9 @@ impl PluginRegistry {
         let one_at_a_time = self.scanning.clone().lock_owned().await;
         if let Ok(mut d) = self.dir.lock() {
             *d = Some(dir.to_path_buf());
+        }
+        if let Some(cache_dir) = self.cache.dir() {
+            self.history.keep_in(KeptFiles::new(cache_dir, dir));
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| {
@@ -540,385 +432,5 @@ impl PluginRegistry {
         // Scans are serialised and nothing else writes the map, so a plain
         // store cannot lose another writer's change.
         self.plugins.store(Arc::new(next));
-    }
-
-    /// Verifies `candidate`, a new version of `current`, if a verifier is
-    /// set and the policy is not `off`. False when the policy refuses it
-    /// (recorded as a load failure of `path`; `current` keeps serving).
-    async fn verified(
-        &self,
-        current: &PluginRef,
-        candidate: &PluginRef,
-        path: &Path,
-        report: &mut ScanReport,
-    ) -> bool {
-        let Some(check) = self.verifier.get() else {
-            return true;
-        };
-        let policy = check
-            .per_plugin
-            .get(&candidate.name)
-            .unwrap_or(&check.policy);
-        if *policy == UpgradeCheck::Off {
-            return true;
-        }
-        tracing::info!(
-            plugin = %candidate.name,
-            from = %current.short_hash(),
-            to = %candidate.short_hash(),
-            "verifying the new version against stored history"
-        );
-        let mut checked = check
-            .verifier
-            .verify(current.clone(), candidate.clone(), check.budget)
-            .await;
-        checked.policy = policy.to_string();
-        let summary = checked.summary();
-        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        if checked.passed() {
-            tracing::info!(plugin = %candidate.name, "the new version passed verification: {summary}");
-            refused.remove(&candidate.name);
-        } else if *policy == UpgradeCheck::Enforce {
-            let error = format!(
-                "new version {} refused by --upgrade-check enforce; version {} keeps serving: {summary}",
-                candidate.short_hash(),
-                current.short_hash()
-            );
-            tracing::error!(path = %path.display(), "{error}");
-            refused.insert(candidate.name.clone(), checked);
-            report.failed.push(LoadFailure {
-                path: path.to_path_buf(),
-                error,
-            });
-            return false;
-        } else {
-            tracing::warn!(
-                plugin = %candidate.name,
-                "the new version serves although its verification failed (--upgrade-check warn): {summary}"
-            );
-            refused.remove(&candidate.name);
-        }
-        candidate.set_verification(checked);
-        true
-    }
-
-    /// Reads, compiles (or takes from the cache), instantiates and validates
-    /// one plugin file. Blocking.
-    pub fn load_file(&self, path: &Path) -> anyhow::Result<Plugin> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        self.load_bytes(path, &bytes, hash)
-    }
-
-    /// Compiles (or takes from the cache), instantiates and validates the
-    /// plugin `bytes` read from `path`, whose SHA-256 is `hash`. Blocking.
-    fn load_bytes(&self, path: &Path, bytes: &[u8], hash: String) -> anyhow::Result<Plugin> {
-        let started = Instant::now();
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .context("the plugin file name is not valid UTF-8")?
-            .to_string();
-        if !wasmparser_is_component(bytes) {
-            bail!(
-                "{} is not a WebAssembly component (a core module or another file?); build plugins \
-                 for the wasm32-wasip2 target so cargo emits a component",
-                path.display()
-            );
-        }
-        let compile = || self.cache.load_or_compile(&self.engine, bytes, &hash);
-        let compiled = if self.cache.contains(&self.engine, &hash) {
-            compile()
-        } else {
-            // Components of interpreted languages (JS, Python) are 10-20 MB
-            // and take many seconds to compile: say so, and keep saying so.
-            // The result is cached, so the next start is fast.
-            let mb = bytes.len() as f64 / 1e6;
-            let slow = if bytes.len() >= SLOW_COMPILE_BYTES {
-                "; this can take a while"
-            } else {
-                ""
-            };
-            tracing::info!(
-                plugin = %name,
-                bytes = bytes.len(),
-                "compiling plugin {name} ({mb:.1} MB){slow}"
-            );
-            with_progress(&name, compile)
-        };
-        let (component, outcome) = compiled.context("compiling the component")?;
-        let pre = self.instantiate_pre(&component)?;
-        let limits = self.limits.for_plugin(&name);
-        let pool = InstancePool::new(&name, &self.engine, pre, &limits, self.log_limiter(&name));
-
-        let (info, initial) = pool
-            .with_instance(|i| {
-                let deadline = limits.handle_deadline;
-                let info = i.call(deadline, |agg, store| agg.call_describe(store))?;
-                let initial = i.call(deadline, |agg, store| agg.call_initial_state(store))?;
-                Ok((info, initial))
-            })
-            .map_err(|f| {
-                anyhow::anyhow!("describe() failed ({}): {}", f.kind.as_str(), f.message)
-            })?;
-        let info = validate_info(info)?;
-        if initial.schema != info.state_schema {
-            bail!(
-                "initial-state() has schema {} but describe() declares state-schema {}",
-                initial.schema,
-                info.state_schema
-            );
-        }
-        tracing::info!(
-            plugin = %name,
-            aggregate_type = %info.aggregate_type,
-            hash = %&hash[..12],
-            cache = if outcome == CacheOutcome::Hit { "hit" } else { "compiled" },
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "loaded plugin"
-        );
-        Ok(Plugin {
-            name,
-            path: path.to_path_buf(),
-            size: bytes.len() as u64,
-            hash,
-            loaded_at: SystemTime::now(),
-            previous_hash: None,
-            info,
-            initial_state: StateBytes {
-                schema: initial.schema,
-                bytes: initial.bytes,
-            },
-            backend: Backend::wasm(Arc::new(pool), &limits),
-            quarantine: Quarantine::new(
-                self.limits.quarantine_after,
-                self.limits.quarantine_backoff,
-            ),
-            limits,
-            verification: std::sync::OnceLock::new(),
-        })
-    }
-
-    /// The log budget of the plugin `name`, made on first use.
-    fn log_limiter(&self, name: &str) -> Arc<LogLimiter> {
-        let mut limiters = self
-            .log_limiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        limiters
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(LogLimiter::new(name, self.limits.log_rate, Instant::now()))
-            })
-            .clone()
-    }
-
-    fn instantiate_pre(&self, component: &Component) -> anyhow::Result<AggregatePre<GuestState>> {
-        self.check_contract(component)?;
-        let pre = self.linker.instantiate_pre(component).map_err(|e| {
-            anyhow::anyhow!(
-                "the component does not fit this host: {e:#}. A plugin must export the world \
-                 `aggregate` of {WIT_PACKAGE} and import nothing beyond WASI and `log`; rebuild it \
-                 against this version of the rehydra-guest SDK"
-            )
-        })?;
-        AggregatePre::new(pre).map_err(|e| {
-            anyhow::anyhow!(
-                "the component does not export the `aggregate` world of {WIT_PACKAGE}: {e:#}"
-            )
-        })
-    }
-
-    /// Refuses a component built against a contract version this host
-    /// cannot serve, with a message naming both versions and what to do;
-    /// otherwise it would fail wasmtime's type check of its exports (for
-    /// 0.1.0: "type mismatch for field metadata"), which says neither. The
-    /// version is read from the names of the contract's interfaces the
-    /// component imports (`rehydra:aggregate/types@0.1.0`; a plugin built
-    /// from the WIT imports `types`). A component that imports none of
-    /// them is left to the linker and the export check.
-    fn check_contract(&self, component: &Component) -> anyhow::Result<()> {
-        let ty = component.component_type();
-        let built_against = ty
-            .imports(&self.engine)
-            .find_map(|(name, _)| imported_contract_version(name));
-        match built_against.and_then(contract_mismatch) {
-            Some(message) => bail!(message),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The contract version in the name of an imported interface of the
-/// contract: `0.1.0` for `rehydra:aggregate/types@0.1.0`.
-fn imported_contract_version(import: &str) -> Option<&str> {
-    let (_, version) = import.strip_prefix("rehydra:aggregate/")?.split_once('@')?;
-    Some(version)
-}
-
-/// Why a plugin built against contract version `plugin` cannot load on this
-/// host, or `None` when it can: the same major version, and for 0.x the
-/// same minor version too (the rule in the WIT's header).
-fn contract_mismatch(plugin: &str) -> Option<String> {
-    let (theirs, ours) = (release(plugin), release(WIT_VERSION));
-    if let (Some(theirs), Some(ours)) = (theirs, ours)
-        && theirs.0 == ours.0
-        && (ours.0 != 0 || theirs.1 == ours.1)
-    {
-        return None;
-    }
-    let advice = if theirs > ours {
-        format!(
-            "run a Rehydra host that speaks it, or rebuild the plugin against this host's \
-             SDK ({WIT_PACKAGE})"
-        )
-    } else {
-        "rebuild the plugin against the current Rehydra SDK: rehydra-guest for Rust; for \
-         JavaScript or Python, this host's rehydra.js or rehydra.py with its \
-         wit/aggregate.wit"
-            .to_string()
-    };
-    Some(format!(
-        "the plugin was built against the contract rehydra:aggregate@{plugin}, but this host \
-         speaks {WIT_PACKAGE}, which cannot run it; {advice}"
-    ))
-}
-
-/// The major, minor and patch numbers of a semantic version, without its
-/// pre-release or build suffix; `None` if it is not one.
-fn release(version: &str) -> Option<(u64, u64, u64)> {
-    let core = version.split(['-', '+']).next()?;
-    let mut numbers = core.split('.').map(|n| n.parse::<u64>().ok());
-    let parsed = (numbers.next()??, numbers.next()??, numbers.next()??);
-    numbers.next().is_none().then_some(parsed)
-}
-
-/// How often a long compilation reports that it is still going.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
-/// Runs `f` (a compilation of plugin `name`), logging every
-/// [`PROGRESS_EVERY`] that it is still running.
-fn with_progress<R>(name: &str, f: impl FnOnce() -> R) -> R {
-    let started = Instant::now();
-    let (done, finished) = mpsc::channel::<()>();
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(PROGRESS_EVERY) {
-                tracing::info!(
-                    plugin = %name,
-                    "still compiling plugin {name} ({} s so far)",
-                    started.elapsed().as_secs()
-                );
-            }
-        });
-        let result = f();
-        drop(done);
-        result
-    })
-}
-
-/// Component binaries have layer 1 in their header (`\0asm`, version
-/// 0x0d, layer 1); core modules have layer 0.
-fn wasmparser_is_component(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[0..4] == *b"\0asm" && bytes[6..8] == [1, 0]
-}
-
-fn validate_info(info: wit::Info) -> anyhow::Result<PluginInfo> {
-    if !is_valid_name(&info.aggregate_type) {
-        bail!(
-            "describe() gives an invalid aggregate type {:?}: use 1-64 ASCII letters, digits, '-', '_' or '.', starting with a letter",
-            info.aggregate_type
-        );
-    }
-    if !is_valid_stream_prefix(&info.stream_prefix) {
-        bail!(
-            "describe() gives an invalid stream prefix {:?}: use 1-64 ASCII letters, digits, '_' or '.', starting with a letter, and no '-' (it separates the prefix from the id)",
-            info.stream_prefix
-        );
-    }
-    if info.commands.is_empty() {
-        bail!("describe() lists no commands");
-    }
-    let mut commands: Vec<CommandSpec> = Vec::with_capacity(info.commands.len());
-    for c in info.commands {
-        if !is_valid_name(&c.name) {
-            bail!("describe() gives an invalid command name {:?}", c.name);
-        }
-        if commands.iter().any(|known| known.name == c.name) {
-            bail!("describe() lists the command {:?} twice", c.name);
-        }
-        let mode = match c.mode {
-            wit::CommandMode::Create => CommandMode::Create,
-            wit::CommandMode::Update => CommandMode::Update,
-            wit::CommandMode::Upsert => CommandMode::Upsert,
-        };
-        commands.push(CommandSpec { name: c.name, mode });
-    }
-    for t in &info.event_types {
-        if !is_valid_name(t) {
-            bail!("describe() gives an invalid event type {t:?}");
-        }
-    }
-    Ok(PluginInfo {
-        aggregate_type: info.aggregate_type,
-        stream_prefix: info.stream_prefix,
-        state_schema: info.state_schema,
-        commands,
-        event_types: info.event_types,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_contract_version_is_read_from_an_import_name() {
-        assert_eq!(
-            imported_contract_version("rehydra:aggregate/types@0.1.0"),
-            Some("0.1.0")
-        );
-        assert_eq!(imported_contract_version("wasi:io/streams@0.2.6"), None);
-        assert_eq!(imported_contract_version("rehydra:aggregate/types"), None);
-        assert_eq!(imported_contract_version("log"), None);
-    }
-
-    #[test]
-    fn only_a_compatible_contract_version_loads() {
-        assert_eq!(contract_mismatch(WIT_VERSION), None);
-        let (major, minor, patch) = release(WIT_VERSION).expect("the host's version parses");
-        assert_eq!(major, 0, "the cases below assume a 0.x contract");
-        assert_eq!(contract_mismatch(&format!("0.{minor}.{}", patch + 1)), None);
-
-        let older = contract_mismatch("0.1.0").expect("0.1.0 is refused");
-        assert!(
-            older.contains("built against the contract rehydra:aggregate@0.1.0"),
-            "{older}"
-        );
-        assert!(older.contains(&format!("speaks {WIT_PACKAGE}")), "{older}");
-        assert!(
-            older.contains("rebuild the plugin against the current"),
-            "{older}"
-        );
-
-        for newer in [format!("0.{}.0", minor + 1), "1.0.0".to_string()] {
-            let message = contract_mismatch(&newer).expect("a newer contract is refused");
-            assert!(message.contains(&format!("@{newer},")), "{message}");
-            assert!(
-                message.contains("run a Rehydra host that speaks it"),
-                "{message}"
-            );
-        }
-        let garbled = contract_mismatch("next").expect("an unreadable version is refused");
-        assert!(garbled.contains("rehydra:aggregate@next"), "{garbled}");
-    }
-
-    #[test]
-    fn release_numbers_parse() {
-        assert_eq!(release("0.2.0"), Some((0, 2, 0)));
-        assert_eq!(release("1.2.3-rc.1+build"), Some((1, 2, 3)));
-        assert_eq!(release("1.2"), None);
-        assert_eq!(release("1.2.3.4"), None);
-        assert_eq!(release("x.2.3"), None);
     }
 }

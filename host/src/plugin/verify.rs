@@ -92,7 +92,7 @@ impl Default for VerifyBudget {
 }
 
 /// An aggregate whose state the new version folds differently.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Difference {
     /// The aggregate's id.
     pub aggregate: String,
@@ -107,7 +107,7 @@ pub struct Difference {
 }
 
 /// An aggregate the new version could not rebuild.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Failure {
     /// The aggregate's id.
     pub aggregate: String,
@@ -117,7 +117,7 @@ pub struct Failure {
 
 /// A recent command whose outcome the new version would change (reported,
 /// never enforced: a new version may well decide differently on purpose).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct CommandDifference {
     /// The aggregate's id.
     pub aggregate: String,
@@ -133,7 +133,7 @@ pub struct CommandDifference {
 }
 
 /// What verifying a new version against stored history found.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct VerificationReport {
     /// The version that served when the check ran.
     pub current_hash: String,

@@ -1,0 +1,141 @@
+//! The plain host types a plugin's calls take and give: what it says about
+//! itself, commands, decisions, refusals, states and events. The actor and
+//! API layers work with these, never with the WIT bindings.
+
+use serde::Serialize;
+
+use crate::error::FieldError;
+
+/// Whether a command creates its aggregate, updates it, or either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandMode {
+    /// The aggregate must not exist yet.
+    Create,
+    /// The aggregate must exist.
+    Update,
+    /// Either.
+    Upsert,
+}
+
+/// A command a plugin accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandSpec {
+    /// The command's name.
+    pub name: String,
+    /// Its mode.
+    pub mode: CommandMode,
+}
+
+/// What a plugin said about itself in `describe()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PluginInfo {
+    /// The aggregate type, unique among loaded plugins.
+    pub aggregate_type: String,
+    /// Streams are named `<stream_prefix>-<id>`.
+    pub stream_prefix: String,
+    /// The version of the state encoding.
+    pub state_schema: u32,
+    /// Every command the plugin handles.
+    pub commands: Vec<CommandSpec>,
+    /// Every event type it emits.
+    pub event_types: Vec<String>,
+}
+
+impl PluginInfo {
+    /// The spec of the command `name`, if the plugin has it.
+    pub fn command(&self, name: &str) -> Option<&CommandSpec> {
+        self.commands.iter().find(|c| c.name == name)
+    }
+
+    /// The stream of aggregate `id`.
+    pub fn stream_name(&self, id: &str) -> String {
+        format!("{}-{}", self.stream_prefix, id)
+    }
+}
+
+/// An aggregate's state as the plugin encoded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateBytes {
+    /// The encoding's version.
+    pub schema: u32,
+    /// The encoded state.
+    pub bytes: Vec<u8>,
+}
+
+/// An event a command produced, not yet stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The event type.
+    pub event_type: String,
+    /// The payload (JSON).
+    pub data: Vec<u8>,
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Events to append, in order.
+    pub events: Vec<NewEvent>,
+    /// The state after those events.
+    pub state: StateBytes,
+    /// The reply for the client (JSON), if any.
+    pub reply: Option<Vec<u8>>,
+}
+
+/// Why a plugin refused a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// Invalid fields.
+    Invalid(Vec<FieldError>),
+    /// A domain rule refused it.
+    Rejected(String),
+    /// The caller may not do this.
+    Forbidden(String),
+    /// The plugin cannot read state of this schema.
+    IncompatibleState(u32),
+}
+
+/// A stored event as `apply` receives it: the host-side twin of the WIT
+/// `recorded-event`, which both kinds of plugin are given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayEvent {
+    /// The event type.
+    pub event_type: String,
+    /// The payload (JSON).
+    pub data: Vec<u8>,
+    /// The aggregate's version once this event is applied (1-based).
+    pub version: u64,
+    /// The stored metadata JSON object, as text and unparsed (see the WIT's
+    /// `recorded-event.metadata`; empty when the stored bytes are not UTF-8).
+    pub metadata: String,
+}
+
+/// A command as the plugin receives it.
+#[derive(Debug, Clone)]
+pub struct CommandInput<'a> {
+    /// The command's name.
+    pub command_type: &'a str,
+    /// The aggregate's id.
+    pub aggregate_id: &'a str,
+    /// The payload (JSON).
+    pub data: &'a [u8],
+    /// Host-supplied metadata (`now`, `message-id`, …).
+    pub metadata: &'a [(String, String)],
+}
+
+/// Whether `s` is a valid name for an aggregate type, command or event type:
+/// 1–64 ASCII letters, digits, `-`, `_` or `.`, starting with a letter.
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Whether `s` is a valid stream prefix: like a name but without `-`, since
+/// KurrentDB's category is everything before the first `-` of a stream name.
+pub fn is_valid_stream_prefix(s: &str) -> bool {
+    is_valid_name(s) && !s.contains('-')
+}
