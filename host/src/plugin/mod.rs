@@ -43,7 +43,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-
 use self::bindings::rehydra::aggregate::types as wit;
 use self::engine::SandboxLimits;
 use self::instance::{GuestFailure, InstancePool};

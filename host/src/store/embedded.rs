@@ -13,15 +13,18 @@
 //! *groups* of appends. It takes everything queued (up to [`MAX_BATCH`]
 //! appends, from any streams), runs them in one transaction (a conflict or
 //! error in one append leaves the others alone: a one-event append fails as
-//! one statement, a longer one runs in a savepoint), commits once, and only
-//! then answers each caller. With `synchronous=FULL`
-//! the commit is fsynced before anyone is told it succeeded, and one fsync
-//! serves the whole group, which is what makes durable throughput exceed the
-//! disk's fsync rate.
+//! one statement, a longer one runs in a savepoint) and commits once,
+//! without waiting for the disk (`synchronous=NORMAL`). The syncer thread
+//! then fsyncs the log and only then answers each caller: nobody is told an
+//! append succeeded before it is durable, one fsync serves every group
+//! committed before it began, and the writer commits the next group while
+//! the disk works (see `syncer.rs`). That is what makes durable throughput
+//! exceed the disk's fsync rate.
 //!
 //! Reads: a small pool of read-only connections used from
 //! `spawn_blocking`. WAL lets them read a committed snapshot while the writer
-//! works.
+//! works; each read shows only events up to the last durable position, so
+//! no reader or subscriber sees an event a crash could still take back.
 //!
 //! What an append writes is what limits durable throughput: the commit
 //! writes every page the group changed to the WAL and fsyncs it, and each
@@ -43,12 +46,13 @@
 mod open;
 mod rows;
 mod schema;
+mod syncer;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -63,10 +67,10 @@ use super::{
 };
 use open::{Opened, open_blocking};
 use rows::{
-    collect_events, corrupt, event_from_row, from_sql_int, sql_error, stream_head, to_sql_int,
-    to_sql_limit,
+    collect_events, corrupt, event_from_row, from_sql_int, sql_error, to_sql_int, to_sql_limit,
 };
-use writer::{AppendRequest, Command, SnapshotRequest, writer_main};
+use syncer::{Durability, SyncState, Syncer, WalFile, syncer_main};
+use writer::{AppendRequest, Command, SnapshotRequest, WriterParts, writer_main};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
@@ -87,6 +91,9 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// group adds and the memory it holds; beyond it, the next group follows.
 pub const MAX_BATCH: usize = 512;
 
+/// Committed groups waiting for the syncer, at most; beyond it the writer
+/// waits for a sync before it commits more.
+const SYNC_QUEUE: usize = 64;
 /// Appends waiting for the writer, at most; a full queue makes callers wait
 /// (back-pressure) instead of growing memory.
 const QUEUE_CAPACITY: usize = 4096;
@@ -141,8 +148,11 @@ struct Shared {
     readers: Vec<Mutex<Option<Connection>>>,
     /// Round-robin start for picking a reader.
     next_reader: AtomicUsize,
-    /// Bumped by the writer after every batch it commits.
+    /// Bumped by the syncer after every sync that made appends durable.
     commits: tokio::sync::watch::Sender<u64>,
+    /// The highest position known durable. Reads show nothing beyond it:
+    /// events committed but not yet synced could still vanish in a crash.
+    durable: Arc<AtomicU64>,
 }
 
 impl EmbeddedStore {
@@ -153,24 +163,56 @@ impl EmbeddedStore {
     /// database was written by a newer rehydra, or the file is not a rehydra
     /// database.
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(path, |db_path, dir| Box::new(WalFile::new(db_path, dir))).await
+    }
+
+    /// [`open`](Self::open), with what makes the log durable made by
+    /// `durability` (from the database file and the directory): the WAL
+    /// file's `fdatasync`, or a stand-in in tests.
+    async fn open_with(
+        path: &Path,
+        durability: impl FnOnce(&Path, &Path) -> Box<dyn Durability>,
+    ) -> anyhow::Result<Self> {
         let dir = path.to_path_buf();
         let opened = tokio::task::spawn_blocking(move || open_blocking(&dir))
             .await
             .context("opening the embedded store was interrupted")??;
         let Opened {
             dir,
+            db_path,
+            head,
             lock,
             writer,
             readers,
         } = opened;
 
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let thread_dir = dir.clone();
         let commits = tokio::sync::watch::Sender::new(0u64);
-        let writer_commits = commits.clone();
+        let durable = Arc::new(AtomicU64::new(head));
+        let (to_syncer, groups) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
+        let sync_state = SyncState {
+            durable: durable.clone(),
+            broken: AtomicBool::new(false),
+            commits: commits.clone(),
+            dir: dir.clone(),
+        };
+        let syncer = Arc::new(Syncer::new(durability(&db_path, &dir), sync_state));
+        let thread_syncer = syncer.clone();
+        let syncer_thread = std::thread::Builder::new()
+            .name("rehydra-store-syncer".into())
+            .spawn(move || syncer_main(groups, thread_syncer))
+            .context("cannot start the event store's syncer thread")?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let parts = WriterParts {
+            lock,
+            dir: dir.clone(),
+            to_syncer,
+            syncer_thread,
+            syncer,
+        };
         let thread = std::thread::Builder::new()
             .name("rehydra-store-writer".into())
-            .spawn(move || writer_main(writer, lock, rx, thread_dir, writer_commits))
+            .spawn(move || writer_main(writer, rx, parts))
             .context("cannot start the event store's writer thread")?;
 
         tracing::info!(path = %dir.display(), "embedded event store open");
@@ -181,6 +223,7 @@ impl EmbeddedStore {
                 readers: readers.into_iter().map(|c| Mutex::new(Some(c))).collect(),
                 next_reader: AtomicUsize::new(0),
                 commits,
+                durable,
             }),
             writer: tx,
             writer_thread: Mutex::new(Some(thread)),
@@ -255,11 +298,12 @@ impl EmbeddedStore {
             .map_err(|_| writer_gone(&self.shared.dir, what))?
     }
 
-    /// Runs `f` with a read-only connection on a blocking thread.
+    /// Runs `f` with a read-only connection on a blocking thread, and the
+    /// durable position: `f` must show nothing beyond it.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, Durable) -> Result<T, StoreError> + Send + 'static,
     {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(self.closed_error());
@@ -276,8 +320,11 @@ impl EmbeddedStore {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                 });
+            // Read after the connection is ours: the durable position only
+            // grows, so a later one only shows more.
+            let durable = Durable(shared.durable.load(Ordering::SeqCst));
             match guard.as_ref() {
-                Some(conn) => f(conn),
+                Some(conn) => f(conn, durable),
                 None => Err(closed_error(&shared.dir)),
             }
         })
@@ -291,6 +338,17 @@ impl std::fmt::Debug for EmbeddedStore {
         f.debug_struct("EmbeddedStore")
             .field("dir", &self.shared.dir)
             .finish_non_exhaustive()
+    }
+}
+
+/// The highest position a read may show: the last one made durable.
+#[derive(Debug, Clone, Copy)]
+struct Durable(u64);
+
+impl Durable {
+    /// As an SQL parameter.
+    fn sql(self) -> i64 {
+        to_sql_int(self.0)
     }
 }
 
@@ -327,17 +385,18 @@ impl EventStore for EmbeddedStore {
             return Ok(Vec::new());
         }
         let stream = stream.to_owned();
-        self.read(move |conn| {
+        self.read(move |conn, durable| {
             let mut stmt = conn
                 .prepare_cached(select_events!(
-                    "WHERE stream = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
+                    "WHERE stream = ?1 AND version >= ?2 AND position <= ?4 ORDER BY version LIMIT ?3"
                 ))
                 .map_err(sql_error)?;
             let rows = stmt
                 .query(params![
                     stream,
                     to_sql_int(from_version),
-                    to_sql_limit(limit)
+                    to_sql_limit(limit),
+                    durable.sql()
                 ])
                 .map_err(sql_error)?;
             collect_events(rows)
@@ -347,8 +406,19 @@ impl EventStore for EmbeddedStore {
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn| Ok(stream_head(conn, &stream)?.0))
-            .await
+        self.read(move |conn, durable| {
+            let version: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT version FROM events WHERE stream = ?1 AND position <= ?2 \
+                     ORDER BY version DESC LIMIT 1",
+                )
+                .map_err(sql_error)?
+                .query_row(params![stream, durable.sql()], |r| r.get(0))
+                .optional()
+                .map_err(sql_error)?;
+            version.map_or(Ok(0), |v| from_sql_int(v, "version"))
+        })
+        .await
     }
 
     async fn read_all(
@@ -359,14 +429,18 @@ impl EventStore for EmbeddedStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.read(move |conn| {
+        self.read(move |conn, durable| {
             let mut stmt = conn
                 .prepare_cached(select_events!(
-                    "WHERE position >= ?1 ORDER BY position LIMIT ?2"
+                    "WHERE position >= ?1 AND position <= ?3 ORDER BY position LIMIT ?2"
                 ))
                 .map_err(sql_error)?;
             let rows = stmt
-                .query(params![to_sql_int(from_position), to_sql_limit(limit)])
+                .query(params![
+                    to_sql_int(from_position),
+                    to_sql_limit(limit),
+                    durable.sql()
+                ])
                 .map_err(sql_error)?;
             collect_events(rows)
         })
@@ -379,18 +453,18 @@ impl EventStore for EmbeddedStore {
         first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn| {
+        self.read(move |conn, durable| {
             // The first event through the event-id index, then the stream
             // from there on, read only as far as the command's events go.
             let mut stmt = conn
                 .prepare_cached(select_events!(
-                    "WHERE stream = ?1 AND version >= \
+                    "WHERE stream = ?1 AND position <= ?3 AND version >= \
                      (SELECT version FROM events WHERE event_id = ?2 AND stream = ?1) \
                      ORDER BY version"
                 ))
                 .map_err(sql_error)?;
             let mut rows = stmt
-                .query(params![stream, first_event_id.as_bytes()])
+                .query(params![stream, first_event_id.as_bytes(), durable.sql()])
                 .map_err(sql_error)?;
             let mut events: Vec<RecordedEvent> = Vec::new();
             while let Some(row) = rows.next().map_err(sql_error)? {
@@ -409,9 +483,13 @@ impl EventStore for EmbeddedStore {
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
-        self.read(|conn| {
+        self.read(|conn, durable| {
             let head: Option<i64> = conn
-                .query_row("SELECT MAX(position) FROM events", [], |row| row.get(0))
+                .query_row(
+                    "SELECT MAX(position) FROM events WHERE position <= ?1",
+                    [durable.sql()],
+                    |row| row.get(0),
+                )
                 .map_err(sql_error)?;
             head.map_or(Ok(0), |p| from_sql_int(p, "position"))
         })
@@ -430,7 +508,8 @@ impl EventStore for EmbeddedStore {
 
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn| {
+        self.read(move |conn, _durable| {
+            // A snapshot is of events its actor saw acknowledged: durable.
             let row = conn
                 .prepare_cached(
                     "SELECT state_schema, version, event_id, state FROM snapshots WHERE stream = ?1",

@@ -14,6 +14,9 @@ use super::{BUSY_TIMEOUT, DB_FILE, LOCK_FILE, READERS, WAL_AUTOCHECKPOINT_PAGES}
 
 pub(super) struct Opened {
     pub(super) dir: PathBuf,
+    pub(super) db_path: PathBuf,
+    /// The position of the last event stored.
+    pub(super) head: u64,
     pub(super) lock: File,
     pub(super) writer: Connection,
     pub(super) readers: Vec<Connection>,
@@ -82,16 +85,18 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
             db_path.display()
         );
     }
-    // FULL: in WAL mode this fsyncs the log at every commit, which is what
-    // lets an append be acknowledged only once it is durable (NORMAL would
-    // not).
+    // NORMAL: in WAL mode a commit writes the log without waiting for the
+    // disk; the syncer thread fsyncs the log and only then acknowledges the
+    // appends (see `syncer.rs`), so that the writer commits the next group
+    // while the disk works. FULL would fsync inside every commit, and the
+    // writer would wait for each one.
     // wal_autocheckpoint: checkpoint every ~40 MB of WAL instead of SQLite's
     // ~4 MB. Random event ids spread index updates over many pages; the
     // larger window writes each hot page back once instead of many times
     // (measured: 1.3-1.9x the appends/s with 128 writers on a slow disk).
     // journal_size_limit: shrink the WAL back after a checkpoint.
     writer.execute_batch(&format!(
-        "PRAGMA synchronous=FULL;
+        "PRAGMA synchronous=NORMAL;
          PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES};
          PRAGMA journal_size_limit=67108864;"
     ))?;
@@ -103,6 +108,13 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot sync the data directory {}", dir.display()))?;
     }
+
+    let head: i64 = writer
+        .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+            r.get(0)
+        })
+        .with_context(not_a_database)?;
+    let head = u64::try_from(head).with_context(not_a_database)?;
 
     let mut readers = Vec::with_capacity(READERS);
     for _ in 0..READERS {
@@ -118,6 +130,8 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
 
     Ok(Opened {
         dir: dir.to_path_buf(),
+        db_path,
+        head,
         lock,
         writer,
         readers,

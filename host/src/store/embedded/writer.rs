@@ -1,16 +1,21 @@
 //! The embedded store's writer thread: the only read-write connection,
-//! committing groups of appends (and snapshots) in one transaction each and
-//! answering every caller only after the commit.
+//! committing groups of appends (and snapshots) in one transaction each.
+//! A committed group goes to the syncer ([`super::syncer`]), which answers
+//! its callers once it is durable; meanwhile the writer commits the next.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::thread::JoinHandle;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::MAX_BATCH;
 use super::rows::{from_sql_int, sql_error, stream_head, to_sql_int};
-use super::{MAX_BATCH, WAL_AUTOCHECKPOINT_PAGES};
+use super::syncer::{Answer, Committed, Syncer};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
 use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
 
@@ -46,13 +51,33 @@ impl Drop for PanicReporter<'_> {
     }
 }
 
+/// What the writer thread works with besides its connection.
+pub(super) struct WriterParts {
+    /// The directory's lock, released when the writer has closed the
+    /// database.
+    pub(super) lock: File,
+    /// The data directory, for messages.
+    pub(super) dir: PathBuf,
+    /// Committed groups, to the syncer thread.
+    pub(super) to_syncer: SyncSender<Committed>,
+    /// The syncer thread, joined before the database is closed.
+    pub(super) syncer_thread: JoinHandle<()>,
+    /// What makes groups durable, shared with the syncer thread.
+    pub(super) syncer: Arc<Syncer>,
+}
+
 pub(super) fn writer_main(
     conn: Connection,
-    lock: File,
     mut queue: mpsc::Receiver<Command>,
-    dir: PathBuf,
-    commits: tokio::sync::watch::Sender<u64>,
+    parts: WriterParts,
 ) {
+    let WriterParts {
+        lock,
+        dir,
+        to_syncer,
+        syncer_thread,
+        syncer,
+    } = parts;
     let _reporter = PanicReporter(&dir);
     let mut batch: Vec<AppendRequest> = Vec::with_capacity(MAX_BATCH);
     let mut snapshots: Vec<SnapshotRequest> = Vec::new();
@@ -71,13 +96,31 @@ pub(super) fn writer_main(
                 next = queue.try_recv().ok();
             }
         }
-        if !batch.is_empty() {
-            commit_batch(&conn, &mut batch);
-            // A wake-up for live subscriptions; they read what is committed.
-            commits.send_modify(|n| *n = n.wrapping_add(1));
+        if syncer.broken() {
+            fail_all(&mut batch, syncer.broken_message());
+            for request in snapshots.drain(..) {
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::Unavailable(syncer.broken_message())));
+            }
         }
-        if !snapshots.is_empty() && !commit_snapshots(&conn, &mut snapshots) {
-            break;
+        if !batch.is_empty()
+            && let Some(committed) = commit_batch(&conn, &mut batch)
+        {
+            if queue.is_empty() && syncer.idle() {
+                // Nothing to overlap the sync with: do it here.
+                syncer.make_durable(vec![committed]);
+            } else {
+                syncer.handed_over();
+                if let Err(unsent) = to_syncer.send(committed) {
+                    // The syncer thread is gone (it panicked): make the
+                    // group durable here.
+                    syncer.make_durable(vec![unsent.0]);
+                }
+            }
+        }
+        if !snapshots.is_empty() {
+            commit_snapshots(&conn, &mut snapshots);
         }
         if closing {
             break;
@@ -86,6 +129,11 @@ pub(super) fn writer_main(
     // Anything still queued is dropped unanswered, which its caller sees as
     // `Unavailable`.
     drop(queue);
+    // The syncer answers what it holds, then stops.
+    drop(to_syncer);
+    if syncer_thread.join().is_err() {
+        tracing::error!(path = %dir.display(), "the event store's syncer thread panicked");
+    }
 
     // Fold the WAL into the database so the directory is one file at rest.
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -99,21 +147,30 @@ pub(super) fn writer_main(
     tracing::info!(path = %dir.display(), "embedded event store closed");
 }
 
-/// Commits `batch` (emptying it) in one transaction and answers each request.
-fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
-    let fail_all = |batch: &mut Vec<AppendRequest>, message: String| {
-        tracing::warn!(error = %message, appends = batch.len(), "event store batch failed");
-        for request in batch.drain(..) {
-            let _ = request
-                .reply
-                .send(Err(StoreError::Unavailable(message.clone())));
-        }
-    };
+/// Answers every request of `batch` (emptying it) with `Unavailable`:
+/// nothing of it was committed.
+fn fail_all(batch: &mut Vec<AppendRequest>, message: String) {
+    if batch.is_empty() {
+        return;
+    }
+    tracing::warn!(error = %message, appends = batch.len(), "event store batch failed");
+    for request in batch.drain(..) {
+        let _ = request
+            .reply
+            .send(Err(StoreError::Unavailable(message.clone())));
+    }
+}
 
+/// Commits `batch` (emptying it) in one transaction. The group committed,
+/// with each append's outcome, for the syncer to answer once it is
+/// durable; `None` if nothing was committed (every request is answered
+/// `Unavailable` then).
+fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) -> Option<Committed> {
     let began = std::time::Instant::now();
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         let _ = run(conn, "ROLLBACK");
-        return fail_all(batch, format!("cannot start a write transaction: {e}"));
+        fail_all(batch, format!("cannot start a write transaction: {e}"));
+        return None;
     }
     let mut results = Vec::with_capacity(batch.len());
     for request in batch.iter_mut() {
@@ -136,37 +193,41 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) {
                     other => other.to_string(),
                 })
                 .unwrap_or_else(|| "the transaction was rolled back".into());
-            return fail_all(batch, format!("write failed, nothing committed: {message}"));
+            fail_all(batch, format!("write failed, nothing committed: {message}"));
+            return None;
         }
     }
     if let Err(e) = run(conn, "COMMIT") {
         let _ = run(conn, "ROLLBACK");
-        return fail_all(batch, format!("commit failed: {e}"));
+        fail_all(batch, format!("commit failed: {e}"));
+        return None;
     }
-    crate::metrics::global().group_commit("embedded", batch.len(), began.elapsed());
-    for (request, result) in batch.drain(..).zip(results) {
-        // The caller may have given up waiting; the append stands anyway.
-        let _ = request.reply.send(result);
-    }
+    let last_position = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|a| a.position))
+        .max()
+        .unwrap_or(0);
+    let answers: Vec<Answer> = batch
+        .drain(..)
+        .map(|request| request.reply)
+        .zip(results)
+        .collect();
+    Some(Committed {
+        answers,
+        last_position,
+        began,
+    })
 }
 
 /// Stores `snapshots` (emptying it) in one transaction of their own, after
 /// the appends': a snapshot that fails (a full disk) must never undo an
-/// append. The transaction is not fsynced (`synchronous=OFF` for it): a
-/// snapshot lost in a crash costs a replay, not data, and the next append's
-/// fsync makes it durable anyway, since it syncs the whole log file.
-/// Automatic checkpoints are off for that transaction too: a checkpoint
-/// under `synchronous=OFF` would copy the log into the database file without
-/// syncing it, and a later commit could then reuse the log while the
-/// acknowledged appends it held are in neither file on disk.
-///
-/// Returns false if the writer must stop: it could not make commits durable
-/// again.
-fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> bool {
+/// append. They are answered at once, not after a sync: a snapshot lost in
+/// a crash costs a replay, not data, and the next sync makes it durable
+/// anyway, since it syncs the whole log file.
+fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) {
     let began = std::time::Instant::now();
     let written = (|| -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        conn.execute_batch("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=0; BEGIN IMMEDIATE")
-            .map_err(sql_error)?;
+        run(conn, "BEGIN IMMEDIATE").map_err(sql_error)?;
         let mut results = Vec::with_capacity(snapshots.len());
         for request in snapshots.iter() {
             results.push(upsert_snapshot(conn, &request.snapshot));
@@ -181,14 +242,6 @@ fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> 
     })();
     if !conn.is_autocommit() {
         let _ = run(conn, "ROLLBACK");
-    }
-    // Appends are acknowledged as durable: FULL must be back before the
-    // next one, or the writer must not go on.
-    if let Err(e) = conn.execute_batch(&format!(
-        "PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"
-    )) {
-        tracing::error!(error = %e, "cannot make commits durable again after storing snapshots; the event store stops taking appends");
-        return false;
     }
     match written {
         Ok(results) => {
@@ -209,7 +262,6 @@ fn commit_snapshots(conn: &Connection, snapshots: &mut Vec<SnapshotRequest>) -> 
             }
         }
     }
-    true
 }
 
 /// Inserts or replaces the stream's snapshot, by the rule of
@@ -433,6 +485,13 @@ mod tests {
         (request, answer)
     }
 
+    /// Answers a committed group as the syncer does after its sync.
+    fn deliver(committed: Option<Committed>) {
+        for (reply, result) in committed.map(|c| c.answers).unwrap_or_default() {
+            let _ = reply.send(result);
+        }
+    }
+
     fn stored_count(conn: &Connection, stream: &str) -> i64 {
         conn.query_row(
             "SELECT count(*) FROM events WHERE stream = ?1",
@@ -440,36 +499,6 @@ mod tests {
             |r| r.get(0),
         )
         .expect("count")
-    }
-
-    /// Storing snapshots (without fsync) leaves the connection as appends
-    /// need it: `synchronous=FULL` and automatic checkpoints on, so that
-    /// the next append is durable when acknowledged.
-    #[test]
-    fn snapshots_leave_commits_durable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let opened = open_blocking(dir.path()).expect("open");
-        let conn = &opened.writer;
-        let (reply, mut answer) = oneshot::channel();
-        let mut snapshots = vec![SnapshotRequest {
-            snapshot: crate::store::conformance::snapshot("s-1", 1, 1),
-            reply,
-        }];
-        assert!(commit_snapshots(conn, &mut snapshots), "the writer goes on");
-        answer.try_recv().expect("answered").expect("stored");
-        let pragma = |name: &str| -> i64 {
-            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
-                .expect("pragma")
-        };
-        assert_eq!(pragma("synchronous"), 2, "FULL");
-        assert_eq!(
-            pragma("wal_autocheckpoint"),
-            i64::from(super::super::WAL_AUTOCHECKPOINT_PAGES)
-        );
-        let stored: i64 = conn
-            .query_row("SELECT count(*) FROM snapshots", [], |r| r.get(0))
-            .expect("count");
-        assert_eq!(stored, 1);
     }
 
     /// A full disk (simulated with `max_page_count`) fails the appends it
@@ -500,7 +529,7 @@ mod tests {
             batch.push(request);
             answers.push(answer);
         }
-        commit_batch(conn, &mut batch);
+        deliver(commit_batch(conn, &mut batch));
         assert!(batch.is_empty(), "every request was answered");
 
         for (stream, mut answer) in streams.iter().zip(answers) {
@@ -523,7 +552,7 @@ mod tests {
             .expect("room again");
         let (request, mut answer) = request(&streams[1], vec![event(5)]);
         let mut batch = vec![request];
-        commit_batch(conn, &mut batch);
+        deliver(commit_batch(conn, &mut batch));
         assert_eq!(
             answer
                 .try_recv()
