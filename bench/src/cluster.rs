@@ -134,44 +134,6 @@ fn nginx_config(shipped: &str, listen: u16, hosts: &[String], routing: Routing) 
     out
 }
 
-/// The wrk script: one deposit on a random account of [`ACCOUNTS`] per
-/// request, each wrk thread with its own random sequence.
-fn wrk_script() -> String {
-    format!(
-        r#"local n = {ACCOUNTS}
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("seed", threads)
-end
-function init(args)
-  math.randomseed(seed * 7919 + os.time())
-end
-local headers = {{ ["Content-Type"] = "application/json" }}
-function request()
-  local id = math.random(0, n - 1)
-  return wrk.format("POST", "/v1/aggregates/bank-account/acc-" .. id .. "/commands/deposit", headers, '{{"amount":1}}')
-end
-"#
-    )
-}
-
-/// A duration in wrk's form (`812.00us`, `3.47ms`, `1.02s`).
-fn wrk_duration(s: &str) -> Option<Duration> {
-    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
-        (v, 1e-6)
-    } else if let Some(v) = s.strip_suffix("ms") {
-        (v, 1e-3)
-    } else if let Some(v) = s.strip_suffix('s') {
-        (v, 1.0)
-    } else {
-        return None;
-    };
-    num.parse::<f64>()
-        .ok()
-        .map(|v| Duration::from_secs_f64(v * scale))
-}
-
 /// Conflict lines the hosts have logged so far.
 fn conflicts(logs: &[PathBuf]) -> usize {
     logs.iter()
@@ -285,29 +247,17 @@ async fn run_once(routing: Routing, secs: f64) -> ClusterResult {
     }
 
     let script = dir.path().join("deposit.lua");
-    std::fs::write(&script, wrk_script()).expect("writing the wrk script");
+    std::fs::write(&script, crate::wrk::deposit_script(ACCOUNTS)).expect("writing the wrk script");
     let conflicts_before = conflicts(&logs);
     let hosts_cpu: Duration = hosts.iter().map(Proc::cpu).sum();
     let server_cpu = server.cpu();
-    let mut wrk = Command::new("wrk");
-    wrk.args(["-t2", &format!("-c{CONNECTIONS}")])
-        .arg(format!("-d{}s", secs.round().max(1.0) as u64))
-        .arg("--latency")
-        .arg("-s")
-        .arg(&script)
-        .arg(&base);
-    let out = tokio::task::spawn_blocking(move || wrk.output())
-        .await
-        .expect("the wrk task")
-        .expect("running wrk (Debian's wrk package)");
+    let report = crate::wrk::run(&base, CONNECTIONS, secs, &script).await;
     let hosts_cpu = hosts
         .iter()
         .map(Proc::cpu)
         .sum::<Duration>()
         .saturating_sub(hosts_cpu);
     let server_cpu = server.cpu().saturating_sub(server_cpu);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "wrk failed: {text}");
     // Let the hosts' logs reach their files.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conflicted = conflicts(&logs) - conflicts_before;
@@ -316,36 +266,13 @@ async fn run_once(routing: Routing, secs: f64) -> ClusterResult {
     drop(hosts);
     server.stop().await;
 
-    let field = |prefix: &str| {
-        text.lines()
-            .map(str::trim)
-            .find_map(|l| l.strip_prefix(prefix))
-            .map(|v| v.trim().to_string())
-    };
-    let per_sec = field("Requests/sec:")
-        .and_then(|v| v.parse::<f64>().ok())
-        .expect("wrk reports requests/s");
-    let requests = text
-        .lines()
-        .find(|l| l.contains(" requests in "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        .max(1.0);
-    let failed = field("Non-2xx or 3xx responses:")
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    let pct = |p: &str| {
-        field(p)
-            .and_then(|v| wrk_duration(&v))
-            .unwrap_or(Duration::ZERO)
-    };
+    let requests = report.requests;
     let per = |d: Duration| d.div_f64(requests);
     let r = ClusterResult {
-        per_sec,
-        p50: pct("50%"),
-        p99: pct("99%"),
-        failed_rate: failed / requests,
+        per_sec: report.per_sec,
+        p50: report.p50,
+        p99: report.p99,
+        failed_rate: report.failed / requests,
         conflict_rate: conflicted as f64 / requests,
         hosts_cpu: per(hosts_cpu),
         server_cpu: per(server_cpu),

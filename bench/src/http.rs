@@ -325,6 +325,53 @@ pub async fn throughput(
     out
 }
 
+/// Accounts and connections of the wrk scenario (issue 18's figure:
+/// 1,000 accounts, 64 connections).
+pub const WRK_ACCOUNTS: usize = 1000;
+/// wrk's connections in the HTTP scenario.
+pub const WRK_CONNECTIONS: usize = 64;
+
+/// Scenario: one host with a warm cache on `embedded://`, [`WRK_ACCOUNTS`]
+/// accounts opened over HTTP, then `runs` runs of wrk for `secs` — the
+/// load generator in a process of its own, unlike [`throughput`]'s
+/// reqwest clients, which share this process's cores and CPU count. The
+/// CPU per command is the host's alone. wrk reports no p999 (zero here).
+pub async fn wrk_throughput(runs: usize, secs: f64) -> RunResult {
+    let dir = HostDir::new();
+    let host = dir.start("data-wrk", "cache");
+    let client = reqwest::Client::new();
+    let base: Arc<str> = host.base.clone().into();
+    open_accounts(&client, &base, WRK_ACCOUNTS).await;
+    let script = dir.path().join("deposit.lua");
+    std::fs::write(&script, crate::wrk::deposit_script(WRK_ACCOUNTS))
+        .expect("writing the wrk script");
+    let pid = host.child.id().to_string();
+    let cpu = || crate::stats::proc_cpu(&pid).map_or(Duration::ZERO, |c| c.own);
+    let mut results = Vec::new();
+    for _ in 0..runs {
+        let before = cpu();
+        let report = crate::wrk::run(&base, WRK_CONNECTIONS, secs, &script).await;
+        let used = cpu().saturating_sub(before);
+        let r = RunResult {
+            per_sec: report.per_sec,
+            p50: report.p50,
+            p99: report.p99,
+            p999: Duration::ZERO,
+            ops: report.requests as usize,
+            errors: report.failed as usize,
+            cpu_per_op: used.div_f64(report.requests),
+            server_cpu_per_op: Duration::ZERO,
+        };
+        eprintln!(
+            "  http wrk c={WRK_CONNECTIONS}: {:.0}/s p99 {:?} ({} non-2xx)",
+            r.per_sec, r.p99, r.errors
+        );
+        results.push(r);
+    }
+    drop(host);
+    RunResult::median_of(&results)
+}
+
 /// What one load level of the overload scenario measured.
 #[derive(Debug, Clone)]
 pub struct OverloadResult {

@@ -37,6 +37,7 @@ mod peer;
 mod postgres;
 mod stats;
 mod store;
+mod wrk;
 
 use std::time::Duration;
 
@@ -166,13 +167,19 @@ fn load_average() -> String {
 
 /// A table row of a load scenario.
 fn load_row(what: &str, store: &str, n: usize, c: usize, r: &RunResult) -> String {
+    // wrk reports no p999.
+    let p999 = if r.p999.is_zero() {
+        "—".to_string()
+    } else {
+        fmt_dur(r.p999)
+    };
     format!(
         "| {what} | {store} | {} | {c} | {} | {} | {} | {} | {} | {} |",
         fmt_rate(n as f64),
         fmt_rate(r.per_sec),
         fmt_dur(r.p50),
         fmt_dur(r.p99),
-        fmt_dur(r.p999),
+        p999,
         fmt_cpu(r),
         r.errors
     )
@@ -372,6 +379,19 @@ async fn main() {
                 out!("{}", load_row("HTTP", "embedded://", n, c, &r));
             }
         }
+        // The same route driven by wrk, a process of its own: the rows
+        // above share this process's cores with their load generator.
+        let r = http::wrk_throughput(o.runs, o.secs).await;
+        out!(
+            "{}",
+            load_row(
+                "HTTP, wrk",
+                "embedded://",
+                http::WRK_ACCOUNTS,
+                http::WRK_CONNECTIONS,
+                &r
+            )
+        );
         out!();
     }
 
