@@ -171,15 +171,29 @@ impl EmbeddedStore {
     /// file's `fdatasync`, or a stand-in in tests.
     async fn open_with(
         path: &Path,
-        durability: impl FnOnce(&Path, &Path) -> Box<dyn Durability>,
+        durability: impl FnOnce(&Path, &Path) -> Box<dyn Durability> + Send + 'static,
     ) -> anyhow::Result<Self> {
         let dir = path.to_path_buf();
-        let opened = tokio::task::spawn_blocking(move || open_blocking(&dir))
-            .await
-            .context("opening the embedded store was interrupted")??;
+        let (opened, durability) = tokio::task::spawn_blocking(move || {
+            let opened = open_blocking(&dir)?;
+            // Whatever an earlier run left in the WAL (committed, maybe
+            // never synced before it stopped) is durable before anything
+            // is read.
+            let mut durability = durability(&opened.db_path, &opened.dir);
+            durability.sync().with_context(|| {
+                format!(
+                    "cannot make the event log in {} durable (fsync failed): check the disk \
+                     and the system log",
+                    opened.dir.display()
+                )
+            })?;
+            anyhow::Ok((opened, durability))
+        })
+        .await
+        .context("opening the embedded store was interrupted")??;
         let Opened {
             dir,
-            db_path,
+            db_path: _,
             head,
             lock,
             writer,
@@ -195,7 +209,7 @@ impl EmbeddedStore {
             commits: commits.clone(),
             dir: dir.clone(),
         };
-        let syncer = Arc::new(Syncer::new(durability(&db_path, &dir), sync_state));
+        let syncer = Arc::new(Syncer::new(durability, sync_state));
         let thread_syncer = syncer.clone();
         let syncer_thread = std::thread::Builder::new()
             .name("rehydra-store-syncer".into())

@@ -226,9 +226,6 @@ fn broken_message(dir: &Path) -> String {
 /// The syncer thread: runs until the writer drops its end of `groups`,
 /// having answered every group it was given.
 pub(super) fn syncer_main(groups: Receiver<Committed>, syncer: Arc<Syncer>) {
-    // Whatever an earlier run left in the WAL (committed, maybe never
-    // synced before it stopped) is durable before anything is read.
-    syncer.make_durable(Vec::new());
     while let Ok(first) = groups.recv() {
         let mut waiting = vec![first];
         waiting.extend(groups.try_iter());
@@ -264,11 +261,15 @@ mod tests {
     /// a send returns once a sync has taken it.
     async fn gated_store(dir: &Path) -> (Arc<EmbeddedStore>, SyncSender<io::Result<()>>) {
         let (gate, syncs) = sync_channel(0);
+        // The sync at open.
+        let opening = std::thread::spawn(move || {
+            gate.send(Ok(())).expect("the open waits");
+            gate
+        });
         let store = EmbeddedStore::open_with(dir, move |_, _| Box::new(Gated(syncs)))
             .await
             .expect("open");
-        // The sync at start-up.
-        gate.send(Ok(())).expect("the syncer waits");
+        let gate = opening.join().expect("the open's sync");
         (Arc::new(store), gate)
     }
 
@@ -385,5 +386,31 @@ mod tests {
             "the committed append, never the refused one"
         );
         reopened.close().await;
+    }
+
+    /// A disk that cannot sync at open refuses the store with a message
+    /// that says so, and leaves the directory free.
+    #[tokio::test]
+    async fn a_failed_sync_at_open_is_a_clear_error() {
+        struct Failing;
+        impl Durability for Failing {
+            fn sync(&mut self) -> io::Result<()> {
+                Err(io::Error::other("injected EIO"))
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let refused = EmbeddedStore::open_with(dir.path(), |_, _| Box::new(Failing))
+            .await
+            .expect_err("refused");
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains("fsync failed") && text.contains("injected EIO"),
+            "{text}"
+        );
+        EmbeddedStore::open(dir.path())
+            .await
+            .expect("the directory is free")
+            .close()
+            .await;
     }
 }
