@@ -174,9 +174,13 @@ impl KeptFiles {
             format: FORMAT,
             versions: versions.to_vec(),
         };
-        // Serialising plain data cannot fail; an empty list is the fallback.
-        let text = serde_json::to_vec_pretty(&list).unwrap_or_default();
-        write_whole(&dir.join("versions.json"), &text)?;
+        let path = dir.join("versions.json");
+        let text = serde_json::to_vec_pretty(&list).map_err(|e| KeptError::Io {
+            action: "encoding",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        write_whole(&path, &text)?;
         self.prune(&dir, versions);
         Ok(())
     }
