@@ -47,6 +47,8 @@ mod open;
 mod rows;
 mod schema;
 mod syncer;
+#[cfg(test)]
+mod torn_tail_tests;
 mod writer;
 
 use std::path::{Path, PathBuf};
