@@ -8,10 +8,11 @@
 //! so one sync makes durable every group committed before it; groups
 //! committed while it runs wait for the next one. Only after the sync is
 //! the durable position raised (reads show nothing beyond it), are the
-//! callers answered, and are live subscriptions woken. When nothing else is
-//! waiting (no appends queued, no group at the syncer), the writer syncs
-//! and answers the group itself: there is nothing to overlap then, and the
-//! hand-over to another thread costs a wake-up per append.
+//! callers answered, and are live subscriptions woken. The writer syncs
+//! and answers a group itself when nothing else is waiting (there is
+//! nothing to overlap then, and the hand-over costs a thread wake-up per
+//! append) and when the last sync took no longer than the group's commit:
+//! overlap pays only when the disk is the slow part ([`Syncer::sync_inline`]).
 //!
 //! SQLite's own checkpoints stay safe under `NORMAL` in WAL mode: it syncs
 //! the WAL before copying it into the database file and the database file
@@ -30,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -129,6 +130,8 @@ pub(super) struct Syncer {
     state: SyncState,
     /// Groups handed to the syncer thread and not answered yet.
     pending: AtomicUsize,
+    /// How long the last sync took, in nanoseconds.
+    last_sync_ns: AtomicU64,
 }
 
 impl Syncer {
@@ -137,7 +140,21 @@ impl Syncer {
             durability: Mutex::new(durability),
             state,
             pending: AtomicUsize::new(0),
+            last_sync_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a group whose commit took `commit` is better synced by the
+    /// writer itself than handed over: when nothing else waits (nothing to
+    /// overlap), or when a sync takes no longer than a commit. Overlapping
+    /// pays only when the disk is the slow part; when it is not, a sync
+    /// running beside the writer's next commit made both slower (measured:
+    /// through the actors, 1,000 aggregates and 256 clients, 30-33k
+    /// commands/s always handing over against 40-42k syncing inline, on a
+    /// disk with 0.1 ms syncs).
+    pub(super) fn sync_inline(&self, commit: Duration, nothing_queued: bool) -> bool {
+        let last_sync = Duration::from_nanos(self.last_sync_ns.load(Ordering::Relaxed));
+        (nothing_queued && self.idle()) || last_sync <= commit
     }
 
     /// Whether the syncer thread has nothing to do.
@@ -167,11 +184,16 @@ impl Syncer {
         if self.broken() {
             return self.answer_unavailable(groups);
         }
+        let started = Instant::now();
         let synced = self
             .durability
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .sync();
+        self.last_sync_ns.store(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         if let Err(e) = synced {
             self.fail(&e);
             return self.answer_unavailable(groups);

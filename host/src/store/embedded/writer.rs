@@ -107,8 +107,7 @@ pub(super) fn writer_main(
         if !batch.is_empty()
             && let Some(committed) = commit_batch(&conn, &mut batch)
         {
-            if queue.is_empty() && syncer.idle() {
-                // Nothing to overlap the sync with: do it here.
+            if syncer.sync_inline(committed.began.elapsed(), queue.is_empty()) {
                 syncer.make_durable(vec![committed]);
             } else {
                 syncer.handed_over();
