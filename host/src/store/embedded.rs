@@ -69,7 +69,8 @@ use super::{
 };
 use open::{Opened, open_blocking};
 use rows::{
-    collect_events, corrupt, event_from_row, from_sql_int, sql_error, to_sql_int, to_sql_limit,
+    collect_events, corrupt, event_from_row, from_sql_int, sql_error, stream_head, to_sql_int,
+    to_sql_limit,
 };
 use syncer::{Durability, SyncState, Syncer, WalFile, syncer_main};
 use writer::{AppendRequest, Command, SnapshotRequest, WriterParts, writer_main};
@@ -422,19 +423,8 @@ impl EventStore for EmbeddedStore {
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn, durable| {
-            let version: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT version FROM events WHERE stream = ?1 AND position <= ?2 \
-                     ORDER BY version DESC LIMIT 1",
-                )
-                .map_err(sql_error)?
-                .query_row(params![stream, durable.sql()], |r| r.get(0))
-                .optional()
-                .map_err(sql_error)?;
-            version.map_or(Ok(0), |v| from_sql_int(v, "version"))
-        })
-        .await
+        self.read(move |conn, durable| Ok(stream_head(conn, &stream, durable.0)?.0))
+            .await
     }
 
     async fn read_all(

@@ -321,7 +321,8 @@ fn append_one(
     expected: ExpectedVersion,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
-    let (version, last_position) = stream_head(conn, stream)?;
+    // The writer sees every commit, durable or not: it orders them.
+    let (version, last_position) = stream_head(conn, stream, u64::MAX)?;
     if !expected.matches(version) {
         // A retry of an append that was stored finds the version moved on:
         // it is recognised by its first event's id, and answered as before.
