@@ -55,6 +55,20 @@ async fn accounts(host: &Host) {
     }
 }
 
+/// `GET /v1/plugins/bank-account/versions`, answered 200: the list (for
+/// messages and further checks) and each version's hash, oldest first.
+async fn versions(host: &Host) -> (Value, Vec<Value>) {
+    let (status, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
+    assert_eq!(status, 200, "{listed}");
+    let hashes = listed["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| v["hash"].clone())
+        .collect();
+    (listed, hashes)
+}
+
 async fn balance(host: &Host, id: &str) -> u64 {
     let (status, body) = host.get(&format!("/v1/aggregates/{PLUGIN}/{id}")).await;
     assert_eq!(status, 200, "{body}");
@@ -320,15 +334,12 @@ async fn a_rollback_serves_the_previous_version_and_the_file_agrees() {
         assert!(*hash == first || *hash == second, "{event}");
     }
 
-    let (status, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
-    assert_eq!(status, 200, "{listed}");
-    let hashes: Vec<&Value> = listed["versions"]
-        .as_array()
-        .expect("versions")
-        .iter()
-        .map(|v| &v["hash"])
-        .collect();
-    assert_eq!(hashes, vec![&first, &second, &first], "{listed}");
+    let (listed, hashes) = versions(&host).await;
+    assert_eq!(
+        hashes,
+        [first.clone(), second.clone(), first.clone()],
+        "{listed}"
+    );
     assert_eq!(listed["versions"][2]["serving"], true, "{listed}");
     assert!(
         listed["versions"][1]["served_until"].is_string(),
@@ -403,19 +414,17 @@ async fn versions_and_rollback_survive_a_restart() {
     let second = bank_plugin(&host).await["hash"].clone();
 
     host.restart();
-    let (status, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
-    assert_eq!(status, 200, "{listed}");
-    let versions = listed["versions"].as_array().expect("versions");
-    let hashes: Vec<&Value> = versions.iter().map(|v| &v["hash"]).collect();
-    assert_eq!(hashes, vec![&first, &second], "{listed}");
+    let (listed, hashes) = versions(&host).await;
+    assert_eq!(hashes, [first.clone(), second.clone()], "{listed}");
+    let entries = listed["versions"].as_array().expect("versions");
     assert_eq!(
-        (&versions[0]["serving"], &versions[1]["serving"]),
+        (&entries[0]["serving"], &entries[1]["serving"]),
         (&json!(false), &json!(true)),
         "{listed}"
     );
-    assert!(versions[0]["served_until"].is_string(), "{listed}");
+    assert!(entries[0]["served_until"].is_string(), "{listed}");
     assert_eq!(
-        versions[1]["verification"]["aggregates_checked"], 3,
+        entries[1]["verification"]["aggregates_checked"], 3,
         "{listed}"
     );
     // The serving version shows the report it passed before the restart.
@@ -448,13 +457,11 @@ async fn versions_and_rollback_survive_a_restart() {
 
     host.restart();
     assert_eq!(bank_plugin(&host).await["hash"], first);
-    let (_, listed) = host.get(&format!("/v1/plugins/{PLUGIN}/versions")).await;
-    let hashes: Vec<&Value> = listed["versions"]
-        .as_array()
-        .expect("versions")
-        .iter()
-        .map(|v| &v["hash"])
-        .collect();
-    assert_eq!(hashes, vec![&first, &second, &first], "{listed}");
+    let (listed, hashes) = versions(&host).await;
+    assert_eq!(
+        hashes,
+        [first.clone(), second.clone(), first.clone()],
+        "{listed}"
+    );
     assert_eq!(listed["versions"][2]["serving"], true, "{listed}");
 }
