@@ -407,6 +407,26 @@ impl Host {
         Self::finish(self.http.get(format!("{}{path}", self.base))).await
     }
 
+    /// Every event of `stream`, read page after page (a page holds at most
+    /// 1,000 events).
+    pub async fn read_stream(&self, stream: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let from = events.len() + 1;
+            let (status, page) = self
+                .get(&format!("/v1/streams/{stream}?from={from}&limit=1000"))
+                .await;
+            assert_eq!(status, 200, "{stream}: {page}");
+            let batch = page["events"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{stream}: no events in {page}"));
+            if batch.is_empty() {
+                return events;
+            }
+            events.extend(batch.iter().cloned());
+        }
+    }
+
     async fn finish(req: reqwest::RequestBuilder) -> (u16, Value) {
         let resp = req.send().await.expect("the host answers");
         let status = resp.status().as_u16();

@@ -87,7 +87,9 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command(plugin: &str) {
             "{plugin} {id}: version {version}, acknowledged {last_acked}"
         );
 
-        let events = read_stream(&host, &format!("{}-{id}", stream_prefix(plugin))).await;
+        let events = host
+            .read_stream(&format!("{}-{id}", stream_prefix(plugin)))
+            .await;
         let versions: Vec<u64> = events
             .iter()
             .map(|e| e["version"].as_u64().unwrap_or_default())
@@ -139,24 +141,4 @@ async fn kill_9_then_restart_keeps_every_acknowledged_command(plugin: &str) {
         .command(plugin, "acc-0", "deposit", json!({"amount": 1}))
         .await;
     assert_eq!(status, 200, "{plugin}: {body}");
-}
-
-/// Every event of a stream, reading page after page (a page holds at most
-/// 1000 events, and a fast plugin stores more than that before the kill).
-async fn read_stream(host: &Host, stream: &str) -> Vec<Value> {
-    let mut events = Vec::new();
-    loop {
-        let from = events.len() + 1;
-        let (status, page) = host
-            .get(&format!("/v1/streams/{stream}?from={from}&limit=1000"))
-            .await;
-        assert_eq!(status, 200, "{stream}: {page}");
-        let batch = page["events"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{stream}: no events in {page}"));
-        if batch.is_empty() {
-            return events;
-        }
-        events.extend(batch.iter().cloned());
-    }
 }

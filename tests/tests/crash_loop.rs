@@ -174,19 +174,7 @@ fn check_store_file(dir: &Path, kill: usize) {
 async fn check_account(host: &Host, a: usize, acks: &BTreeMap<u64, u64>, kill: usize) -> usize {
     let id = format!("acc-{a}");
     let stream = format!("{}-{id}", stream_prefix(PLUGIN));
-    let mut events: Vec<Value> = Vec::new();
-    loop {
-        let from = events.len() + 1;
-        let (status, page) = host
-            .get(&format!("/v1/streams/{stream}?from={from}&limit=1000"))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        let batch = page["events"].as_array().cloned().unwrap_or_default();
-        if batch.is_empty() {
-            break;
-        }
-        events.extend(batch);
-    }
+    let events = host.read_stream(&stream).await;
     let deposits: Vec<(u64, u64)> = events
         .iter()
         .filter(|e| e["type"] == "Deposited")

@@ -135,21 +135,7 @@ async fn replacing_a_plugin_under_load_loses_nothing() {
     let mut last_v1_sent = Duration::ZERO;
     for (c, log) in logs.iter().enumerate() {
         let id = format!("load-{c}");
-        let mut stream = Vec::new();
-        let mut from = 1;
-        loop {
-            let (_, page) = host
-                .get(&format!(
-                    "/v1/streams/bank_account-{id}?from={from}&limit=1000"
-                ))
-                .await;
-            let events = page["events"].as_array().unwrap().clone();
-            if events.is_empty() {
-                break;
-            }
-            from += events.len() as u64;
-            stream.extend(events);
-        }
+        let stream = host.read_stream(&format!("bank_account-{id}")).await;
         let versions: Vec<u64> = stream
             .iter()
             .map(|e| e["version"].as_u64().unwrap())
