@@ -104,8 +104,16 @@ fn store_entry(component: &Component, path: &Path) -> anyhow::Result<()> {
     let dir = path.parent().context("cache entry has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let bytes = component.serialize()?;
+    write_whole(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it and a
+/// rename, so that a crash leaves the old file or the new one, never part
+/// of one.
+pub(super) fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

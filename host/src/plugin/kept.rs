@@ -226,18 +226,12 @@ impl KeptFiles {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` whole ([`write_whole`](super::cache::write_whole)).
 fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), KeptError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let io = |action, source| KeptError::Io {
-        action,
+    super::cache::write_whole(path, bytes).map_err(|source| KeptError::Io {
+        action: "writing",
         path: path.to_path_buf(),
         source,
-    };
-    std::fs::write(&tmp, bytes).map_err(|e| io("writing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io("renaming into", e)
     })
 }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::PluginRef;
+use super::cache::write_whole;
 use super::registry::{LoadFailure, PluginRegistry, ScanReport};
 use super::verify::{UpgradeCheck, UpgradeVerifier, VerificationReport, VerifyBudget};
 use super::versions::{Earlier, VersionInfo};
@@ -117,14 +118,11 @@ impl PluginRegistry {
             )));
         }
         let path = current.path.clone();
-        let tmp = path.with_extension("wasm.rollback");
-        let written = async {
-            tokio::fs::write(&tmp, bytes.as_slice()).await?;
-            tokio::fs::rename(&tmp, &path).await
-        }
-        .await;
+        let (file, contents) = (path.clone(), bytes.clone());
+        let written = tokio::task::spawn_blocking(move || write_whole(&file, &contents))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&tmp).await;
             return Err(CommandError::Internal(format!(
                 "cannot write the earlier version to {} ({e}); nothing was rolled back: make the \
                  plugin directory writable by this user",
