@@ -17,10 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::http::binary;
-use crate::inproc::{agg_id, bank_account_wasm};
+use crate::inproc::bank_account_wasm;
 use crate::postgres::Server;
 use crate::stats::{median, proc_cpu};
 
@@ -222,29 +220,9 @@ async fn run_once(routing: Routing, secs: f64) -> ClusterResult {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
-    // Open the accounts through nginx, 16 at a time.
-    let http = Arc::new(http);
-    let mut tasks = Vec::new();
-    for p in 0..16 {
-        let (http, base) = (http.clone(), base.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in (p..ACCOUNTS).step_by(16) {
-                let resp = http
-                    .post(format!(
-                        "{base}/v1/aggregates/bank-account/{}/commands/open",
-                        agg_id(i)
-                    ))
-                    .json(&json!({"owner": "bench"}))
-                    .send()
-                    .await
-                    .expect("opening an account");
-                assert!(resp.status().is_success(), "open: HTTP {}", resp.status());
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("an opening task");
-    }
+    // Open the accounts through nginx.
+    let base: Arc<str> = base.into();
+    crate::http::open_accounts(&http, &base, ACCOUNTS).await;
 
     let script = dir.path().join("deposit.lua");
     std::fs::write(&script, crate::wrk::deposit_script(ACCOUNTS)).expect("writing the wrk script");

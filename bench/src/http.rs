@@ -241,7 +241,7 @@ async fn post(
 }
 
 /// Opens accounts `agg_id(0..n)` over HTTP, 32 at a time.
-async fn open_accounts(client: &reqwest::Client, base: &Arc<str>, n: usize) {
+pub async fn open_accounts(client: &reqwest::Client, base: &Arc<str>, n: usize) {
     let mut tasks = Vec::new();
     for p in 0..32.min(n) {
         let (client, base) = (client.clone(), base.clone());
