@@ -43,10 +43,15 @@
 //! callers retry with the same event ids, which the idempotency rule makes
 //! safe.
 
+mod index;
+#[cfg(test)]
+mod migration_tests;
 mod open;
+mod read;
 mod rows;
 mod schema;
 mod syncer;
+mod tail;
 #[cfg(test)]
 mod torn_tail_tests;
 mod writer;
@@ -60,20 +65,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
     AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
 };
+pub use index::INDEX_FILE;
+use index::{IndexerControl, Indexing, indexer_main, open_index};
 use open::{Opened, open_blocking};
-use rows::{
-    collect_events, corrupt, event_from_row, from_sql_int, sql_error, stream_head, to_sql_int,
-    to_sql_limit,
-};
+use read::{Reader, View};
 use syncer::{Durability, SyncState, Syncer, WalFile, syncer_main};
-use writer::{AppendRequest, Command, SnapshotRequest, WriterParts, writer_main};
+use tail::Tail;
+use writer::{AppendRequest, Command, Index, SnapshotRequest, WriterParts, writer_main};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
@@ -89,7 +93,10 @@ pub const LOCK_FILE: &str = "LOCK";
 ///   BENCHMARKS.md); a command's events are found through the event-id
 ///   index instead ([`EventStore::find_command_events`]).
 /// - 3: a `snapshots` table ([`EventStore::save_snapshot`]).
-pub const SCHEMA_VERSION: u32 = 3;
+/// - 4: the log only: `events` has no index and no uniqueness rule, and
+///   the indexes live in [`INDEX_FILE`], written off the commit path. A
+///   store of version 3 or older is rewritten when it is opened.
+pub const SCHEMA_VERSION: u32 = 4;
 /// The most appends committed in one transaction. Bounds the latency a large
 /// group adds and the memory it holds; beyond it, the next group follows.
 pub const MAX_BATCH: usize = 512;
@@ -108,18 +115,6 @@ const READERS: usize = 4;
 /// How long a statement waits for a lock held by someone else (only a
 /// `sqlite3` shell poking at the file can hold one) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `SELECT <every column> FROM events <rest>`, as one literal so that
-/// `prepare_cached` finds it without building a string per read.
-macro_rules! select_events {
-    ($rest:literal) => {
-        concat!(
-            "SELECT stream, version, position, event_id, event_type, data, metadata, message_id \
-             FROM events ",
-            $rest
-        )
-    };
-}
 
 /// The embedded SQLite event store. See the module docs.
 ///
@@ -148,7 +143,9 @@ struct Shared {
     dir: PathBuf,
     closed: AtomicBool,
     /// `None` once the store is closed.
-    readers: Vec<Mutex<Option<Connection>>>,
+    readers: Vec<Mutex<Option<Reader>>>,
+    /// The events committed but not indexed yet.
+    tail: Arc<Mutex<Tail>>,
     /// Round-robin start for picking a reader.
     next_reader: AtomicUsize,
     /// Bumped by the syncer after every sync that made appends durable.
@@ -166,7 +163,25 @@ impl EmbeddedStore {
     /// database was written by a newer rehydra, or the file is not a rehydra
     /// database.
     pub async fn open(path: &Path) -> anyhow::Result<Self> {
-        Self::open_with(path, |db_path, dir| Box::new(WalFile::new(db_path, dir))).await
+        Self::open_with(
+            path,
+            |db_path, dir| Box::new(WalFile::new(db_path, dir)),
+            Indexing::default(),
+        )
+        .await
+    }
+
+    /// [`open`](Self::open), with an indexer that writes every event as soon
+    /// as it is durable: reads then go through the index database, where
+    /// the default reads most recent events from the tail.
+    #[cfg(test)]
+    pub(crate) async fn open_eagerly_indexed(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(
+            path,
+            |db_path, dir| Box::new(WalFile::new(db_path, dir)),
+            Indexing::eager(),
+        )
+        .await
     }
 
     /// [`open`](Self::open), with what makes the log durable made by
@@ -175,36 +190,62 @@ impl EmbeddedStore {
     async fn open_with(
         path: &Path,
         durability: impl FnOnce(&Path, &Path) -> Box<dyn Durability> + Send + 'static,
+        indexing: Indexing,
     ) -> anyhow::Result<Self> {
         let dir = path.to_path_buf();
-        let (opened, durability) = tokio::task::spawn_blocking(move || {
-            let opened = open_blocking(&dir)?;
-            // Whatever an earlier run left in the WAL (committed, maybe
-            // never synced before it stopped) is durable before anything
-            // is read.
-            let mut durability = durability(&opened.db_path, &opened.dir);
-            durability.sync().with_context(|| {
-                format!(
-                    "cannot make the event log in {} durable (fsync failed): check the disk \
-                     and the system log",
-                    opened.dir.display()
-                )
-            })?;
-            anyhow::Ok((opened, durability))
-        })
-        .await
-        .context("opening the embedded store was interrupted")??;
+        let (opened, durability, index_writer, readers, index_reader) =
+            tokio::task::spawn_blocking(move || {
+                let opened = open_blocking(&dir)?;
+                // Whatever an earlier run left in the WAL (committed, maybe
+                // never synced before it stopped) is durable before anything
+                // is read or indexed.
+                let mut durability = durability(&opened.db_path, &opened.dir);
+                durability.sync().with_context(|| {
+                    format!(
+                        "cannot make the event log in {} durable (fsync failed): check the disk \
+                         and the system log",
+                        opened.dir.display()
+                    )
+                })?;
+                let index_writer =
+                    open_index(&opened.dir, &opened.store_id, &opened.writer, opened.head)?;
+                let readers = opened
+                    .readers
+                    .iter()
+                    .map(|_| index::open_reader(&opened.dir))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let index_reader = index::open_reader(&opened.dir)?;
+                anyhow::Ok((opened, durability, index_writer, readers, index_reader))
+            })
+            .await
+            .context("opening the embedded store was interrupted")??;
         let Opened {
             dir,
             db_path: _,
             head,
+            store_id: _,
             lock,
             writer,
-            readers,
+            readers: log_readers,
         } = opened;
+        let readers: Vec<Reader> = log_readers
+            .into_iter()
+            .zip(readers)
+            .map(|(log, index)| Reader { log, index })
+            .collect();
 
         let commits = tokio::sync::watch::Sender::new(0u64);
         let durable = Arc::new(AtomicU64::new(head));
+        // Open indexed everything up to the head.
+        let tail = Arc::new(Mutex::new(Tail::new(head)));
+        let indexer = Arc::new(IndexerControl::default());
+        let indexer_thread = {
+            let (tail, durable, indexer) = (tail.clone(), durable.clone(), indexer.clone());
+            std::thread::Builder::new()
+                .name("rehydra-store-indexer".into())
+                .spawn(move || indexer_main(index_writer, tail, durable, indexer, indexing))
+                .context("cannot start the event store's indexer thread")?
+        };
         let (to_syncer, groups) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
         let sync_state = SyncState {
             durable: durable.clone(),
@@ -226,6 +267,13 @@ impl EmbeddedStore {
             to_syncer,
             syncer_thread,
             syncer,
+            index: Index {
+                conn: index_reader,
+                tail: tail.clone(),
+                pending: Default::default(),
+            },
+            indexer_thread,
+            indexer,
         };
         let thread = std::thread::Builder::new()
             .name("rehydra-store-writer".into())
@@ -238,6 +286,7 @@ impl EmbeddedStore {
                 dir,
                 closed: AtomicBool::new(false),
                 readers: readers.into_iter().map(|c| Mutex::new(Some(c))).collect(),
+                tail,
                 next_reader: AtomicUsize::new(0),
                 commits,
                 durable,
@@ -315,12 +364,12 @@ impl EmbeddedStore {
             .map_err(|_| writer_gone(&self.shared.dir, what))?
     }
 
-    /// Runs `f` with a read-only connection on a blocking thread, and the
-    /// durable position: `f` must show nothing beyond it.
+    /// Runs `f` on a blocking thread with a view of the store: a reader's
+    /// connections, the tail, and the durable position.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, Durable) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&View<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(self.closed_error());
@@ -339,9 +388,13 @@ impl EmbeddedStore {
                 });
             // Read after the connection is ours: the durable position only
             // grows, so a later one only shows more.
-            let durable = Durable(shared.durable.load(Ordering::SeqCst));
+            let durable = shared.durable.load(Ordering::SeqCst);
             match guard.as_ref() {
-                Some(conn) => f(conn, durable),
+                Some(reader) => f(&View {
+                    reader,
+                    tail: &shared.tail,
+                    durable,
+                }),
                 None => Err(closed_error(&shared.dir)),
             }
         })
@@ -355,17 +408,6 @@ impl std::fmt::Debug for EmbeddedStore {
         f.debug_struct("EmbeddedStore")
             .field("dir", &self.shared.dir)
             .finish_non_exhaustive()
-    }
-}
-
-/// The highest position a read may show: the last one made durable.
-#[derive(Debug, Clone, Copy)]
-struct Durable(u64);
-
-impl Durable {
-    /// As an SQL parameter.
-    fn sql(self) -> i64 {
-        to_sql_int(self.0)
     }
 }
 
@@ -402,29 +444,13 @@ impl EventStore for EmbeddedStore {
             return Ok(Vec::new());
         }
         let stream = stream.to_owned();
-        self.read(move |conn, durable| {
-            let mut stmt = conn
-                .prepare_cached(select_events!(
-                    "WHERE stream = ?1 AND version >= ?2 AND position <= ?4 ORDER BY version LIMIT ?3"
-                ))
-                .map_err(sql_error)?;
-            let rows = stmt
-                .query(params![
-                    stream,
-                    to_sql_int(from_version),
-                    to_sql_limit(limit),
-                    durable.sql()
-                ])
-                .map_err(sql_error)?;
-            collect_events(rows)
-        })
-        .await
+        self.read(move |view| view.read_stream(&stream, from_version, limit))
+            .await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn, durable| Ok(stream_head(conn, &stream, durable.0)?.0))
-            .await
+        self.read(move |view| Ok(view.head(&stream)?.0)).await
     }
 
     async fn read_all(
@@ -435,22 +461,8 @@ impl EventStore for EmbeddedStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.read(move |conn, durable| {
-            let mut stmt = conn
-                .prepare_cached(select_events!(
-                    "WHERE position >= ?1 AND position <= ?3 ORDER BY position LIMIT ?2"
-                ))
-                .map_err(sql_error)?;
-            let rows = stmt
-                .query(params![
-                    to_sql_int(from_position),
-                    to_sql_limit(limit),
-                    durable.sql()
-                ])
-                .map_err(sql_error)?;
-            collect_events(rows)
-        })
-        .await
+        self.read(move |view| view.read_all(from_position, limit))
+            .await
     }
 
     async fn find_command_events(
@@ -459,47 +471,12 @@ impl EventStore for EmbeddedStore {
         first_event_id: Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn, durable| {
-            // The first event through the event-id index, then the stream
-            // from there on, read only as far as the command's events go.
-            let mut stmt = conn
-                .prepare_cached(select_events!(
-                    "WHERE stream = ?1 AND position <= ?3 AND version >= \
-                     (SELECT version FROM events WHERE event_id = ?2 AND stream = ?1) \
-                     ORDER BY version"
-                ))
-                .map_err(sql_error)?;
-            let mut rows = stmt
-                .query(params![stream, first_event_id.as_bytes(), durable.sql()])
-                .map_err(sql_error)?;
-            let mut events: Vec<RecordedEvent> = Vec::new();
-            while let Some(row) = rows.next().map_err(sql_error)? {
-                let event = event_from_row(row)?;
-                if events
-                    .first()
-                    .is_some_and(|first| first.message_id != event.message_id)
-                {
-                    break;
-                }
-                events.push(event);
-            }
-            Ok(events)
-        })
-        .await
+        self.read(move |view| view.command_events(&stream, first_event_id))
+            .await
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
-        self.read(|conn, durable| {
-            let head: Option<i64> = conn
-                .query_row(
-                    "SELECT MAX(position) FROM events WHERE position <= ?1",
-                    [durable.sql()],
-                    |row| row.get(0),
-                )
-                .map_err(sql_error)?;
-            head.map_or(Ok(0), |p| from_sql_int(p, "position"))
-        })
-        .await
+        self.read(|view| view.head_position()).await
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
@@ -514,36 +491,7 @@ impl EventStore for EmbeddedStore {
 
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
         let stream = stream.to_owned();
-        self.read(move |conn, _durable| {
-            // A snapshot is of events its actor saw acknowledged: durable.
-            let row = conn
-                .prepare_cached(
-                    "SELECT state_schema, version, event_id, state FROM snapshots WHERE stream = ?1",
-                )
-                .map_err(sql_error)?
-                .query_row([&stream], |r| {
-                    Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                    ))
-                })
-                .optional()
-                .map_err(sql_error)?;
-            let Some((schema, version, event_id, state)) = row else {
-                return Ok(None);
-            };
-            Ok(Some(Snapshot {
-                version: from_sql_int(version, "snapshot version")?,
-                event_id: Uuid::from_slice(&event_id)
-                    .map_err(|e| corrupt("snapshot event_id", e))?,
-                stream,
-                schema,
-                state,
-            }))
-        })
-        .await
+        self.read(move |view| view.snapshot(stream)).await
     }
 
     fn commit_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

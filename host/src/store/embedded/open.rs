@@ -17,6 +17,8 @@ pub(super) struct Opened {
     pub(super) db_path: PathBuf,
     /// The position of the last event stored.
     pub(super) head: u64,
+    /// The store's id, which ties the index database to this log.
+    pub(super) store_id: String,
     pub(super) lock: File,
     pub(super) writer: Connection,
     pub(super) readers: Vec<Connection>,
@@ -101,7 +103,7 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
          PRAGMA journal_size_limit=67108864;"
     ))?;
     writer.set_prepared_statement_cache_capacity(32);
-    migrate(&writer, &db_path)?;
+    let store_id = migrate(&writer, &db_path)?;
     if created {
         // Make the new files' directory entries durable too.
         File::open(dir)
@@ -132,6 +134,7 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
         dir: dir.to_path_buf(),
         db_path,
         head,
+        store_id,
         lock,
         writer,
         readers,

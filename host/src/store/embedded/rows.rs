@@ -1,38 +1,10 @@
 //! Reading rows of the embedded store's tables into the store's types, and
 //! the mapping of SQLite's integers and errors.
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Row};
+use rusqlite::{ErrorCode, Row};
 use uuid::Uuid;
 
 use crate::store::{RecordedEvent, StoreError};
-
-/// The stream's version and the position of its last event at or below
-/// position `up_to` ((0, 0) if the stream has none); one index probe on
-/// (stream, version) when nothing beyond `up_to` was written.
-pub(super) fn stream_head(
-    conn: &Connection,
-    stream: &str,
-    up_to: u64,
-) -> Result<(u64, u64), StoreError> {
-    let head = conn
-        .prepare_cached(
-            "SELECT version, position FROM events WHERE stream = ?1 AND position <= ?2 \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .map_err(sql_error)?
-        .query_row(rusqlite::params![stream, to_sql_int(up_to)], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-        })
-        .optional()
-        .map_err(sql_error)?;
-    match head {
-        Some((version, position)) => Ok((
-            from_sql_int(version, "version")?,
-            from_sql_int(position, "position")?,
-        )),
-        None => Ok((0, 0)),
-    }
-}
 
 pub(super) fn collect_events(
     mut rows: rusqlite::Rows<'_>,

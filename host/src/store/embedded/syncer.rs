@@ -288,9 +288,10 @@ mod tests {
             gate.send(Ok(())).expect("the open waits");
             gate
         });
-        let store = EmbeddedStore::open_with(dir, move |_, _| Box::new(Gated(syncs)))
-            .await
-            .expect("open");
+        let store =
+            EmbeddedStore::open_with(dir, move |_, _| Box::new(Gated(syncs)), Default::default())
+                .await
+                .expect("open");
         let gate = opening.join().expect("the open's sync");
         (Arc::new(store), gate)
     }
@@ -421,9 +422,10 @@ mod tests {
             }
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let refused = EmbeddedStore::open_with(dir.path(), |_, _| Box::new(Failing))
-            .await
-            .expect_err("refused");
+        let refused =
+            EmbeddedStore::open_with(dir.path(), |_, _| Box::new(Failing), Default::default())
+                .await
+                .expect_err("refused");
         let text = format!("{refused:#}");
         assert!(
             text.contains("fsync failed") && text.contains("injected EIO"),

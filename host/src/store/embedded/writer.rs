@@ -1,21 +1,27 @@
-//! The embedded store's writer thread: the only read-write connection,
-//! committing groups of appends (and snapshots) in one transaction each.
+//! The embedded store's writer thread: the only read-write connection to
+//! the log, committing groups of appends (and snapshots) in one
+//! transaction each. An append writes its events at the log's end and
+//! nothing else; versions and ids are checked against the unindexed tail
+//! and the index database ([`Index`]), not by SQLite.
 //! A committed group goes to the syncer ([`super::syncer`]), which answers
 //! its callers once it is durable; meanwhile the writer commits the next.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::MAX_BATCH;
-use super::rows::{from_sql_int, sql_error, stream_head, to_sql_int};
+use super::index::{self, IndexerControl};
+use super::rows::{from_sql_int, sql_error, to_sql_int};
 use super::syncer::{Answer, Committed, Syncer};
+use super::tail::{Located, Pending, TAIL_LIMIT, Tail, TailEvent};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
 use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
 
@@ -64,6 +70,58 @@ pub(super) struct WriterParts {
     pub(super) syncer_thread: JoinHandle<()>,
     /// What makes groups durable, shared with the syncer thread.
     pub(super) syncer: Arc<Syncer>,
+    /// Where the writer finds what the indexer has not written yet.
+    pub(super) index: Index,
+    /// The indexer thread, stopped and joined after the syncer.
+    pub(super) indexer_thread: JoinHandle<()>,
+    /// How the indexer is told to stop, and why it cannot write.
+    pub(super) indexer: Arc<IndexerControl>,
+}
+
+/// How the writer finds where events are: the group it is committing, the
+/// unindexed tail, and the index database, in that order.
+pub(super) struct Index {
+    /// A read-only connection to the index database.
+    pub(super) conn: Connection,
+    /// The events committed but not indexed yet, shared with the indexer
+    /// and the readers.
+    pub(super) tail: Arc<Mutex<Tail>>,
+    /// The current group's events, until it commits.
+    pub(super) pending: Pending,
+}
+
+impl Index {
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        self.tail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stream's version and the position of its last event ((0, 0) if
+    /// it has none), committed or in the current group: the writer orders
+    /// every commit, durable or not.
+    fn head(&self, stream: &str) -> Result<(u64, u64), StoreError> {
+        if let Some(head) = self.pending.head(stream) {
+            return Ok(head);
+        }
+        if let Some(head) = self.tail().head(stream, u64::MAX) {
+            return Ok(head);
+        }
+        // Not in the tail: either all indexed, or the indexer took it out
+        // of the tail after its commit, which this read then sees.
+        Ok(index::head(&self.conn, stream, u64::MAX)?.unwrap_or((0, 0)))
+    }
+
+    /// Where the event with `id` is stored, if it is.
+    fn locate(&self, log: &Connection, id: &Uuid) -> Result<Option<Located>, StoreError> {
+        if let Some(found) = self.pending.locate(id) {
+            return Ok(Some(found.clone()));
+        }
+        if let Some(found) = self.tail().locate(id) {
+            return Ok(Some(found.clone()));
+        }
+        index::locate(&self.conn, log, id, u64::MAX)
+    }
 }
 
 pub(super) fn writer_main(
@@ -77,6 +135,9 @@ pub(super) fn writer_main(
         to_syncer,
         syncer_thread,
         syncer,
+        mut index,
+        indexer_thread,
+        indexer,
     } = parts;
     let _reporter = PanicReporter(&dir);
     let mut batch: Vec<AppendRequest> = Vec::with_capacity(MAX_BATCH);
@@ -105,7 +166,12 @@ pub(super) fn writer_main(
             }
         }
         if !batch.is_empty()
-            && let Some(committed) = commit_batch(&conn, &mut batch)
+            && let Err(message) = wait_for_indexer(&index, &indexer)
+        {
+            fail_all(&mut batch, message);
+        }
+        if !batch.is_empty()
+            && let Some(committed) = commit_batch(&conn, &mut index, &mut batch)
         {
             if syncer.sync_inline(committed.began.elapsed(), queue.is_empty()) {
                 syncer.make_durable(vec![committed]);
@@ -133,6 +199,13 @@ pub(super) fn writer_main(
     if syncer_thread.join().is_err() {
         tracing::error!(path = %dir.display(), "the event store's syncer thread panicked");
     }
+    // Everything durable is indexed before the files close, so that the
+    // next open has nothing to catch up.
+    indexer.close();
+    if indexer_thread.join().is_err() {
+        tracing::error!(path = %dir.display(), "the event store's indexer thread panicked");
+    }
+    drop(index);
 
     // Fold the WAL into the database so the directory is one file at rest.
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -144,6 +217,24 @@ pub(super) fn writer_main(
     // Only now may another host take the directory.
     drop(lock);
     tracing::info!(path = %dir.display(), "embedded event store closed");
+}
+
+/// Waits while the unindexed tail is full ([`TAIL_LIMIT`]): the indexer is
+/// behind. An error if it is behind because it cannot write.
+fn wait_for_indexer(index: &Index, indexer: &IndexerControl) -> Result<(), String> {
+    loop {
+        if index.tail().len() < TAIL_LIMIT {
+            return Ok(());
+        }
+        if let Some(error) = indexer.error() {
+            return Err(format!(
+                "the event index cannot be written ({error}), and {TAIL_LIMIT} events wait for \
+                 it: nothing was appended; free disk space in the data directory or restart \
+                 the host"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Answers every request of `batch` (emptying it) with `Unavailable`:
@@ -163,9 +254,15 @@ fn fail_all(batch: &mut Vec<AppendRequest>, message: String) {
 /// Commits `batch` (emptying it) in one transaction. The group committed,
 /// with each append's outcome, for the syncer to answer once it is
 /// durable; `None` if nothing was committed (every request is answered
-/// `Unavailable` then).
-fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) -> Option<Committed> {
+/// `Unavailable` then). The group's events join the unindexed tail once
+/// committed.
+fn commit_batch(
+    conn: &Connection,
+    index: &mut Index,
+    batch: &mut Vec<AppendRequest>,
+) -> Option<Committed> {
     let began = std::time::Instant::now();
+    index.pending.clear();
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         let _ = run(conn, "ROLLBACK");
         fail_all(batch, format!("cannot start a write transaction: {e}"));
@@ -176,6 +273,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) -> Option<Com
         let events = std::mem::take(&mut request.events);
         results.push(append_in_savepoint(
             conn,
+            index,
             &request.stream,
             request.expected,
             &events,
@@ -184,6 +282,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) -> Option<Com
         // I/O error). Carrying on would run later appends outside it, each
         // committing on its own, so the batch stops here.
         if conn.is_autocommit() {
+            index.pending.clear();
             let message = results
                 .pop()
                 .and_then(Result::err)
@@ -198,9 +297,12 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<AppendRequest>) -> Option<Com
     }
     if let Err(e) = run(conn, "COMMIT") {
         let _ = run(conn, "ROLLBACK");
+        index.pending.clear();
         fail_all(batch, format!("commit failed: {e}"));
         return None;
     }
+    let committed = index.pending.take();
+    index.tail().extend(committed);
     let last_position = results
         .iter()
         .filter_map(|r| r.as_ref().ok().map(|a| a.position))
@@ -297,15 +399,16 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// two statements were a tenth of an append's SQL.)
 fn append_in_savepoint(
     conn: &Connection,
+    index: &mut Index,
     stream: &str,
     expected: ExpectedVersion,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
     if events.len() <= 1 {
-        return append_one(conn, stream, expected, events);
+        return append_one(conn, index, stream, expected, events);
     }
     run(conn, "SAVEPOINT append").map_err(sql_error)?;
-    let result = append_one(conn, stream, expected, events);
+    let result = append_one(conn, index, stream, expected, events);
     if result.is_err() {
         // Errors here only matter if the transaction is gone, which the
         // caller checks.
@@ -315,22 +418,29 @@ fn append_in_savepoint(
     result
 }
 
+/// Checks one append against the stream's head and the ids stored (the
+/// same rules, in the same order, as the memory store's), then writes its
+/// events at the log's end. Its events join the group's pending ones only
+/// once all are written.
 fn append_one(
     conn: &Connection,
+    index: &mut Index,
     stream: &str,
     expected: ExpectedVersion,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
-    // The writer sees every commit, durable or not: it orders them.
-    let (version, last_position) = stream_head(conn, stream, u64::MAX)?;
-    if !expected.matches(version) {
-        // A retry of an append that was stored finds the version moved on:
-        // it is recognised by its first event's id, and answered as before.
-        // (Looking the id up only on this path and on a uniqueness failure
-        // saves every other append a random probe of the event-id index.)
-        if let Some(retried) = recognise_retry(conn, stream, events)? {
-            return Ok(retried);
+    // A retry is recognised before the expectation is checked: the
+    // original append already moved the version on.
+    if let Some(first) = events.first()
+        && let Some(stored) = index.locate(conn, &first.event_id)?
+    {
+        if &*stored.stream != stream {
+            return Err(id_in_other_stream(first.event_id, &stored.stream, stream));
         }
+        return retry_result(conn, index, stream, events);
+    }
+    let (version, last_position) = index.head(stream)?;
+    if !expected.matches(version) {
         return Err(StoreError::WrongExpectedVersion {
             stream: stream.to_owned(),
             expected,
@@ -344,7 +454,19 @@ fn append_one(
     if events.is_empty() {
         return Ok(result);
     }
+    // Every id is checked before anything is written, so a bad append
+    // writes nothing.
+    for (n, event) in events.iter().enumerate().skip(1) {
+        if events[..n].iter().any(|e| e.event_id == event.event_id) {
+            return Err(id_twice_in_append(event.event_id, stream));
+        }
+        if let Some(stored) = index.locate(conn, &event.event_id)? {
+            return Err(id_already_stored(event.event_id, &stored.stream, stream));
+        }
+    }
 
+    let name: Arc<str> = Arc::from(stream);
+    let mut stored = Vec::with_capacity(events.len());
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO events (stream, version, event_id, event_type, data, metadata, message_id)
@@ -352,78 +474,39 @@ fn append_one(
         )
         .map_err(sql_error)?;
     for event in events {
-        result.version += 1;
-        let inserted = insert.execute(params![
-            stream,
-            to_sql_int(result.version),
-            event.event_id.as_bytes(),
-            event.event_type,
-            event.data,
-            event.metadata,
-            event.message_id,
-        ]);
-        if let Err(e) = inserted {
-            if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
-                return Err(sql_error(e));
-            }
-            // The first event's id is stored already: a retry (with an
-            // expectation that still matches, such as `Any`), or an id
-            // reused across streams. Nothing of this append was written.
-            if result.version == version + 1
-                && let Some(retried) = recognise_retry(conn, stream, events)?
-            {
-                return Ok(retried);
-            }
-            return Err(explain_duplicate_id(conn, stream, version, event.event_id)
-                .unwrap_or_else(|| sql_error(e)));
-        }
+        result.version = result.version.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!("stream {stream:?} is at the largest version"))
+        })?;
+        insert
+            .execute(params![
+                stream,
+                to_sql_int(result.version),
+                event.event_id.as_bytes(),
+                event.event_type,
+                event.data,
+                event.metadata,
+                event.message_id,
+            ])
+            .map_err(sql_error)?;
         // The rowid SQLite chose: one more than the largest, so positions
         // grow in commit order with a single writer.
         result.position = from_sql_int(conn.last_insert_rowid(), "position")?;
+        stored.push(TailEvent {
+            position: result.position,
+            stream: name.clone(),
+            version: result.version,
+            event_id: event.event_id,
+        });
     }
+    index.pending.add(stored);
     Ok(result)
-}
-
-/// If `events` were stored before (their first event's id is in `stream`),
-/// the outcome of that append; an id stored in another stream is an error
-/// that no retry can fix.
-fn recognise_retry(
-    conn: &Connection,
-    stream: &str,
-    events: &[EventData],
-) -> Result<Option<AppendResult>, StoreError> {
-    let Some(first) = events.first() else {
-        return Ok(None);
-    };
-    match find_event_id(conn, first.event_id)? {
-        None => Ok(None),
-        Some((stored_in, _, _)) if stored_in != stream => {
-            Err(id_in_other_stream(first.event_id, &stored_in, stream))
-        }
-        Some(_) => retry_result(conn, stream, events).map(Some),
-    }
-}
-
-/// Why inserting `id` broke a uniqueness rule, if it is the event id's.
-fn explain_duplicate_id(
-    conn: &Connection,
-    stream: &str,
-    version_before: u64,
-    id: Uuid,
-) -> Option<StoreError> {
-    let (stored_in, stored_version, _) = find_event_id(conn, id).ok()??;
-    if stored_in == stream && stored_version > version_before {
-        // Written earlier in this same append.
-        Some(id_twice_in_append(id, stream))
-    } else {
-        Some(id_already_stored(id, &stored_in, stream))
-    }
 }
 
 /// The outcome of the original append that a retry repeats: the last of the
 /// stored events (in this stream) that carry the batch's ids.
 fn retry_result(
     conn: &Connection,
+    index: &Index,
     stream: &str,
     events: &[EventData],
 ) -> Result<AppendResult, StoreError> {
@@ -432,38 +515,17 @@ fn retry_result(
         position: 0,
     };
     for event in events {
-        if let Some((stored_in, version, position)) = find_event_id(conn, event.event_id)?
-            && stored_in == stream
-            && version > result.version
+        if let Some(stored) = index.locate(conn, &event.event_id)?
+            && &*stored.stream == stream
+            && stored.version > result.version
         {
-            result = AppendResult { version, position };
+            result = AppendResult {
+                version: stored.version,
+                position: stored.position,
+            };
         }
     }
     Ok(result)
-}
-
-/// Where the event with `id` is stored: (stream, version, position).
-fn find_event_id(conn: &Connection, id: Uuid) -> Result<Option<(String, u64, u64)>, StoreError> {
-    let found = conn
-        .prepare_cached("SELECT stream, version, position FROM events WHERE event_id = ?1")
-        .map_err(sql_error)?
-        .query_row([id.as_bytes()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
-        .optional()
-        .map_err(sql_error)?;
-    match found {
-        Some((stream, version, position)) => Ok(Some((
-            stream,
-            from_sql_int(version, "version")?,
-            from_sql_int(position, "position")?,
-        ))),
-        None => Ok(None),
-    }
 }
 
 #[cfg(test)]
@@ -509,6 +571,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let opened = open_blocking(dir.path()).expect("open");
         let conn = &opened.writer;
+        let mut index = Index {
+            conn: {
+                index::open_index(dir.path(), &opened.store_id, conn, opened.head).expect("index");
+                index::open_reader(dir.path()).expect("index reader")
+            },
+            tail: Arc::new(Mutex::new(Tail::new(opened.head))),
+            pending: Pending::default(),
+        };
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .expect("page_count");
@@ -529,7 +599,7 @@ mod tests {
             batch.push(request);
             answers.push(answer);
         }
-        deliver(commit_batch(conn, &mut batch));
+        deliver(commit_batch(conn, &mut index, &mut batch));
         assert!(batch.is_empty(), "every request was answered");
 
         for (stream, mut answer) in streams.iter().zip(answers) {
@@ -552,7 +622,7 @@ mod tests {
             .expect("room again");
         let (request, mut answer) = request(&streams[1], vec![event(5)]);
         let mut batch = vec![request];
-        deliver(commit_batch(conn, &mut batch));
+        deliver(commit_batch(conn, &mut index, &mut batch));
         assert_eq!(
             answer
                 .try_recv()
