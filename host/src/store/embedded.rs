@@ -45,6 +45,8 @@
 
 mod index;
 #[cfg(test)]
+mod index_tests;
+#[cfg(test)]
 mod migration_tests;
 mod open;
 mod read;
@@ -108,8 +110,8 @@ const SYNC_QUEUE: usize = 64;
 /// (back-pressure) instead of growing memory.
 const QUEUE_CAPACITY: usize = 4096;
 /// WAL pages after which a commit checkpoints the log into the database
-/// (about 40 MB; see `open.rs` for why not SQLite's default).
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// (about 4 MB, SQLite's default; see `open.rs`).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 1_000;
 /// Read-only connections in the pool.
 const READERS: usize = 4;
 /// How long a statement waits for a lock held by someone else (only a
@@ -271,6 +273,7 @@ impl EmbeddedStore {
                 conn: index_reader,
                 tail: tail.clone(),
                 pending: Default::default(),
+                tail_limit: indexing.tail_limit,
             },
             indexer_thread,
             indexer,

@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use super::BUSY_TIMEOUT;
 use super::rows::{from_sql_int, sql_error, to_sql_int, to_sql_limit};
-use super::tail::{Located, Tail, TailEvent};
+use super::tail::{Located, TAIL_LIMIT, Tail, TailEvent};
 use crate::store::StoreError;
 
 /// The index database's file name inside the data directory.
@@ -470,11 +470,16 @@ pub(super) fn locate(
 }
 
 /// When the indexer writes: once `min_batch` durable events wait, or
-/// after `idle` without a write.
+/// after `idle` without a write; and how far it may fall behind.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Indexing {
     pub(super) min_batch: usize,
     pub(super) idle: Duration,
+    /// The most events the tail holds ([`TAIL_LIMIT`]).
+    pub(super) tail_limit: usize,
+    /// Tests only: the index database may grow to this many pages, which
+    /// is how SQLite reports a full disk.
+    pub(super) max_pages: Option<u32>,
 }
 
 impl Default for Indexing {
@@ -482,6 +487,8 @@ impl Default for Indexing {
         Indexing {
             min_batch: INDEX_MIN_BATCH,
             idle: INDEX_IDLE,
+            tail_limit: TAIL_LIMIT,
+            max_pages: None,
         }
     }
 }
@@ -494,6 +501,7 @@ impl Indexing {
         Indexing {
             min_batch: 1,
             idle: Duration::ZERO,
+            ..Indexing::default()
         }
     }
 }
@@ -545,6 +553,11 @@ pub(super) fn indexer_main(
         tail.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
+    if let Some(pages) = indexing.max_pages
+        && let Err(e) = conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+    {
+        tracing::warn!(error = %e, "cannot limit the index's size");
+    }
     let mut last_write = Instant::now();
     loop {
         let closing = {

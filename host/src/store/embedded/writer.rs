@@ -18,10 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::MAX_BATCH;
-use super::index::{self, IndexerControl};
+use super::index::{self, INDEX_FILE, IndexerControl};
 use super::rows::{from_sql_int, sql_error, to_sql_int};
 use super::syncer::{Answer, Committed, Syncer};
-use super::tail::{Located, Pending, TAIL_LIMIT, Tail, TailEvent};
+use super::tail::{Located, Pending, Tail, TailEvent};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
 use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
 
@@ -88,6 +88,8 @@ pub(super) struct Index {
     pub(super) tail: Arc<Mutex<Tail>>,
     /// The current group's events, until it commits.
     pub(super) pending: Pending,
+    /// The most events the tail may hold before the writer waits.
+    pub(super) tail_limit: usize,
 }
 
 impl Index {
@@ -219,18 +221,19 @@ pub(super) fn writer_main(
     tracing::info!(path = %dir.display(), "embedded event store closed");
 }
 
-/// Waits while the unindexed tail is full ([`TAIL_LIMIT`]): the indexer is
-/// behind. An error if it is behind because it cannot write.
+/// Waits while the unindexed tail is full ([`Index::tail_limit`]): the
+/// indexer is behind. An error if it is behind because it cannot write.
 fn wait_for_indexer(index: &Index, indexer: &IndexerControl) -> Result<(), String> {
     loop {
-        if index.tail().len() < TAIL_LIMIT {
+        let waiting = index.tail().len();
+        if waiting < index.tail_limit {
             return Ok(());
         }
         if let Some(error) = indexer.error() {
             return Err(format!(
-                "the event index cannot be written ({error}), and {TAIL_LIMIT} events wait for \
-                 it: nothing was appended; free disk space in the data directory or restart \
-                 the host"
+                "the event index ({INDEX_FILE}) cannot be written ({error}), and {waiting} \
+                 events wait for it: nothing was appended; free disk space in the data \
+                 directory, then restart the host"
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -578,6 +581,7 @@ mod tests {
             },
             tail: Arc::new(Mutex::new(Tail::new(opened.head))),
             pending: Pending::default(),
+            tail_limit: usize::MAX,
         };
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
