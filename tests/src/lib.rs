@@ -410,9 +410,14 @@ impl Host {
     /// Every event of `stream`, read page after page (a page holds at most
     /// 1,000 events).
     pub async fn read_stream(&self, stream: &str) -> Vec<Value> {
+        self.read_stream_from(stream, 1).await
+    }
+
+    /// The stream's events from version `first` on, page after page.
+    pub async fn read_stream_from(&self, stream: &str, first: u64) -> Vec<Value> {
         let mut events = Vec::new();
         loop {
-            let from = events.len() + 1;
+            let from = first + events.len() as u64;
             let (status, page) = self
                 .get(&format!("/v1/streams/{stream}?from={from}&limit=1000"))
                 .await;
