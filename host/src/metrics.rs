@@ -93,6 +93,8 @@ pub struct Metrics {
     pub store_commit_seconds: Family<StoreLabels, Histogram>,
     /// Appends per group commit.
     pub store_group_appends: Family<StoreLabels, Histogram>,
+    /// Events the embedded store's indexer has not written yet.
+    pub store_unindexed_events: Gauge,
     /// Compile-cache look-ups.
     pub compile_cache: Family<CacheLabels, Counter>,
     /// Snapshots saved, failed or dropped.
@@ -214,6 +216,12 @@ impl Metrics {
             "Appends committed together in one group",
             store_group_appends.clone(),
         );
+        let store_unindexed_events = Gauge::default();
+        registry.register(
+            "store_unindexed_events",
+            "Events of the embedded store committed but not yet in its index database (found in memory meanwhile)",
+            store_unindexed_events.clone(),
+        );
         let compile_cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "compile_cache_lookups",
@@ -309,6 +317,7 @@ impl Metrics {
             events_replayed,
             store_commit_seconds,
             store_group_appends,
+            store_unindexed_events,
             compile_cache,
             snapshots_saved,
             snapshot_loads,

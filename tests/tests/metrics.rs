@@ -113,6 +113,11 @@ async fn metrics_count_commands_by_outcome_and_measure_the_command_path() {
         .is_some_and(|n| n >= 4.0),
         "{text}"
     );
+    // A handful of events, not yet worth an index write (or just written).
+    assert!(
+        sample(&text, "rehydra_store_unindexed_events").is_some_and(|n| (0.0..100.0).contains(&n)),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "rehydra_resident_aggregates"),
         Some(1.0),

@@ -576,6 +576,9 @@ pub(super) fn indexer_main(
         let (waiting, batch) = {
             let tail = lock_tail();
             let waiting = tail.waiting(up_to);
+            crate::metrics::global()
+                .store_unindexed_events
+                .set(i64::try_from(tail.len()).unwrap_or(i64::MAX));
             let due = closing
                 || waiting >= indexing.min_batch
                 || (waiting > 0 && last_write.elapsed() >= indexing.idle);

@@ -128,6 +128,9 @@ pub(super) fn open_blocking(dir: &Path) -> anyhow::Result<Opened> {
         .with_context(|| format!("cannot open {} for reading", db_path.display()))?;
         reader.busy_timeout(BUSY_TIMEOUT)?;
         reader.set_prepared_statement_cache_capacity(16);
+        // `rarray`: a read looks a list of positions up in one statement.
+        rusqlite::vtab::array::load_module(&reader)
+            .with_context(|| format!("cannot prepare {} for reading", db_path.display()))?;
         readers.push(reader);
     }
 

@@ -11,15 +11,20 @@
 //! meanwhile. Nothing beyond the durable position is shown: events
 //! committed but not yet synced could still vanish in a crash.
 
+use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard};
 
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::index;
-use super::rows::{collect_events, corrupt, event_from_row, from_sql_int, sql_error, to_sql_int};
+use super::rows::{collect_events, corrupt, from_sql_int, sql_error, to_sql_int};
 use super::tail::{Located, Tail};
 use crate::store::{RecordedEvent, Snapshot, StoreError};
+
+/// A list of SQL values bound as one parameter (`rarray`).
+type Array = Rc<Vec<Value>>;
 
 /// `SELECT <every column> FROM events <rest>`, as one literal so that
 /// `prepare_cached` finds it without building a string per read.
@@ -93,29 +98,38 @@ impl View<'_> {
         self.events_at(positions.into_iter().map(|(_, position)| position))
     }
 
-    /// The events at `positions`, in that order.
+    /// The events at `positions` (ascending), in that order: one
+    /// statement that looks every position up in the log, whose per-row
+    /// cost is a tenth of a statement per event.
     fn events_at(
         &self,
         positions: impl Iterator<Item = u64>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let wanted: Vec<Value> = positions
+            .map(|position| Value::Integer(to_sql_int(position)))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = wanted.len();
         let mut stmt = self
             .reader
             .log
-            .prepare_cached(select_events!("WHERE position = ?1"))
+            .prepare_cached(select_events!(
+                "WHERE position IN rarray(?1) ORDER BY position"
+            ))
             .map_err(sql_error)?;
-        positions
-            .map(|position| {
-                let mut rows = stmt.query([to_sql_int(position)]).map_err(sql_error)?;
-                let row = rows.next().map_err(sql_error)?;
-                row.map(event_from_row).transpose()?.ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "the index points at position {position}, which the log does not \
-                             hold: delete {} (rehydra rebuilds it from the log)",
-                        index::INDEX_FILE
-                    ))
-                })
-            })
-            .collect()
+        let rows = stmt.query([Array::from(wanted)]).map_err(sql_error)?;
+        let events = collect_events(rows)?;
+        if events.len() != count {
+            return Err(StoreError::Corrupt(format!(
+                "the index points at {count} positions of which the log holds {}: delete {} \
+                 (rehydra rebuilds it from the log)",
+                events.len(),
+                index::INDEX_FILE
+            )));
+        }
+        Ok(events)
     }
 
     /// Up to `limit` events from `from_position` on, in position order.

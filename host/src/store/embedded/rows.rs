@@ -63,7 +63,24 @@ pub(super) fn sql_error(e: rusqlite::Error) -> StoreError {
             Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
                 StoreError::Corrupt(e.to_string())
             }
-            _ => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Unavailable(describe(&e)),
         },
+    }
+}
+
+/// SQLite's message for `e`, and what to do when that is not obvious from
+/// it: a full disk and a database locked by someone else are different
+/// troubles with different remedies.
+pub(super) fn describe(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => format!(
+            "the disk holding the event store is full ({e}): free space on its file system; \
+             the store takes appends again as soon as there is room"
+        ),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => format!(
+            "the event store's database is locked by another program ({e}): close any sqlite3 \
+             shell that has a transaction open on it"
+        ),
+        _ => e.to_string(),
     }
 }

@@ -25,7 +25,7 @@ use uuid::Uuid;
 /// The most events the tail holds. At that size the writer stops committing
 /// until the indexer has caught up (it falls behind only when its disk
 /// fails or is far slower than the log's), so memory stays bounded.
-pub(super) const TAIL_LIMIT: usize = 1 << 20;
+pub(super) const TAIL_LIMIT: usize = 262_144;
 
 /// Where an event is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::MAX_BATCH;
 use super::index::{self, INDEX_FILE, IndexerControl};
-use super::rows::{from_sql_int, sql_error, to_sql_int};
+use super::rows::{describe, from_sql_int, sql_error, to_sql_int};
 use super::syncer::{Answer, Committed, Syncer};
 use super::tail::{Located, Pending, Tail, TailEvent};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
@@ -268,7 +268,10 @@ fn commit_batch(
     index.pending.clear();
     if let Err(e) = run(conn, "BEGIN IMMEDIATE") {
         let _ = run(conn, "ROLLBACK");
-        fail_all(batch, format!("cannot start a write transaction: {e}"));
+        fail_all(
+            batch,
+            format!("cannot start a write transaction: {}", describe(&e)),
+        );
         return None;
     }
     let mut results = Vec::with_capacity(batch.len());
@@ -301,7 +304,7 @@ fn commit_batch(
     if let Err(e) = run(conn, "COMMIT") {
         let _ = run(conn, "ROLLBACK");
         index.pending.clear();
-        fail_all(batch, format!("commit failed: {e}"));
+        fail_all(batch, format!("commit failed: {}", describe(&e)));
         return None;
     }
     let committed = index.pending.take();
