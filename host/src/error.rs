@@ -341,6 +341,11 @@ impl From<crate::store::StoreError> for CommandError {
                 };
                 CommandError::WrongExpectedVersion { expected, actual }
             }
+            // The store's own message, without its "unavailable" prefix,
+            // which this error's display adds.
+            crate::store::StoreError::Unavailable(message) => {
+                CommandError::StoreUnavailable(message)
+            }
             other => CommandError::StoreUnavailable(other.to_string()),
         }
     }

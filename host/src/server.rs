@@ -142,7 +142,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     reload_on_sighup(registry.clone(), tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), config.subscriptions.clone());
-    let aggregates = Aggregates::new(store, registry.clone(), config.actors.clone());
+    let aggregates = Aggregates::new(store.clone(), registry.clone(), config.actors.clone());
     // From here on a new version of a loaded plugin is checked against this
     // host's aggregates before it serves.
     registry.set_verifier(
@@ -249,6 +249,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .context("serving gRPC")
     };
     tokio::try_join!(http_server, grpc_server)?;
+    // Every request is answered: the store finishes its work (the embedded
+    // one indexes the rest of its log), so the next start recovers nothing.
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -117,6 +117,7 @@ async fn a_full_disk_refuses_appends_clearly_and_loses_nothing_acknowledged() {
     );
     let total: usize = acked.iter().map(Vec::len).sum();
     assert!(total > 1000, "only {total} deposits before the disk filled");
+    eprintln!("disk full after {total} acknowledged deposits; refused with {status}: {message}");
 
     // Still up: reads are served while the disk is full.
     let (status, health) = host.get("/healthz").await;

@@ -2,41 +2,44 @@
 //! inside a data directory that one host owns.
 //!
 //! Layout of the directory:
-//! - `events.sqlite3` (+ SQLite's `-wal` and `-shm` files): the events;
-//!   inspectable with the `sqlite3` tool.
+//! - `events.sqlite3` (+ SQLite's `-wal` and `-shm` files): the log, the
+//!   `events` table in position order with no index besides its rowid, and
+//!   the snapshots; inspectable with the `sqlite3` tool.
+//! - `index.sqlite3` ([`INDEX_FILE`]): where each stream's versions and
+//!   each event id are, derived from the log and rebuilt from it whenever
+//!   it is missing, behind or does not match it (`index.rs`).
 //! - `LOCK`: held with an exclusive OS lock for as long as a host has the
 //!   store open, so two hosts never write one directory. It holds the owner's
 //!   process id for the error message; the file stays behind after close, and
 //!   the OS drops the lock when the process exits, so it never goes stale.
 //!
-//! Writes: one writer thread owns the only read-write connection and commits
-//! *groups* of appends. It takes everything queued (up to [`MAX_BATCH`]
-//! appends, from any streams), runs them in one transaction (a conflict or
-//! error in one append leaves the others alone: a one-event append fails as
-//! one statement, a longer one runs in a savepoint) and commits once,
-//! without waiting for the disk (`synchronous=NORMAL`). The syncer thread
-//! then fsyncs the log and only then answers each caller: nobody is told an
-//! append succeeded before it is durable, one fsync serves every group
-//! committed before it began, and the writer commits the next group while
-//! the disk works (see `syncer.rs`). That is what makes durable throughput
-//! exceed the disk's fsync rate.
+//! Writes: one writer thread owns the only read-write connection to the log
+//! and commits *groups* of appends. It takes everything queued (up to
+//! [`MAX_BATCH`] appends, from any streams), runs them in one transaction
+//! (a conflict or error in one append leaves the others alone) and commits
+//! once, without waiting for the disk (`synchronous=NORMAL`). An append
+//! writes its events at the log's end and nothing else: what used to limit
+//! durable throughput was every append changing a page at a random place
+//! of each index, so the indexes are written afterwards, by the indexer
+//! thread, in large batches. The writer checks expected versions and event
+//! ids against the committed events the indexer has not reached yet (the
+//! tail, `tail.rs`, in memory) and then the index database; it never waits
+//! for the indexer. The syncer thread then fsyncs the log and only then
+//! answers each caller: nobody is told an append succeeded before it is
+//! durable, one fsync serves every group committed before it began, and the
+//! writer commits the next group while the disk works (see `syncer.rs`).
 //!
-//! Reads: a small pool of read-only connections used from
-//! `spawn_blocking`. WAL lets them read a committed snapshot while the writer
-//! works; each read shows only events up to the last durable position, so
-//! no reader or subscriber sees an event a crash could still take back.
-//!
-//! What an append writes is what limits durable throughput: the commit
-//! writes every page the group changed to the WAL and fsyncs it, and each
-//! append changes a page of every index it touches at a random place. So
-//! the schema has as few indexes as the reads need — the events table by
-//! position, `(stream, version)` and the event id — and the writer looks an
-//! event id up only when an append fails (a retry is recognised then).
+//! Reads: a small pool of read-only connection pairs (the log and the
+//! index) used from `spawn_blocking`. WAL lets them read a committed
+//! snapshot while the writer works; a read joins what the index holds with
+//! what the tail holds (`read.rs`), and shows only events up to the last
+//! durable position, so no reader or subscriber sees an event a crash could
+//! still take back.
 //!
 //! An empty append reports the stream's version and the position of its last
 //! event (0 for a missing stream). An event id already stored in another
 //! stream is refused as [`StoreError::Corrupt`]: ids are unique across the
-//! store (a unique index), and a retry cannot fix a reused message id.
+//! store, and a retry cannot fix a reused message id.
 //!
 //! An append that fails with [`StoreError::Unavailable`] has an unknown
 //! outcome (the disk may have taken the commit before reporting an error), so
@@ -46,6 +49,7 @@
 mod index;
 #[cfg(test)]
 mod index_tests;
+mod indexer;
 #[cfg(test)]
 mod migration_tests;
 mod open;
@@ -74,7 +78,8 @@ use super::{
     AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
 };
 pub use index::INDEX_FILE;
-use index::{IndexerControl, Indexing, indexer_main, open_index};
+use index::open_index;
+use indexer::{IndexerControl, Indexing, indexer_main};
 use open::{Opened, open_blocking};
 use read::{Reader, View};
 use syncer::{Durability, SyncState, Syncer, WalFile, syncer_main};
@@ -503,6 +508,10 @@ impl EventStore for EmbeddedStore {
 
     fn describe(&self) -> String {
         format!("embedded SQLite store at {}", self.shared.dir.display())
+    }
+
+    async fn close(&self) {
+        EmbeddedStore::close(self).await;
     }
 }
 

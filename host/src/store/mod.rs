@@ -275,6 +275,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// A short human-readable description (backend and location) for logs.
     fn describe(&self) -> String;
 
+    /// Finishes what the store still has to do before the process exits
+    /// (the embedded store commits what is queued, indexes the rest of its
+    /// log and folds its WAL into the database), so that the next start has
+    /// nothing to recover. Later calls fail with
+    /// [`StoreError::Unavailable`]. The default does nothing.
+    async fn close(&self) {}
+
     /// Checks quickly, without long retries, that the store answers (for
     /// `/healthz`). The default reads one stream's version.
     async fn health(&self) -> Result<(), StoreError> {

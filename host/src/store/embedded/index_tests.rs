@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::index::Indexing;
+use super::indexer::Indexing;
 use super::syncer::WalFile;
 use super::{DB_FILE, EmbeddedStore, INDEX_FILE};
 use crate::store::conformance::{event, new_stream};

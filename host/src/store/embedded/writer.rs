@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::MAX_BATCH;
-use super::index::{self, INDEX_FILE, IndexerControl};
+use super::index::{self, INDEX_FILE};
+use super::indexer::IndexerControl;
 use super::rows::{describe, from_sql_int, sql_error, to_sql_int};
 use super::syncer::{Answer, Committed, Syncer};
 use super::tail::{Located, Pending, Tail, TailEvent};
