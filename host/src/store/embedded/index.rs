@@ -5,10 +5,11 @@
 //! derived from it and can always be rebuilt from it. The indexer thread
 //! ([`super::indexer`]) writes the events the writer committed, once they
 //! are durable, in large transactions of its own, each with its
-//! checkpoint: "every position up to P is indexed". Those transactions are never synced on their own;
-//! after a crash that lost some, the catch-up at open indexes the log from
-//! the checkpoint on. A separate file, so that indexing never holds the
-//! log's write lock: the writer keeps committing while the indexer works.
+//! checkpoint: "every position up to P is indexed". Those transactions are
+//! never synced on their own; after a crash that lost some, the catch-up at
+//! open indexes the log from the checkpoint on. A separate file, so that
+//! indexing never holds the log's write lock: the writer keeps committing
+//! while the indexer works.
 //!
 //! Invariants:
 //! - The checkpoint is never ahead of the log: only durable events are

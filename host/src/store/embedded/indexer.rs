@@ -2,9 +2,9 @@
 //! database ([`super::index`]) in large transactions, off the commit path,
 //! and lets the tail ([`super::tail`]) drop them once each is committed.
 //!
-//! It writes once [`INDEX_MIN_BATCH`] durable events wait, or when the
-//! oldest has waited [`INDEX_IDLE`], up to [`INDEX_MAX_BATCH`] per
-//! transaction. A write that fails (a full disk) is retried; meanwhile the
+//! It writes once [`INDEX_MIN_BATCH`] durable events wait, or whatever
+//! waits once [`INDEX_IDLE`] has passed since its last write, up to
+//! [`INDEX_MAX_BATCH`] per transaction. A write that fails (a full disk) is retried; meanwhile the
 //! tail grows, and the writer stops at the tail's limit with the indexer's
 //! error. At close it writes what is left, so the next open has nothing to
 //! catch up.
