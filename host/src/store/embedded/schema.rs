@@ -87,7 +87,13 @@ pub(super) fn migrate(conn: &Connection, db_path: &Path) -> anyhow::Result<Strin
             tx.execute_batch(CREATE_SNAPSHOTS)?;
         }
         if version < 4 {
-            rewrite_log(&tx, db_path)?;
+            rewrite_log(&tx, db_path).with_context(|| {
+                format!(
+                    "cannot convert {} to schema version 4 (the conversion needs free space \
+                     about twice the file's size on its file system); the store is unchanged",
+                    db_path.display()
+                )
+            })?;
             tx.execute(
                 "INSERT INTO rehydra_meta (key, value) VALUES ('store_id', ?1)",
                 [Uuid::new_v4().to_string()],
