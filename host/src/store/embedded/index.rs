@@ -363,13 +363,7 @@ pub(super) fn head(
         })
         .optional()
         .map_err(sql_error)?;
-    head.map(|(version, position)| {
-        Ok((
-            from_sql_int(version, "version")?,
-            from_sql_int(position, "position")?,
-        ))
-    })
-    .transpose()
+    head.map(version_position).transpose()
 }
 
 /// The stream's indexed events from `from_version` on, at or below position
@@ -399,14 +393,16 @@ pub(super) fn stream_from(
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
         )
         .map_err(sql_error)?;
-    rows.map(|row| {
-        let (version, position) = row.map_err(sql_error)?;
-        Ok((
-            from_sql_int(version, "version")?,
-            from_sql_int(position, "position")?,
-        ))
-    })
-    .collect()
+    rows.map(|row| version_position(row.map_err(sql_error)?))
+        .collect()
+}
+
+/// A `(version, position)` row of the stream index, as the store's numbers.
+fn version_position((version, position): (i64, i64)) -> Result<(u64, u64), StoreError> {
+    Ok((
+        from_sql_int(version, "version")?,
+        from_sql_int(position, "position")?,
+    ))
 }
 
 /// Where the indexed event with `id` is, at or below position `up_to`,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 
 use super::index::{INDEX_MAX_BATCH, write};
-use super::tail::{TAIL_LIMIT, Tail};
+use super::tail::{self, TAIL_LIMIT, Tail};
 
 /// The indexer writes once this many durable events wait for it. Larger
 /// transactions write each hot index page once for more events.
@@ -113,10 +113,6 @@ pub(super) fn indexer_main(
     control: Arc<IndexerControl>,
     indexing: Indexing,
 ) {
-    let lock_tail = || {
-        tail.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
     if let Some(pages) = indexing.max_pages
         && let Err(e) = conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
     {
@@ -138,7 +134,7 @@ pub(super) fn indexer_main(
         };
         let up_to = durable.load(Ordering::SeqCst);
         let (waiting, batch) = {
-            let tail = lock_tail();
+            let tail = tail::lock(&tail);
             let waiting = tail.waiting(up_to);
             crate::metrics::global()
                 .store_unindexed_events
@@ -158,7 +154,7 @@ pub(super) fn indexer_main(
         if let Some(last) = batch.last().map(|e| e.position) {
             match write(&conn, &batch) {
                 Ok(()) => {
-                    lock_tail().indexed_up_to(last);
+                    tail::lock(&tail).indexed_up_to(last);
                     last_write = Instant::now();
                     let recovered = control.lock().error.take();
                     if recovered.is_some() {

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::index;
 use super::rows::{collect_events, corrupt, from_sql_int, sql_error, to_sql_int};
-use super::tail::{Located, Tail};
+use super::tail::{self, Located, Tail};
 use crate::store::{RecordedEvent, Snapshot, StoreError};
 
 /// A list of SQL values bound as one parameter (`rarray`).
@@ -57,9 +57,7 @@ pub(super) struct View<'a> {
 
 impl View<'_> {
     fn tail(&self) -> MutexGuard<'_, Tail> {
-        self.tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        tail::lock(self.tail)
     }
 
     /// The stream's version and the position of its last event ((0, 0) if

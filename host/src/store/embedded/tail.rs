@@ -18,7 +18,7 @@
 //! transaction is committed, and drops the entries in the same step.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use uuid::Uuid;
 
@@ -42,6 +42,25 @@ pub(super) struct TailEvent {
     pub(super) stream: Arc<str>,
     pub(super) version: u64,
     pub(super) event_id: Uuid,
+}
+
+impl TailEvent {
+    /// Where this event is stored.
+    fn located(&self) -> Located {
+        Located {
+            stream: self.stream.clone(),
+            version: self.version,
+            position: self.position,
+        }
+    }
+}
+
+/// Locks the tail shared by the writer, the indexer and the readers. A
+/// thread that panicked while holding it left it whole (every change is
+/// one call), so a poisoned lock is taken as it is.
+pub(super) fn lock(tail: &Mutex<Tail>) -> MutexGuard<'_, Tail> {
+    tail.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The events above the index's checkpoint. See the module docs.
@@ -127,14 +146,7 @@ impl Tail {
                 .entry(event.stream.clone())
                 .or_default()
                 .push_back((event.version, event.position));
-            self.ids.insert(
-                event.event_id,
-                Located {
-                    stream: event.stream.clone(),
-                    version: event.version,
-                    position: event.position,
-                },
-            );
+            self.ids.insert(event.event_id, event.located());
             self.events.push_back(event);
         }
     }
@@ -196,14 +208,7 @@ impl Pending {
         for event in stored {
             self.heads
                 .insert(event.stream.clone(), (event.version, event.position));
-            self.ids.insert(
-                event.event_id,
-                Located {
-                    stream: event.stream.clone(),
-                    version: event.version,
-                    position: event.position,
-                },
-            );
+            self.ids.insert(event.event_id, event.located());
             self.events.push(event);
         }
     }

@@ -22,7 +22,7 @@ use super::index::{self, INDEX_FILE};
 use super::indexer::IndexerControl;
 use super::rows::{describe, from_sql_int, sql_error, to_sql_int};
 use super::syncer::{Answer, Committed, Syncer};
-use super::tail::{Located, Pending, Tail, TailEvent};
+use super::tail::{self, Located, Pending, Tail, TailEvent};
 use crate::store::memory::{id_already_stored, id_in_other_stream, id_twice_in_append};
 use crate::store::{AppendResult, EventData, ExpectedVersion, Snapshot, StoreError};
 
@@ -95,9 +95,7 @@ pub(super) struct Index {
 
 impl Index {
     fn tail(&self) -> MutexGuard<'_, Tail> {
-        self.tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        tail::lock(&self.tail)
     }
 
     /// The stream's version and the position of its last event ((0, 0) if
