@@ -17,7 +17,7 @@ pub(super) fn collect_events(
 }
 
 /// Decodes a row selected with `select_events!`.
-pub(super) fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
+fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
     let id_bytes = row.get_ref(3).map_err(sql_error)?;
     let id_bytes = id_bytes.as_blob().map_err(|e| corrupt("event_id", e))?;
     let event_id = Uuid::from_slice(id_bytes).map_err(|e| corrupt("event_id", e))?;
@@ -82,5 +82,36 @@ pub(super) fn describe(e: &rusqlite::Error) -> String {
              shell that has a transaction open on it"
         ),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_error(code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    /// A full disk and a database someone else has locked are told apart,
+    /// each with what to do; other errors keep SQLite's message.
+    #[test]
+    fn errors_say_what_to_do() {
+        let full = describe(&sqlite_error(rusqlite::ffi::SQLITE_FULL));
+        assert!(
+            full.contains("disk") && full.contains("full") && full.contains("free space"),
+            "{full}"
+        );
+        let busy = describe(&sqlite_error(rusqlite::ffi::SQLITE_BUSY));
+        assert!(
+            busy.contains("locked by another program") && busy.contains("sqlite3 shell"),
+            "{busy}"
+        );
+        let io = sqlite_error(rusqlite::ffi::SQLITE_IOERR);
+        assert_eq!(describe(&io), io.to_string());
+        assert!(matches!(
+            sql_error(sqlite_error(rusqlite::ffi::SQLITE_FULL)),
+            StoreError::Unavailable(m) if m.contains("free space")
+        ));
     }
 }
