@@ -2,7 +2,7 @@
 
 # Example plugins: directory names under examples/, which are also their
 # cargo package names. Adding an example is adding one word here.
-EXAMPLES := bank-account users faulty
+EXAMPLES := bank-account users faulty order inventory
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2

@@ -30,6 +30,7 @@ fn generate_grpc() {
         "rehydra/v1/aggregates.proto",
         "rehydra/v1/streams.proto",
         "rehydra/v1/plugins.proto",
+        "rehydra/v1/timers.proto",
     ];
     println!("cargo::rerun-if-changed=build.rs");
     for f in &files {

@@ -25,8 +25,8 @@ use bank_account::BankAccount;
 use rehydra::plugin::ReplayEvent;
 use rehydra::plugin::engine::SandboxLimits;
 use rehydra::plugin::{
-    CommandInput, CommandMode, CommandSpec, Decision, NativeAggregate, NewEvent, Plugin,
-    PluginInfo, PluginRegistry, Rejection, StateBytes,
+    AggregateRef, CommandInput, CommandMode, CommandSpec, Decision, Due, NativeAggregate, NewEvent,
+    Plugin, PluginInfo, PluginRegistry, Rejection, StateBytes, TimerChange, TimerRequest,
 };
 use rehydra_guest::dispatch::{self, EncodedState, EventRef, HandleError};
 
@@ -74,6 +74,7 @@ impl NativeAggregate for NativeBankAccount {
                     bytes: outcome.state.bytes,
                 },
                 reply: outcome.reply,
+                timers: outcome.timers.into_iter().map(timer_change).collect(),
             })),
             Err(HandleError::Rejected(r)) => Ok(Err(rejection(r))),
             Err(HandleError::Failed(message)) => Err(message),
@@ -188,5 +189,29 @@ mod tests {
             .handle(&deposited.state, 2, &input("withdraw", br#"{"amount":6}"#))
             .expect("no failure");
         assert!(matches!(refused, Err(Rejection::Rejected(_))));
+    }
+}
+
+/// A timer change from the SDK's types to the host's, as the component's
+/// export glue does it through WIT.
+fn timer_change(change: rehydra_guest::TimerChange) -> TimerChange {
+    match change {
+        rehydra_guest::TimerChange::Schedule {
+            key,
+            target,
+            command,
+            data,
+            due,
+        } => TimerChange::Schedule(TimerRequest {
+            key,
+            target: target.map(|(aggregate_type, id)| AggregateRef { aggregate_type, id }),
+            command,
+            data,
+            due: match due {
+                rehydra_guest::Due::At(at) => Due::At(at),
+                rehydra_guest::Due::AfterMs(ms) => Due::AfterMs(ms),
+            },
+        }),
+        rehydra_guest::TimerChange::Cancel(key) => TimerChange::Cancel(key),
     }
 }

@@ -4,9 +4,9 @@
  * Write an event-sourced aggregate as plain JavaScript: declare what the
  * plugin is (aggregate type, stream prefix, state schema), the fields of
  * its state, one handler per command and one `apply` per event. The SDK does
- * the rest of the `aggregate` world of `rehydra:aggregate@0.2.0`: JSON in and
- * out, field errors, rejections, and computing the new state from the
- * events exactly as a rebuild from the store would.
+ * the rest of the `aggregate` world of `rehydra:aggregate@0.3.0`: JSON in and
+ * out, field errors, rejections, durable timers, and computing the new state
+ * from the events exactly as a rebuild from the store would.
  *
  * ```js
  * import { aggregate, t, rejected } from './rehydra.js';
@@ -33,6 +33,19 @@
  * a missing field "is required", a value of the wrong type gets serde's
  * wording ("invalid type: string \"ten\", expected u64"), and so on, so that
  * the same plugin written in either language answers alike.
+ *
+ * A handler may also schedule commands for later, and cancel them: return
+ * `{ events, reply, timers: [...] }` with {@link schedule} and
+ * {@link cancelTimer}. The host stores the timers with the events, both or
+ * neither, and sends each command once when it is due:
+ *
+ * ```js
+ * place: { mode: 'create', handle: (state, data, ctx) => ({
+ *   events: [{ type: 'Placed', data }],
+ *   timers: [schedule({ key: 'payment-deadline', command: 'expire', afterMs: 30 * 60 * 1000 })],
+ * }) },
+ * pay: { mode: 'update', handle: () => ({ events: [{ type: 'Paid' }], timers: [cancelTimer('payment-deadline')] }) },
+ * ```
  *
  * An event's `apply` gets its data only. The metadata the host stored with
  * it arrives as one JSON string (`metadata` of each event passed to the
@@ -714,6 +727,187 @@ export class Context {
   get principal() {
     return this.metadata.principal;
   }
+
+  /**
+   * When a timer sent this command (see {@link schedule}):
+   * `{ key, due, late, scheduledBy }`. These are the timer's key, when it
+   * was due (RFC 3339 UTC), whether it was sent more than a second after
+   * that (`late`, e.g. because no host ran then) and the aggregate that
+   * scheduled it (`<type>/<id>`). `undefined` when a client sent the command.
+   *
+   * @returns {{key: string, due: string, late: boolean, scheduledBy: string} | undefined}
+   */
+  get timer() {
+    const m = this.metadata;
+    if (m['timer-key'] === undefined || m['timer-due'] === undefined || m['scheduled-by'] === undefined) {
+      return undefined;
+    }
+    return { key: m['timer-key'], due: m['timer-due'], late: m['timer-late'] === 'true', scheduledBy: m['scheduled-by'] };
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Timers
+
+/**
+ * Every change that {@link schedule} and {@link cancelTimer} made. A handler's
+ * `timers` may hold only these: they are already checked and encoded.
+ */
+const timerChanges = new WeakSet();
+
+const SCHEDULE_OPTIONS = ['key', 'command', 'data', 'afterMs', 'at', 'target'];
+
+/** A value as a message about a timer shows it. */
+function shown(v) {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'bigint') return `${v}n`;
+  if (Array.isArray(v)) return 'an array';
+  if (typeof v === 'object' && v !== null) return 'an object';
+  if (typeof v === 'function') return 'a function';
+  return String(v);
+}
+
+/** Registers a checked change and freezes it (its `data` bytes aside). */
+function timerChange(change) {
+  if (change.tag === 'schedule') {
+    Object.freeze(change.val.due);
+    if (change.val.target) Object.freeze(change.val.target);
+    Object.freeze(change.val);
+  }
+  Object.freeze(change);
+  timerChanges.add(change);
+  return change;
+}
+
+/**
+ * Schedules a command for later: a durable timer. Put the result in the
+ * `timers` of a handler's result,
+ * `{ events, reply, timers: [schedule({ key, command, afterMs })] }`.
+ *
+ * The host stores the timer in the same append as the decision's events
+ * (both are stored or neither is) and sends the command once, when it is
+ * due; one that comes due while no host runs is sent at the next start
+ * (the command's {@link Context#timer} tells). Scheduling a key that is still
+ * pending replaces that timer.
+ *
+ * Give exactly one of `afterMs` and `at`. The host checks the key's syntax,
+ * the command's name and the time: a timer it refuses fails the command.
+ * A timer this function cannot build (no key, both or neither of `afterMs`
+ * and `at`, a delay that is not a whole number of milliseconds, data that
+ * cannot be JSON, a target without a type or an id) is a bug in the plugin:
+ * it throws, and the command fails as `plugin_failed`, with the reason in
+ * the host's log.
+ *
+ * @param {object} timer
+ * @param {string} timer.key names the timer among this aggregate's: 1-128
+ *   printable ASCII characters, without `/` or `\`
+ * @param {string} timer.command the command to send: one of the target
+ *   plugin's commands
+ * @param {unknown} [timer.data] the command's data: any JSON value (default
+ *   `{}`), written as event data is (`BigInt`s as integers)
+ * @param {number | bigint} [timer.afterMs] send it this many milliseconds
+ *   after the command's `now`: a non-negative safe integer (or a `BigInt`
+ *   up to 2^64 - 1, as a `t.u64` field reads)
+ * @param {string} [timer.at] send it at this instant: RFC 3339 in UTC, as
+ *   `now` is written, e.g. `2026-12-01T09:00:00Z`
+ * @param {{type: string, id: string}} [timer.target] the aggregate to send
+ *   it to (any type the host serves); absent: this aggregate
+ * @returns {object} the change (the contract's `timer-change`)
+ */
+export function schedule(timer) {
+  if (!isObject(timer)) {
+    throw new PluginBug(`schedule() takes an object, { key, command, data, afterMs or at, target }, not ${shown(timer)}`);
+  }
+  const { key, command, data, afterMs, at, target } = timer;
+  if (typeof key !== 'string') {
+    const which = typeof command === 'string' ? ` for command \`${command}\`` : '';
+    throw new PluginBug(
+      key === undefined || key === null
+        ? `a timer${which} has no key: give \`key\`, a string that names the timer`
+        : `a timer${which} has the key ${shown(key)}: give \`key\` as a string`,
+    );
+  }
+  const bug = (what) => new PluginBug(`the timer \`${key}\` ${what}`);
+  const unknown = Object.keys(timer).filter((k) => !SCHEDULE_OPTIONS.includes(k));
+  if (unknown.length > 0) {
+    throw bug(
+      `has the unknown option${unknown.length > 1 ? 's' : ''} ${unknown.map((k) => `\`${k}\``).join(', ')}: ` +
+        `give only ${SCHEDULE_OPTIONS.map((k) => `\`${k}\``).join(', ')}`,
+    );
+  }
+  if (typeof command !== 'string') {
+    throw bug(`has the command ${shown(command)}: give \`command\`, the name of the command to send, as a string`);
+  }
+  const hasAfter = afterMs !== undefined && afterMs !== null;
+  const hasAt = at !== undefined && at !== null;
+  if (hasAfter && hasAt) throw bug('has both `afterMs` and `at`: give one of them');
+  if (!hasAfter && !hasAt) {
+    throw bug("has no due time: give `afterMs` (milliseconds after the command's `now`) or `at` (an RFC 3339 time)");
+  }
+  let due;
+  if (hasAfter) {
+    const ms = typeof afterMs === 'number' && Number.isSafeInteger(afterMs) ? BigInt(afterMs) : afterMs;
+    if (typeof ms !== 'bigint' || ms < 0n) {
+      const unsafe = typeof afterMs === 'number' && Number.isInteger(afterMs) && afterMs > 0;
+      throw bug(
+        `has \`afterMs\` ${shown(afterMs)}: give a whole number of milliseconds, 0 or more` +
+          (unsafe ? ' (beyond 2^53 - 1 a number is not exact: give a BigInt)' : ''),
+      );
+    }
+    if (ms > U64_MAX) throw bug(`has \`afterMs\` ${shown(afterMs)}: give at most 2^64 - 1 milliseconds`);
+    due = { tag: 'after-ms', val: ms };
+  } else {
+    if (typeof at !== 'string') {
+      throw bug(`has \`at\` ${shown(at)}: give an RFC 3339 time as a string, e.g. '2026-12-01T09:00:00Z'`);
+    }
+    due = { tag: 'at', val: at };
+  }
+  let ref;
+  if (target !== undefined && target !== null) {
+    if (!isObject(target) || typeof target.type !== 'string' || typeof target.id !== 'string') {
+      throw bug(
+        'has a target without both a type and an id: give `target: { type, id }` (two strings), ' +
+          'or leave it out to send the command to this aggregate',
+      );
+    }
+    ref = { aggregateType: target.type, aggregateId: target.id };
+  }
+  let bytes;
+  try {
+    bytes = encoder.encode(stringifyJson(data ?? {}));
+  } catch (e) {
+    throw new PluginBug(`the data of timer \`${key}\` cannot be encoded as JSON: ${e.message}`);
+  }
+  return timerChange({ tag: 'schedule', val: { key, target: ref, commandType: command, data: bytes, due } });
+}
+
+/**
+ * Cancels this aggregate's pending timer `key` (see {@link schedule}): put
+ * the result in the `timers` of a handler's result. Nothing happens if no
+ * such timer is pending. Changes apply in order, so a cancel after a
+ * schedule of the same key in one decision cancels it.
+ *
+ * @param {string} key the key the timer was scheduled with
+ * @returns {object} the change (the contract's `timer-change`)
+ */
+export function cancelTimer(key) {
+  if (typeof key !== 'string') {
+    throw new PluginBug(`cancelTimer() takes the key of the timer to cancel, a string, not ${shown(key)}`);
+  }
+  return timerChange({ tag: 'cancel', val: key });
+}
+
+/** A handler's `timers`, checked: an array of changes the helpers made. */
+function checkTimers(timers) {
+  if (!Array.isArray(timers)) {
+    throw new PluginBug(`\`timers\` must be an array of schedule(...) and cancelTimer(...), not ${shown(timers)}`);
+  }
+  for (const change of timers) {
+    if (!timerChanges.has(change)) {
+      throw new PluginBug(`each of \`timers\` must be made with schedule(...) or cancelTimer(...), not ${shown(change)}`);
+    }
+  }
+  return [...timers];
 }
 
 // ---------------------------------------------------------------------------
@@ -742,6 +936,10 @@ class PluginBug extends Error {}
  * @param {object} [def.initialState] the state of a new aggregate (default:
  *   each field's zero value: `''`, `0n`, `false`, `[]`, `null`)
  * @param {Record<string, {mode: string, fields?: object, handle: Function}>} def.commands
+ *   each command's mode, fields and `handle(state, data, ctx)`, which returns
+ *   an event `{type, data}`, an array of events, `{events, reply, timers}`
+ *   (each optional; `timers` made with {@link schedule} and
+ *   {@link cancelTimer}), or nothing
  * @param {Record<string, {fields?: object, apply: Function}>} def.events
  * @returns {{describe: Function, initialState: Function, apply: Function, handle: Function}}
  */
@@ -857,7 +1055,7 @@ export function aggregate(def) {
           if (e instanceof Rejection) throw e.variant;
           throw e;
         }
-        const { events, reply } = normalizeDecision(decided);
+        const { events, reply, timers } = normalizeDecision(decided);
         const out = [];
         for (const event of events) {
           const type = eventTypeOf[event.type];
@@ -882,6 +1080,7 @@ export function aggregate(def) {
           events: out,
           state: encodeState(state),
           reply: reply === undefined ? undefined : encoder.encode(stringifyJson(reply)),
+          timers: checkTimers(timers),
         };
       });
     },
@@ -909,16 +1108,16 @@ function decodeCommand(command, bytes) {
   return decodeFields(command.fields, data, '');
 }
 
-/** A handler's result as events and a reply. */
+/** A handler's result as events, a reply and timer changes. */
 function normalizeDecision(decided) {
-  if (decided === undefined || decided === null) return { events: [], reply: undefined };
-  if (Array.isArray(decided)) return { events: decided, reply: undefined };
-  if (typeof decided.type === 'string') return { events: [decided], reply: undefined };
-  if (Array.isArray(decided.events) || 'reply' in decided) {
-    return { events: decided.events ?? [], reply: decided.reply };
+  if (decided === undefined || decided === null) return { events: [], reply: undefined, timers: [] };
+  if (Array.isArray(decided)) return { events: decided, reply: undefined, timers: [] };
+  if (typeof decided.type === 'string') return { events: [decided], reply: undefined, timers: [] };
+  if (Array.isArray(decided.events) || 'reply' in decided || 'timers' in decided) {
+    return { events: decided.events ?? [], reply: decided.reply, timers: decided.timers ?? [] };
   }
   throw new PluginBug(
-    'a handler must return an event `{type, data}`, an array of events, `{events, reply}`, or nothing',
+    'a handler must return an event `{type, data}`, an array of events, `{events, reply, timers}`, or nothing',
   );
 }
 

@@ -3,9 +3,9 @@
 Write an event-sourced aggregate as plain Python: declare what the plugin
 is (aggregate type, stream prefix, state schema), the fields of its state,
 one handler per command and one ``apply`` per event. The SDK does the rest
-of the ``aggregate`` world of ``rehydra:aggregate@0.2.0``: JSON in and out,
-field errors, rejections, and computing the new state from the events
-exactly as a rebuild from the store would.
+of the ``aggregate`` world of ``rehydra:aggregate@0.3.0``: JSON in and out,
+field errors, rejections, durable timers, and computing the new state from
+the events exactly as a rebuild from the store would.
 
 .. code-block:: python
 
@@ -28,6 +28,23 @@ The behaviour mirrors the Rust SDK (``rehydra-guest``) message for message:
 a missing field "is required", a value of the wrong type gets serde's
 wording ("invalid type: string \\"ten\\", expected u64"), and so on, so that
 the same plugin written in either language answers alike.
+
+A handler may also schedule commands for later, and cancel them, with
+:func:`schedule` and :func:`cancel_timer` in :func:`decision`. The host
+stores the timers with the events, both or neither, and sends each command
+once when it is due:
+
+.. code-block:: python
+
+    @orders.command("place", mode="create")
+    def place(state, cmd, ctx):
+        return decision(event("Placed"), timers=[
+            schedule("payment-deadline", "expire", after_ms=30 * 60 * 1000),
+        ])
+
+    @orders.command("pay", mode="update")
+    def pay(state, cmd, ctx):
+        return decision(event("Paid"), timers=[cancel_timer("payment-deadline")])
 
 An event's apply function gets its data only. The metadata the host stored
 with the event arrives as one JSON string (``metadata`` of each event
@@ -58,13 +75,17 @@ from rehydra_printable import ESCAPED_RANGES
 
 __all__ = [
     "Aggregate",
+    "CancelTimer",
     "Context",
     "Decision",
     "FieldProblem",
     "Outcome",
     "PluginBug",
     "Rejection",
+    "ScheduleTimer",
+    "TimerFiring",
     "Unreadable",
+    "cancel_timer",
     "decision",
     "event",
     "forbidden",
@@ -73,6 +94,7 @@ __all__ = [
     "log",
     "parse_json",
     "rejected",
+    "schedule",
     "stringify_json",
     "t",
     "trim",
@@ -558,19 +580,181 @@ def event(event_type: str, data: Optional[dict] = None, **fields: Any) -> dict:
 
 @dataclass
 class Decision:
-    """Events to emit and a reply for the client (any JSON value)."""
+    """Events to emit, a reply for the client (any JSON value) and timers to
+    schedule or cancel (:func:`schedule`, :func:`cancel_timer`)."""
 
     events: list = field(default_factory=list)
     reply: Any = None
     has_reply: bool = False
+    timers: list = field(default_factory=list)
 
 
-def decision(*events: dict, reply: Any = ..., ) -> Decision:
-    """Events and, if given, a reply: ``decision(event(...), reply={"total": 5})``.
-    ``decision(reply=...)`` changes nothing and only answers."""
+def decision(*events: dict, reply: Any = ..., timers: Optional[list] = None) -> Decision:
+    """Events and, if given, a reply and timer changes:
+    ``decision(event(...), reply={"total": 5}, timers=[schedule(...)])``.
+    ``decision(reply=...)`` changes nothing and only answers;
+    ``decision(timers=[...])`` only changes timers."""
+    timers = [] if timers is None else timers
     if reply is ...:
-        return Decision(list(events))
-    return Decision(list(events), reply, True)
+        return Decision(list(events), timers=timers)
+    return Decision(list(events), reply, True, timers)
+
+
+# ---------------------------------------------------------------------------
+# Timers
+
+
+def _timer_bug(key: str, what: str) -> PluginBug:
+    return PluginBug(f"the timer `{key}` {what}")
+
+
+@dataclass(frozen=True)
+class ScheduleTimer:
+    """A command for the host to send later, once: a durable timer, as
+    :func:`schedule` makes it (and checks it)."""
+
+    #: Names the timer among this aggregate's.
+    key: str
+    #: The command to send.
+    command: str
+    #: The command's data, encoded (JSON).
+    data: bytes = b"{}"
+    #: When to send it: this many milliseconds after the command's ``now``,
+    after_ms: Optional[int] = None
+    #: or at this instant (RFC 3339); exactly one of the two is set.
+    at: Optional[str] = None
+    #: ``(aggregate type, id)`` to send it to; ``None``: this aggregate.
+    target: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        _check_timer_key(self.key, self.command)
+        if not isinstance(self.command, str):
+            raise _timer_bug(
+                self.key, f"has the command {self.command!r}: give `command`, the name of the command to send, as a str"
+            )
+        if self.after_ms is not None and self.at is not None:
+            raise _timer_bug(self.key, "has both `after_ms` and `at`: give one of them")
+        if self.after_ms is None and self.at is None:
+            raise _timer_bug(
+                self.key,
+                "has no due time: give `after_ms` (milliseconds after the command's `now`) or `at` (an RFC 3339 time)",
+            )
+        if self.after_ms is not None:
+            ms = self.after_ms
+            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+                raise _timer_bug(self.key, f"has `after_ms` {ms!r}: give a whole number of milliseconds, 0 or more")
+            if ms > U64_MAX:
+                raise _timer_bug(self.key, f"has `after_ms` {ms!r}: give at most 2**64 - 1 milliseconds")
+        if self.at is not None and not isinstance(self.at, str):
+            raise _timer_bug(
+                self.key, f"has `at` {self.at!r}: give an RFC 3339 time as a str, e.g. '2026-12-01T09:00:00Z'"
+            )
+        if self.target is not None and not (
+            isinstance(self.target, tuple) and len(self.target) == 2 and all(isinstance(x, str) for x in self.target)
+        ):
+            raise _timer_bug(
+                self.key,
+                "has a target without both a type and an id: give `target=(type, id)` (two strs), "
+                "or leave it out to send the command to this aggregate",
+            )
+        if not isinstance(self.data, bytes):
+            raise _timer_bug(self.key, "has data that is not JSON bytes: make the timer with schedule(...)")
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    """Cancels this aggregate's pending timer ``key``, as
+    :func:`cancel_timer` makes it."""
+
+    #: The key the timer was scheduled with.
+    key: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str):
+            raise PluginBug(f"cancel_timer() takes the key of the timer to cancel, a str, not {self.key!r}")
+
+
+def _check_timer_key(key: Any, command: Any) -> None:
+    if not isinstance(key, str):
+        which = f" for command `{command}`" if isinstance(command, str) else ""
+        if key is None:
+            raise PluginBug(f"a timer{which} has no key: give `key`, a str that names the timer")
+        raise PluginBug(f"a timer{which} has the key {key!r}: give `key` as a str")
+
+
+def schedule(
+    key: str,
+    command: str,
+    data: Any = None,
+    *,
+    after_ms: Optional[int] = None,
+    at: Optional[str] = None,
+    target: Optional[tuple[str, str]] = None,
+) -> ScheduleTimer:
+    """Schedules a command for later: a durable timer. Pass the result in
+    :func:`decision`'s ``timers``:
+    ``decision(event(...), timers=[schedule("deadline", "expire", after_ms=60_000)])``.
+
+    The host stores the timer in the same append as the decision's events
+    (both are stored or neither is) and sends the command once, when it is
+    due; one that comes due while no host runs is sent at the next start
+    (the command's :attr:`Context.timer` tells). Scheduling a key that is
+    still pending replaces that timer.
+
+    - ``key`` names the timer among this aggregate's: 1-128 printable ASCII
+      characters, without ``/`` or ``\\``.
+    - ``command`` is the command to send: one of the target plugin's.
+    - ``data`` is the command's data: any JSON value (``None``: ``{}``),
+      written with :func:`stringify_json`, as a reply is.
+    - ``after_ms``: send it this many milliseconds after the command's
+      ``now`` (an ``int``, 0 or more); or ``at``: send it at this instant,
+      RFC 3339 in UTC, as ``now`` is written (``"2026-12-01T09:00:00Z"``). Give exactly
+      one.
+    - ``target``: ``(aggregate type, id)`` to send it to (any type the host
+      serves); ``None``: this aggregate.
+
+    The host checks the key's syntax, the command's name and the time: a
+    timer it refuses fails the command. A timer this function cannot build
+    (no key, both or neither of ``after_ms`` and ``at``, a delay that is not
+    a whole number of milliseconds, data that cannot be JSON, a target
+    without a type or an id) is a bug in the plugin: it raises
+    :class:`PluginBug`, and the command fails as ``plugin_failed``, with the
+    reason in the host's log.
+    """
+    _check_timer_key(key, command)
+    if isinstance(target, list):
+        target = tuple(target)
+    # Check everything else before encoding the data, so that the first
+    # problem is reported whatever the data.
+    checked = ScheduleTimer(key, command, b"{}", after_ms, at, target)
+    try:
+        raw = stringify_json({} if data is None else data).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:
+        raise PluginBug(f"the data of timer `{key}` cannot be encoded as JSON: {e}") from None
+    return ScheduleTimer(key, command, raw, checked.after_ms, checked.at, checked.target)
+
+
+def cancel_timer(key: str) -> CancelTimer:
+    """Cancels this aggregate's pending timer ``key`` (see :func:`schedule`);
+    pass the result in :func:`decision`'s ``timers``. Nothing happens if no
+    such timer is pending. Changes apply in order, so a cancel after a
+    schedule of the same key in one decision cancels it."""
+    return CancelTimer(key)
+
+
+@dataclass(frozen=True)
+class TimerFiring:
+    """What :attr:`Context.timer` tells about a command a timer sent."""
+
+    #: The timer's key.
+    key: str
+    #: When it was due, RFC 3339 UTC.
+    due: str
+    #: Whether it was sent more than a second after it was due (e.g.
+    #: because no host ran then).
+    late: bool
+    #: The aggregate that scheduled it, ``<type>/<id>``.
+    scheduled_by: str
 
 
 _RUST_WHITESPACE = (
@@ -626,6 +810,16 @@ class Context:
         """Who sent the command, when the host authenticated the caller."""
         return self.metadata.get("principal")
 
+    @property
+    def timer(self) -> Optional[TimerFiring]:
+        """When a timer sent this command (see :func:`schedule`): its key,
+        when it was due, whether it was late and who scheduled it. ``None``
+        when a client sent the command."""
+        m = self.metadata
+        if "timer-key" not in m or "timer-due" not in m or "scheduled-by" not in m:
+            return None
+        return TimerFiring(m["timer-key"], m["timer-due"], m.get("timer-late") == "true", m["scheduled-by"])
+
 
 # ---------------------------------------------------------------------------
 # The aggregate
@@ -650,6 +844,9 @@ class Outcome:
     state: tuple
     #: The reply as JSON bytes, or ``None``.
     reply: Optional[bytes]
+    #: The timer changes, in order: :class:`ScheduleTimer` and
+    #: :class:`CancelTimer`.
+    timers: list = field(default_factory=list)
 
 
 _MODES = ("create", "update", "upsert")
@@ -819,7 +1016,7 @@ class Aggregate:
             payload = self._decode_command(fields, data)
         except FieldProblem as e:
             raise Rejection("invalid", [(e.field, e.message)]) from None
-        events, reply, has_reply = self._normalize(handler(current, payload, ctx))
+        events, reply, has_reply, timers = self._normalize(handler(current, payload, ctx))
         encoded = []
         for ev in events:
             if not isinstance(ev, dict) or "type" not in ev:
@@ -840,7 +1037,7 @@ class Aggregate:
             current = self._apply_one(current, event_type, stored)
             encoded.append((event_type, raw))
         reply_bytes = stringify_json(reply).encode("utf-8") if has_reply else None
-        return Outcome(encoded, self.encode_state(current), reply_bytes)
+        return Outcome(encoded, self.encode_state(current), reply_bytes, self._check_timers(timers))
 
     @staticmethod
     def _decode_command(fields: Optional[dict[str, FieldType]], data: bytes) -> dict:
@@ -860,18 +1057,33 @@ class Aggregate:
         return _decode_fields(fields, payload, "")
 
     @staticmethod
-    def _normalize(result: Any) -> tuple[list, Any, bool]:
+    def _normalize(result: Any) -> tuple[list, Any, bool, Any]:
         if result is None:
-            return [], None, False
+            return [], None, False, []
         if isinstance(result, Decision):
-            return list(result.events), result.reply, result.has_reply
+            return list(result.events), result.reply, result.has_reply, result.timers
         if isinstance(result, dict):
-            return [result], None, False
+            return [result], None, False, []
         if isinstance(result, (list, tuple)):
-            return list(result), None, False
+            return list(result), None, False, []
         raise PluginBug(
             "a handler must return an event (event(...)), a list of events, a Decision, or None"
         )
+
+    @staticmethod
+    def _check_timers(timers: Any) -> list:
+        """A decision's ``timers``, checked: a list of the changes that
+        :func:`schedule` and :func:`cancel_timer` make."""
+        if not isinstance(timers, (list, tuple)):
+            raise PluginBug(
+                f"`timers` must be a list of schedule(...) and cancel_timer(...), not {type(timers).__name__}"
+            )
+        for change in timers:
+            if not isinstance(change, (ScheduleTimer, CancelTimer)):
+                raise PluginBug(
+                    f"each of `timers` must be made with schedule(...) or cancel_timer(...), not {change!r}"
+                )
+        return list(timers)
 
     # -- the component -----------------------------------------------------
 
@@ -934,9 +1146,18 @@ class Aggregate:
                     [wit.NewEvent(name, data) for name, data in out.events],
                     wit.State(*out.state),
                     out.reply,
+                    [_to_wit_timer_change(wit, change) for change in out.timers],
                 )
 
         return WitWorld
+
+
+def _to_wit_timer_change(wit: Any, change: ScheduleTimer | CancelTimer) -> Any:
+    if isinstance(change, CancelTimer):
+        return wit.TimerChange_Cancel(change.key)
+    due = wit.Due_AfterMs(change.after_ms) if change.after_ms is not None else wit.Due_At(change.at)
+    target = None if change.target is None else wit.AggregateRef(*change.target)
+    return wit.TimerChange_Schedule(wit.Timer(change.key, target, change.command, change.data, due))
 
 
 def _to_wit_rejection(wit: Any, r: Rejection) -> Any:
@@ -958,5 +1179,16 @@ def _trap_on_bug(type_: str, what: str, f: Callable[[], Any]) -> Any:
     except Exception as e:
         if type(e).__name__ == "Err":
             raise
-        _host_log("error", f"plugin `{type_}` failed in {what}: {e}\n{traceback.format_exc()}")
+        _host_log("error", f"plugin `{type_}` failed in {what}: {e}\n{_traceback(e)}")
         raise
+
+
+def _traceback(e: BaseException) -> str:
+    """``e``'s traceback without source lines: reading those opens the
+    source files, which traps in a component built with ``--stub-wasi``
+    (and so would lose the message)."""
+    lines = ["Traceback (most recent call last):"]
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        lines.append(f'  File "{frame.f_code.co_filename}", line {lineno}, in {frame.f_code.co_name}')
+    lines.extend(line.rstrip("\n") for line in traceback.format_exception_only(type(e), e))
+    return "\n".join(lines)

@@ -123,4 +123,30 @@ impl Context {
     pub fn principal(&self) -> Option<&str> {
         self.metadata(Self::PRINCIPAL)
     }
+
+    /// When a timer sent this command: its key, when it was due (RFC 3339
+    /// UTC), whether it was sent late (more than a second after that, e.g.
+    /// because no host ran then), and the aggregate that scheduled it
+    /// (`type/id`). `None` for a command a client sent.
+    pub fn timer(&self) -> Option<TimerFiring<'_>> {
+        Some(TimerFiring {
+            key: self.metadata("timer-key")?,
+            due: self.metadata("timer-due")?,
+            late: self.metadata("timer-late") == Some("true"),
+            scheduled_by: self.metadata("scheduled-by")?,
+        })
+    }
+}
+
+/// What [`Context::timer`] tells about a command a timer sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerFiring<'a> {
+    /// The timer's key.
+    pub key: &'a str,
+    /// When it was due, RFC 3339 UTC.
+    pub due: &'a str,
+    /// Whether it was sent more than a second after it was due.
+    pub late: bool,
+    /// The aggregate that scheduled it, `type/id`.
+    pub scheduled_by: &'a str,
 }

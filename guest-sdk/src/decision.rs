@@ -3,6 +3,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::timer::{PendingChange, Timer, TimerChange};
+
 /// The outcome of an accepted command: the events to store, in order, and
 /// an optional JSON reply for the client.
 ///
@@ -32,6 +34,8 @@ pub struct Decision<E> {
     events: Vec<E>,
     /// The reply as JSON, or why it could not be encoded.
     reply: Option<Result<Vec<u8>, String>>,
+    /// Timers to schedule or cancel, in order.
+    timers: Vec<PendingChange>,
 }
 
 impl<E> Decision<E> {
@@ -40,6 +44,7 @@ impl<E> Decision<E> {
         Decision {
             events: Vec::new(),
             reply: None,
+            timers: Vec::new(),
         }
     }
 
@@ -69,6 +74,35 @@ impl<E> Decision<E> {
         self
     }
 
+    /// Schedules a command for later ([`Timer`]), stored atomically with
+    /// the events: both are stored or neither is. A pending timer of the
+    /// same key is replaced. Should the timer's data not encode as JSON,
+    /// the command fails as a plugin error, as for a reply.
+    pub fn schedule(mut self, timer: Timer) -> Self {
+        self.timers.push(PendingChange::Schedule(timer));
+        self
+    }
+
+    /// Cancels this aggregate's pending timer `key`, if there is one: it
+    /// will never fire. Changes apply in order, so a cancel after a
+    /// schedule of the same key in one decision cancels it.
+    pub fn cancel_timer(mut self, key: impl Into<String>) -> Self {
+        self.timers.push(PendingChange::Cancel(key.into()));
+        self
+    }
+
+    /// The timer changes, in order: each scheduled [`Timer`], or the key of
+    /// a cancel.
+    pub fn timers(&self) -> Vec<Result<&Timer, &str>> {
+        self.timers
+            .iter()
+            .map(|c| match c {
+                PendingChange::Schedule(t) => Ok(t),
+                PendingChange::Cancel(key) => Err(key.as_str()),
+            })
+            .collect()
+    }
+
     /// The events, in the order they will be stored.
     pub fn events(&self) -> &[E] {
         &self.events
@@ -82,13 +116,21 @@ impl<E> Decision<E> {
         }
     }
 
-    /// Splits the decision into its events and reply; an error if the reply
-    /// could not be encoded.
-    pub(crate) fn into_parts(self) -> Result<(Vec<E>, Option<Vec<u8>>), String> {
+    /// Splits the decision into its events, reply and timer changes; an
+    /// error if the reply or a timer's data could not be encoded.
+    pub(crate) fn into_parts(self) -> Result<DecisionParts<E>, String> {
         let reply = self.reply.transpose()?;
-        Ok((self.events, reply))
+        let timers = self
+            .timers
+            .into_iter()
+            .map(PendingChange::encode)
+            .collect::<Result<_, _>>()?;
+        Ok((self.events, reply, timers))
     }
 }
+
+/// A decision's events, encoded reply and encoded timer changes.
+pub(crate) type DecisionParts<E> = (Vec<E>, Option<Vec<u8>>, Vec<TimerChange>);
 
 impl<E> Default for Decision<E> {
     fn default() -> Self {
@@ -107,6 +149,7 @@ impl<E> From<Vec<E>> for Decision<E> {
         Decision {
             events,
             reply: None,
+            timers: Vec::new(),
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Outcome {
     pub state: EncodedState,
     /// The reply for the client, as JSON.
     pub reply: Option<Vec<u8>>,
+    /// Timers to schedule or cancel, in order.
+    pub timers: Vec<crate::TimerChange>,
 }
 
 /// Why [`handle`] produced no [`Outcome`].
@@ -264,7 +266,7 @@ pub fn handle<A: Aggregate>(
     let mut current = decode_state::<A>(state)?;
     let command = decode_command::<A>(command_type, data)?;
     let decision = A::handle(&current, command, ctx)?;
-    let (events, reply) = decision.into_parts().map_err(HandleError::Failed)?;
+    let (events, reply, timers) = decision.into_parts().map_err(HandleError::Failed)?;
 
     let mut encoded = Vec::with_capacity(events.len());
     for event in &events {
@@ -291,6 +293,7 @@ pub fn handle<A: Aggregate>(
         events: encoded,
         state,
         reply,
+        timers,
     })
 }
 

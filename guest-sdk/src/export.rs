@@ -91,6 +91,11 @@ impl<A: Aggregate> Guest for Plugin<A> {
                     .collect(),
                 state: to_wit_state(outcome.state),
                 reply: outcome.reply,
+                timers: outcome
+                    .timers
+                    .into_iter()
+                    .map(to_wit_timer_change)
+                    .collect(),
             }),
             Err(HandleError::Rejected(rejection)) => Err(to_wit_rejection(rejection)),
             Err(HandleError::Failed(err)) => {
@@ -101,6 +106,31 @@ impl<A: Aggregate> Guest for Plugin<A> {
                 )
             }
         }
+    }
+}
+
+fn to_wit_timer_change(change: crate::TimerChange) -> wit::TimerChange {
+    match change {
+        crate::TimerChange::Schedule {
+            key,
+            target,
+            command,
+            data,
+            due,
+        } => wit::TimerChange::Schedule(wit::Timer {
+            key,
+            target: target.map(|(aggregate_type, aggregate_id)| wit::AggregateRef {
+                aggregate_type,
+                aggregate_id,
+            }),
+            command_type: command,
+            data,
+            due: match due {
+                crate::Due::At(at) => wit::Due::At(at),
+                crate::Due::AfterMs(ms) => wit::Due::AfterMs(ms),
+            },
+        }),
+        crate::TimerChange::Cancel(key) => wit::TimerChange::Cancel(key),
     }
 }
 

@@ -184,14 +184,16 @@ mod encode;
 mod export;
 pub mod log;
 mod rejection;
+mod timer;
 
 pub use aggregate::{Aggregate, CommandMode, CommandSpec};
-pub use context::Context;
+pub use context::{Context, TimerFiring};
 pub use decision::Decision;
 pub use rejection::{FieldError, FieldErrors, Rejection};
+pub use timer::{Due, Timer, TimerChange};
 
 /// The bindings wit-bindgen generates for the `aggregate` world of
-/// `wit/aggregate.wit` (`rehydra:aggregate@0.2.0`). Not part of the API:
+/// `wit/aggregate.wit` (`rehydra:aggregate@0.3.0`). Not part of the API:
 /// use [`export_aggregate!`].
 #[doc(hidden)]
 #[allow(missing_docs, clippy::too_many_arguments)]

@@ -119,6 +119,18 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// List the pending timers, earliest due first: all, or those an
+    /// aggregate scheduled and those for it.
+    Timers {
+        /// Only this aggregate's timers: TYPE/ID, e.g. order/o-17.
+        #[arg(long, value_name = "TYPE/ID")]
+        aggregate: Option<String>,
+        /// The most timers to list (at most 1000).
+        #[arg(long, default_value_t = crate::api::DEFAULT_TIMERS)]
+        limit: usize,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Create a plugin project: rehydra new --lang rust|js|python NAME.
     New(crate::scaffold::NewArgs),
 }
@@ -237,6 +249,16 @@ struct RunArgs {
     /// snapshot (0: no snapshots are stored or used).
     #[arg(long, env = "REHYDRA_SNAPSHOT_EVERY", value_name = "N", default_value_t = ActorConfig::default().snapshot_every)]
     snapshot_every: u64,
+    /// The most pending timers one aggregate may have scheduled; a command
+    /// that would leave more is refused with `too_many_timers`.
+    #[arg(long, value_name = "N", default_value_t = ActorConfig::default().max_timers_per_aggregate)]
+    max_timers_per_aggregate: usize,
+    /// The timer index file (pending timers, derived from the log). By
+    /// default: timers.sqlite3 in an embedded store's directory; for
+    /// PostgreSQL and KurrentDB a file in the cache directory; in memory for
+    /// memory:// or with --no-cache (read from the whole log at each start).
+    #[arg(long, env = "REHYDRA_TIMER_INDEX", value_name = "FILE")]
+    timer_index: Option<PathBuf>,
     /// Commands that may wait per aggregate before `overloaded`.
     #[arg(long, value_name = "N", default_value_t = ActorConfig::default().mailbox_capacity)]
     mailbox_capacity: usize,
@@ -410,6 +432,14 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Plugins { server } => match server.client() {
             Ok(c) => print_result(c.plugins().await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Timers {
+            aggregate,
+            limit,
+            server,
+        } => match server.client() {
+            Ok(c) => print_result(c.timers(aggregate.as_deref(), limit).await),
             Err(e) => print_result(Err(e)),
         },
         Command::Versions { name, server } => match server.client() {
@@ -613,6 +643,7 @@ fn server_config(args: RunArgs) -> ServerConfig {
             snapshot_every: args.snapshot_every,
             poison_after: args.poison_after,
             poison_backoff: args.quarantine_backoff,
+            max_timers_per_aggregate: args.max_timers_per_aggregate,
             ..ActorConfig::default()
         },
         http_config: HttpConfig {
@@ -627,6 +658,7 @@ fn server_config(args: RunArgs) -> ServerConfig {
             aggregates: args.upgrade_check_aggregates,
             time: args.upgrade_check_time,
         },
+        timer_index: args.timer_index,
     }
 }
 
@@ -769,6 +801,8 @@ mod tests {
             ("max-resident", "10", "10"),
             ("max-resident-bytes", "4096", "4096"),
             ("snapshot-every", "0", "0"),
+            ("max-timers-per-aggregate", "3", "3"),
+            ("timer-index", "\"/var/lib/rehydra/timers.sqlite3\"", "/var/lib/rehydra/timers.sqlite3"),
             ("mailbox-capacity", "2", "2"),
             ("max-in-flight", "4", "4"),
             ("command-timeout", "\"2s\"", "2s"),

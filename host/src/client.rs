@@ -199,6 +199,22 @@ impl Client {
             .await
     }
 
+    /// The pending timers: all, or those of aggregate `TYPE/ID`.
+    pub async fn timers(
+        &self,
+        aggregate: Option<&str>,
+        limit: usize,
+    ) -> Result<Value, ClientError> {
+        let mut req = self
+            .http
+            .get(format!("{}/v1/timers", self.base))
+            .query(&[("limit", limit.to_string())]);
+        if let Some(a) = aggregate {
+            req = req.query(&[("aggregate", a)]);
+        }
+        self.finish(req).await
+    }
+
     /// The kept versions of plugin `name`.
     pub async fn versions(&self, name: &str) -> Result<Value, ClientError> {
         let url = format!("{}/v1/plugins/{}/versions", self.base, segment(name));

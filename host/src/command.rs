@@ -34,6 +34,28 @@ pub struct CommandRequest {
     /// state and return the events, the reply and the state it would
     /// produce, storing nothing (no events, no idempotency key).
     pub dry_run: bool,
+    /// Set when a timer sends the command: what the plugin and the stored
+    /// events are told about it.
+    pub timer: Option<TimerFiring>,
+}
+
+/// What the host tells about a command that a timer sent: to the plugin as
+/// `timer-*` metadata pairs, and stored in each event's metadata as
+/// `timer` (which is how the timer index learns that it fired).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimerFiring {
+    /// The timer's id (see [`crate::timer`]).
+    pub id: String,
+    /// Its key among the timers of the aggregate that scheduled it.
+    pub key: String,
+    /// When it was due, RFC 3339 UTC.
+    pub due: String,
+    /// Whether it is sent more than [`crate::timer::LATE_AFTER`] after it
+    /// was due.
+    pub late: bool,
+    /// The aggregate that scheduled it, `type/id`.
+    pub scheduled_by: String,
 }
 
 /// One event a command appended.
@@ -174,7 +196,11 @@ impl CommandIds {
     }
 
     /// The metadata pairs passed to the plugin's `handle`.
-    pub fn guest_metadata(&self, principal: Option<&str>) -> Vec<(String, String)> {
+    pub fn guest_metadata(
+        &self,
+        principal: Option<&str>,
+        timer: Option<&TimerFiring>,
+    ) -> Vec<(String, String)> {
         let mut m = vec![
             ("now".to_string(), self.now.clone()),
             ("message-id".to_string(), self.message_id.clone()),
@@ -183,6 +209,12 @@ impl CommandIds {
         ];
         if let Some(p) = principal {
             m.push(("principal".to_string(), p.to_string()));
+        }
+        if let Some(t) = timer {
+            m.push(("timer-key".to_string(), t.key.clone()));
+            m.push(("timer-due".to_string(), t.due.clone()));
+            m.push(("timer-late".to_string(), t.late.to_string()));
+            m.push(("scheduled-by".to_string(), t.scheduled_by.clone()));
         }
         m
     }
@@ -235,7 +267,7 @@ mod tests {
         assert_eq!(ids.message_id, "k1");
         assert_eq!(ids.correlation_id, "k1");
         assert_eq!(ids.causation_id, "k1");
-        let md = ids.guest_metadata(Some("alice"));
+        let md = ids.guest_metadata(Some("alice"), None);
         assert!(md.contains(&("principal".to_string(), "alice".to_string())));
         assert!(md.iter().any(|(k, v)| k == "now" && v.ends_with('Z')));
     }

@@ -129,6 +129,22 @@ pub enum CommandError {
     /// The plugin (or the API's auth) refused the caller.
     #[error("{0}")]
     Forbidden(String),
+    /// The command would leave its aggregate with more pending timers than
+    /// `--max-timers-per-aggregate` allows. Nothing is stored.
+    #[error(
+        "{aggregate_type}/{id} would have {pending} pending timers, over the limit of {limit} per \
+         aggregate; cancel timers it no longer needs, or raise --max-timers-per-aggregate"
+    )]
+    TooManyTimers {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The aggregate's id.
+        id: String,
+        /// The pending timers the command would leave.
+        pending: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The command's body is over the configured limit.
     #[error(
         "the command is over the limit of {limit} bytes; raise --max-command-bytes if this is intended"
@@ -245,6 +261,7 @@ impl CommandError {
             CommandError::InvalidCommand(_) => "invalid_command",
             CommandError::Rejected(_) => "rejected",
             CommandError::Forbidden(_) => "forbidden",
+            CommandError::TooManyTimers { .. } => "too_many_timers",
             CommandError::PayloadTooLarge { .. } => "payload_too_large",
             CommandError::Overloaded(_) => "overloaded",
             CommandError::StoreUnavailable(_) => "store_unavailable",
@@ -272,6 +289,9 @@ impl CommandError {
                 Some(json!({ "plugin": plugin, "reason": kind.as_str() }))
             }
             CommandError::PayloadTooLarge { limit } => Some(json!({ "limit": limit })),
+            CommandError::TooManyTimers { pending, limit, .. } => {
+                Some(json!({ "pending": pending, "limit": limit }))
+            }
             CommandError::AggregatePoisoned {
                 failures,
                 retry_after,
@@ -320,6 +340,7 @@ impl PluginVerdict {
                 CommandError::InvalidCommand(_)
                 | CommandError::Rejected(_)
                 | CommandError::Forbidden(_)
+                | CommandError::TooManyTimers { .. }
                 | CommandError::AlreadyExists { .. }
                 | CommandError::AggregateNotFound { .. }
                 | CommandError::WrongExpectedVersion { .. },

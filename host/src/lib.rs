@@ -32,3 +32,4 @@ pub mod scaffold;
 pub mod server;
 pub mod store;
 pub mod subscription;
+pub mod timer;

@@ -72,6 +72,17 @@ pub struct SnapshotLabels {
     pub outcome: &'static str,
 }
 
+/// What became of one attempt to send a timer's command.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimerLabels {
+    /// `done` (the command stored its outcome), `refused` (the target
+    /// refused it: final), `retry` (it could not run now: tried again
+    /// later).
+    pub outcome: &'static str,
+    /// Whether it was sent late (see `timer-late`).
+    pub late: bool,
+}
+
 /// Every metric the host exports.
 pub struct Metrics {
     registry: Registry,
@@ -103,6 +114,8 @@ pub struct Metrics {
     pub snapshot_loads: Family<SnapshotLabels, Counter>,
     /// A plugin's log lines dropped over `--plugin-log-rate`.
     pub plugin_log_lines_dropped: Family<PluginLabels, Counter>,
+    /// Attempts to send a timer's command, by what became of them.
+    pub timers_fired: Family<TimerLabels, Counter>,
     resident_aggregates: Gauge,
     resident_state_bytes: Gauge,
     mailbox_depth: Gauge,
@@ -191,6 +204,12 @@ impl Metrics {
             "command_store_seconds",
             "Time appending a command's events to the store",
             store_append_seconds.clone(),
+        );
+        let timers_fired = Family::<TimerLabels, Counter>::default();
+        registry.register(
+            "timers_fired",
+            "Attempts to send a timer's command: done, refused (final) or retry, and whether late",
+            timers_fired.clone(),
         );
         let rehydrations = Family::<TypeLabels, Counter>::default();
         registry.register(
@@ -322,6 +341,7 @@ impl Metrics {
             snapshots_saved,
             snapshot_loads,
             plugin_log_lines_dropped,
+            timers_fired,
             resident_aggregates,
             resident_state_bytes,
             mailbox_depth,

@@ -53,6 +53,10 @@ pub struct ServerConfig {
         std::collections::HashMap<String, crate::plugin::verify::UpgradeCheck>,
     /// How much verifying a new plugin version may replay.
     pub upgrade_budget: crate::plugin::verify::VerifyBudget,
+    /// The timer index file (`--timer-index`); `None`: next to an embedded
+    /// store, in the compile cache for another backend, in memory for
+    /// `memory://` (see [`timer_index_path`]).
+    pub timer_index: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             upgrade_check: crate::plugin::verify::UpgradeCheck::default(),
             plugin_upgrade_checks: std::collections::HashMap::new(),
             upgrade_budget: crate::plugin::verify::VerifyBudget::default(),
+            timer_index: None,
         }
     }
 }
@@ -143,6 +148,19 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     reload_on_sighup(registry.clone(), tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), config.subscriptions.clone());
     let aggregates = Aggregates::new(store.clone(), registry.clone(), config.actors.clone());
+    let timer_index_file = timer_index_path(&config);
+    let timer_index = Arc::new(
+        crate::timer::TimerIndex::open(timer_index_file.as_deref())
+            .context("opening the timer index")?,
+    );
+    match &timer_index_file {
+        Some(path) => tracing::info!(file = %path.display(), "timer index open"),
+        None => tracing::info!(
+            "timer index in memory: it is read from the whole log at every start (pass \
+             --timer-index PATH to keep it)"
+        ),
+    }
+    aggregates.use_timer_index(timer_index.clone());
     // From here on a new version of a loaded plugin is checked against this
     // host's aggregates before it serves.
     registry.set_verifier(
@@ -222,6 +240,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let timers = crate::timer::runner::start(timer_index, aggregates.clone(), stopping.clone());
 
     let app = http::router(context.clone());
     let listener = LimitedListener::new(listener, config.max_connections);
@@ -241,6 +260,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .add_service(services.aggregates)
             .add_service(services.streams)
             .add_service(services.plugins)
+            .add_service(services.timers)
             .serve_with_incoming_shutdown(
                 connections::incoming(LimitedListener::new(listener, config.max_connections)),
                 stopped(stopping.clone()),
@@ -249,11 +269,36 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .context("serving gRPC")
     };
     tokio::try_join!(http_server, grpc_server)?;
+    // The timer runner stops sending at the same signal; its commands in
+    // flight are answered before the store closes.
+    if let Err(e) = timers.await {
+        tracing::error!("the timer runner failed: {e}");
+    }
     // Every request is answered: the store finishes its work (the embedded
     // one indexes the rest of its log), so the next start recovers nothing.
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where the timer index lives: `--timer-index`, else `timers.sqlite3` in
+/// an embedded store's directory, else (PostgreSQL, KurrentDB) a file in
+/// the compile cache named after the store's URL, else (`memory://`, or no
+/// cache) in memory.
+pub fn timer_index_path(config: &ServerConfig) -> Option<PathBuf> {
+    if let Some(path) = &config.timer_index {
+        return Some(path.clone());
+    }
+    if let Some(dir) = config.store.strip_prefix("embedded://") {
+        return Some(PathBuf::from(dir).join("timers.sqlite3"));
+    }
+    if config.store.starts_with("memory:") {
+        return None;
+    }
+    let cache = config.cache_dir.as_ref()?;
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(crate::store::redact_url(&config.store).as_bytes());
+    Some(cache.join(format!("timers-{}.sqlite3", &hex::encode(digest)[..16])))
 }
 
 /// Binds a listener, with an error that says which flag changes the address.

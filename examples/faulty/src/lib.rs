@@ -21,6 +21,7 @@
 //! | `bad-event-type` | an event type with a space | `plugin_failed` / `bad_output` |
 //! | `undeclared-event` | an event type `describe()` did not list | `plugin_failed` / `bad_output` |
 //! | `bad-json` | event data that is not JSON | `plugin_failed` / `bad_output` |
+//! | `bad-timer` | `{"case": "key"\|"at"\|"command"}`: a timer with a bad key, due time or command name | `plugin_failed` / `bad_output` |
 //! | `big-state` | state of `{bytes}` bytes (default 10 MiB) | `plugin_failed` / `bad_output` |
 //! | `admin-only` | succeeds only for the principal `admin` | `forbidden` otherwise (shows the principal reaches the plugin) |
 //! | `log-flood` | logs `{count}` lines (default 10 000) through `log`, and as many to stdout | `ok`; the host logs at most `--plugin-log-rate` lines a second of them and counts the rest as dropped |
@@ -38,7 +39,8 @@ mod faulty {
     #[cfg(not(feature = "contract-0-1"))]
     wit_bindgen::generate!({ path: "../../wit", world: "aggregate" });
     // The code below compiles against either: it never reads an event's
-    // metadata, the one thing 0.2.0 changed.
+    // metadata (what 0.2.0 changed), and it sets a decision's timers (what
+    // 0.3.0 added) only when built against the current contract.
     #[cfg(feature = "contract-0-1")]
     wit_bindgen::generate!({ path: "wit-0.1.0", world: "aggregate" });
 
@@ -58,6 +60,7 @@ mod faulty {
         "many-events",
         "bad-event-type",
         "undeclared-event",
+        "bad-timer",
         "bad-json",
         "big-state",
         "admin-only",
@@ -106,6 +109,37 @@ mod faulty {
             events,
             state,
             reply: reply.map(String::into_bytes),
+            #[cfg(not(feature = "contract-0-1"))]
+            timers: Vec::new(),
+        })
+    }
+
+    /// One event and a timer the SDK would never build: `{"case": ...}`
+    /// picks a key with a space, a due time that is not RFC 3339, or a
+    /// command name with a space.
+    #[cfg(not(feature = "contract-0-1"))]
+    fn bad_timer(data: &[u8], next: State, happened: NewEvent) -> Result<Decision, Rejection> {
+        use rehydra::aggregate::types::{Due, Timer, TimerChange};
+        let text = String::from_utf8_lossy(data);
+        let mut timer = Timer {
+            key: "k".into(),
+            target: None,
+            command_type: "ok".into(),
+            data: b"{}".to_vec(),
+            due: Due::AfterMs(1000),
+        };
+        if text.contains("\"key\"") {
+            timer.key = "has space".into();
+        } else if text.contains("\"at\"") {
+            timer.due = Due::At("tomorrow".into());
+        } else {
+            timer.command_type = "has space".into();
+        }
+        Ok(Decision {
+            events: vec![happened],
+            state: next,
+            reply: None,
+            timers: vec![TimerChange::Schedule(timer)],
         })
     }
 
@@ -263,6 +297,8 @@ mod faulty {
                 "bad-event-type" => decided(vec![event("has space", b"{}".to_vec())], next, None),
                 "undeclared-event" => decided(vec![event("Ghost", b"{}".to_vec())], next, None),
                 "bad-json" => decided(vec![event("Happened", b"not json".to_vec())], next, None),
+                #[cfg(not(feature = "contract-0-1"))]
+                "bad-timer" => bad_timer(&c.data, next, happened()),
                 "big-state" => {
                     let bytes = field(&c.data, "bytes").unwrap_or(10 << 20) as usize;
                     decided(

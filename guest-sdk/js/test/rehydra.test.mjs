@@ -6,11 +6,13 @@ import { test } from 'node:test';
 import {
   Context,
   aggregate,
+  cancelTimer,
   forbidden,
   formatFloat,
   invalid,
   parseJson,
   rejected,
+  schedule,
   stringifyJson,
   t,
   trim,
@@ -331,4 +333,151 @@ test('the context reads the host\'s metadata', () => {
 
 test('json helper round trip', () => {
   assert.deepEqual(json(bytes('{"a":[1]}')), { a: [1n] });
+});
+
+test('a decision without timers has an empty list of them', () => {
+  for (const d of session()) assert.deepEqual(d.timers, []);
+  const s = session()[2].state;
+  assert.deepEqual(tab.handle(s, 3n, cmd('pay', '')).timers, []);
+});
+
+// An aggregate whose handlers schedule and cancel timers. `reschedule`
+// returns whatever `nextTimers` gives, for the malformed cases.
+let nextTimers = () => [];
+const shop = aggregate({
+  type: 'shop-order',
+  streamPrefix: 'shop_order',
+  state: { placed: t.bool },
+  commands: {
+    place: {
+      mode: 'create',
+      fields: { customer: t.string },
+      handle: (_, { customer }) => ({
+        events: [{ type: 'Placed', data: { customer } }],
+        reply: { ok: true },
+        timers: [
+          schedule({ key: 'payment-deadline', command: 'expire', afterMs: 30 * 60 * 1000 }),
+          schedule({
+            key: 'remind',
+            command: 'send-reminder',
+            data: { order: 't1', attempt: 1n },
+            at: '2026-12-01T09:00:00Z',
+            target: { type: 'customer', id: customer },
+          }),
+          cancelTimer('old'),
+        ],
+      }),
+    },
+    pay: {
+      mode: 'update',
+      handle: () => ({ events: [{ type: 'Paid' }], timers: [cancelTimer('payment-deadline')] }),
+    },
+    remind: { mode: 'update', handle: () => ({ timers: [schedule({ key: 'remind', command: 'remind', afterMs: 0 })] }) },
+    reschedule: { mode: 'upsert', handle: () => ({ timers: nextTimers() }) },
+  },
+  events: {
+    Placed: { fields: { customer: t.string }, apply: () => ({ placed: true }) },
+    Paid: { apply: (s) => s },
+  },
+});
+
+test('timers are in the decision in order, in the contract\'s shape', () => {
+  const placed = shop.handle(shop.initialState(), 0n, cmd('place', '{"customer":"c7"}'));
+  assert.deepEqual(placed.events.map((e) => e.eventType), ['Placed']);
+  assert.equal(dec.decode(placed.reply), '{"ok":true}');
+  assert.deepEqual(placed.timers, [
+    {
+      tag: 'schedule',
+      val: {
+        key: 'payment-deadline',
+        target: undefined,
+        commandType: 'expire',
+        data: bytes('{}'),
+        due: { tag: 'after-ms', val: 1800000n },
+      },
+    },
+    {
+      tag: 'schedule',
+      val: {
+        key: 'remind',
+        target: { aggregateType: 'customer', aggregateId: 'c7' },
+        commandType: 'send-reminder',
+        data: bytes('{"order":"t1","attempt":1}'),
+        due: { tag: 'at', val: '2026-12-01T09:00:00Z' },
+      },
+    },
+    { tag: 'cancel', val: 'old' },
+  ]);
+  assert.ok(placed.timers[0].val.data instanceof Uint8Array);
+  const paid = shop.handle(placed.state, 1n, cmd('pay', ''));
+  assert.deepEqual(paid.timers, [{ tag: 'cancel', val: 'payment-deadline' }]);
+  // Timers alone: no events, no reply.
+  const reminded = shop.handle(paid.state, 2n, cmd('remind', ''));
+  assert.deepEqual([reminded.events, reminded.reply], [[], undefined]);
+  assert.deepEqual(reminded.timers, [
+    { tag: 'schedule', val: { key: 'remind', target: undefined, commandType: 'remind', data: bytes('{}'), due: { tag: 'after-ms', val: 0n } } },
+  ]);
+});
+
+test('schedule takes a BigInt delay and null for absent options', () => {
+  const u64 = schedule({ key: 'k', command: 'c', afterMs: 18446744073709551615n, data: null, at: null, target: null });
+  assert.deepEqual(u64, {
+    tag: 'schedule',
+    val: { key: 'k', target: undefined, commandType: 'c', data: bytes('{}'), due: { tag: 'after-ms', val: 18446744073709551615n } },
+  });
+  // Data is any JSON value, written as event data is.
+  assert.equal(dec.decode(schedule({ key: 'k', command: 'c', at: 'x', data: [1.5, 'é'] }).val.data), '[1.5,"é"]');
+});
+
+test('a malformed timer fails the command, naming the timer and what is wrong', () => {
+  const failure = (make) => {
+    nextTimers = make;
+    globalThis.rehydraLog.length = 0;
+    assert.throws(() => shop.handle(shop.initialState(), 0n, cmd('reschedule', '')), /plugin `shop-order` failed in command `reschedule`/);
+    const [[level, message]] = globalThis.rehydraLog;
+    assert.equal(level, 'error');
+    const prefix = 'plugin `shop-order` failed in command `reschedule`: ';
+    assert.ok(message.startsWith(prefix), message);
+    return message.slice(prefix.length).split('\n')[0];
+  };
+  const cyclic = {};
+  cyclic.self = cyclic;
+  const cases = [
+    [() => [schedule({ command: 'expire', afterMs: 5 })], 'a timer for command `expire` has no key: give `key`, a string that names the timer'],
+    [() => [schedule({ key: 7, command: 'expire', afterMs: 5 })], 'a timer for command `expire` has the key 7: give `key` as a string'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 5, at: '2026-12-01T09:00:00Z' })], 'the timer `k` has both `afterMs` and `at`: give one of them'],
+    [() => [schedule({ key: 'k', command: 'expire' })], "the timer `k` has no due time: give `afterMs` (milliseconds after the command's `now`) or `at` (an RFC 3339 time)"],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: -1 })], 'the timer `k` has `afterMs` -1: give a whole number of milliseconds, 0 or more'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 1.5 })], 'the timer `k` has `afterMs` 1.5: give a whole number of milliseconds, 0 or more'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 2 ** 53 })], 'the timer `k` has `afterMs` 9007199254740992: give a whole number of milliseconds, 0 or more (beyond 2^53 - 1 a number is not exact: give a BigInt)'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 2n ** 64n })], 'the timer `k` has `afterMs` 18446744073709551616n: give at most 2^64 - 1 milliseconds'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: -1n })], 'the timer `k` has `afterMs` -1n: give a whole number of milliseconds, 0 or more'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: '5' })], 'the timer `k` has `afterMs` "5": give a whole number of milliseconds, 0 or more'],
+    [() => [schedule({ key: 'k', command: 'expire', at: new Date(0) })], "the timer `k` has `at` an object: give an RFC 3339 time as a string, e.g. '2026-12-01T09:00:00Z'"],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 5, data: { f: () => 1 } })], 'the data of timer `k` cannot be encoded as JSON: a function cannot be JSON'],
+    [() => [schedule({ key: 'k', command: 'expire', afterMs: 5, data: cyclic })], 'the data of timer `k` cannot be encoded as JSON: a value refers to itself and cannot be JSON'],
+    ...[{ type: 'customer' }, { id: 'c7' }, { aggregateType: 'customer', aggregateId: 'c7' }, 'customer/c7'].map((target) => [
+      () => [schedule({ key: 'k', command: 'expire', afterMs: 5, target })],
+      'the timer `k` has a target without both a type and an id: give `target: { type, id }` (two strings), or leave it out to send the command to this aggregate',
+    ]),
+    [() => [schedule({ key: 'k', afterMs: 5 })], 'the timer `k` has the command undefined: give `command`, the name of the command to send, as a string'],
+    [() => [schedule({ key: 'k', command: 'expire', delay: 5 })], 'the timer `k` has the unknown option `delay`: give only `key`, `command`, `data`, `afterMs`, `at`, `target`'],
+    [() => [schedule()], 'schedule() takes an object, { key, command, data, afterMs or at, target }, not undefined'],
+    [() => [cancelTimer()], 'cancelTimer() takes the key of the timer to cancel, a string, not undefined'],
+    [() => schedule({ key: 'k', command: 'expire', afterMs: 5 }), '`timers` must be an array of schedule(...) and cancelTimer(...), not an object'],
+    [() => [{ tag: 'cancel', val: 'k' }], 'each of `timers` must be made with schedule(...) or cancelTimer(...), not an object'],
+  ];
+  for (const [make, want] of cases) assert.equal(failure(make), want);
+  nextTimers = () => [];
+});
+
+test('the context tells when a timer sent the command', () => {
+  assert.equal(new Context('a1', 1n, [['now', '2026-01-01T00:00:00Z']]).timer, undefined);
+  const ctx = new Context('a1', 1n, [
+    ['timer-key', 'remind'],
+    ['timer-due', '2026-12-01T09:00:00Z'],
+    ['timer-late', 'true'],
+    ['scheduled-by', 'shop-order/t1'],
+  ]);
+  assert.deepEqual(ctx.timer, { key: 'remind', due: '2026-12-01T09:00:00Z', late: true, scheduledBy: 'shop-order/t1' });
 });

@@ -3,20 +3,29 @@
     python3 -m unittest discover -s guest-sdk/python/tests
 """
 
+import enum
 import math
 import os
 import sys
+import types
 import unittest
+from dataclasses import dataclass
+from typing import Any, Optional
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from rehydra import (  # noqa: E402
     Aggregate,
+    CancelTimer,
     Context,
     FieldProblem,
     PluginBug,
     Rejection,
+    ScheduleTimer,
+    TimerFiring,
     Unreadable,
+    cancel_timer,
     decision,
     event,
     forbidden,
@@ -24,6 +33,7 @@ from rehydra import (  # noqa: E402
     invalid,
     parse_json,
     rejected,
+    schedule,
     stringify_json,
     t,
     trim,
@@ -292,6 +302,311 @@ class AggregateTest(unittest.TestCase):
         self.assertTrue(c.is_new)
         self.assertEqual((c.now, c.message_id, c.correlation_id, c.causation_id, c.principal),
                          ("2026-01-01T00:00:00Z", "m", "c", "k", None))
+
+    def test_no_timers_is_an_empty_list(self):
+        for outcome in session():
+            self.assertEqual(outcome.timers, [])
+        s = session()[2].state
+        self.assertEqual(tab.handle_bytes(*s, "pay", b"", ctx(3)).timers, [])
+
+
+# An aggregate whose handlers schedule and cancel timers. `reschedule`
+# returns whatever `next_timers` gives, for the malformed cases.
+next_timers = lambda: []  # noqa: E731
+shop = Aggregate(type="shop-order", stream_prefix="shop_order", state={"placed": t.bool})
+
+
+@shop.command("place", mode="create", fields={"customer": t.string})
+def place(state, cmd, ctx):
+    return decision(
+        event("Placed", customer=cmd["customer"]),
+        reply={"ok": True},
+        timers=[
+            schedule("payment-deadline", "expire", after_ms=30 * 60 * 1000),
+            schedule(
+                "remind",
+                "send-reminder",
+                {"order": "t1", "attempt": 1},
+                at="2026-12-01T09:00:00Z",
+                target=("customer", cmd["customer"]),
+            ),
+            cancel_timer("old"),
+        ],
+    )
+
+
+@shop.command("pay", mode="update")
+def pay_order(state, cmd, ctx):
+    return decision(event("Paid"), timers=[cancel_timer("payment-deadline")])
+
+
+@shop.command("remind", mode="update")
+def remind(state, cmd, ctx):
+    return decision(timers=[schedule("remind", "remind", after_ms=0)])
+
+
+@shop.command("reschedule", mode="upsert")
+def reschedule(state, cmd, ctx):
+    return decision(timers=next_timers())
+
+
+@shop.event("Placed", fields={"customer": t.string})
+def placed(state, data):
+    return {"placed": True}
+
+
+@shop.event("Paid")
+def order_paid(state, data):
+    return state
+
+
+# Stand-ins for the classes componentize-py generates from wit/aggregate.wit
+# (`wit_world.imports.types`): dataclasses with the WIT fields in order.
+@dataclass
+class WitState:
+    schema: int
+    bytes: bytes
+
+
+@dataclass
+class WitNewEvent:
+    event_type: str
+    data: bytes
+
+
+@dataclass
+class WitCommand:
+    command_type: str
+    aggregate_id: str
+    data: bytes
+    metadata: list
+
+
+@dataclass
+class WitDueAt:
+    value: str
+
+
+@dataclass
+class WitDueAfterMs:
+    value: int
+
+
+@dataclass
+class WitAggregateRef:
+    aggregate_type: str
+    aggregate_id: str
+
+
+@dataclass
+class WitTimer:
+    key: str
+    target: Optional[WitAggregateRef]
+    command_type: str
+    data: bytes
+    due: Any
+
+
+@dataclass
+class WitSchedule:
+    value: WitTimer
+
+
+@dataclass
+class WitCancel:
+    value: str
+
+
+@dataclass
+class WitDecision:
+    events: list
+    state: WitState
+    reply: Optional[bytes]
+    timers: list
+
+
+class WitErr(Exception):
+    def __init__(self, value):
+        super().__init__(value)
+        self.value = value
+
+
+WitErr.__name__ = "Err"
+
+
+def fake_bindings(logged):
+    """The modules a component provides, as ``sys.modules`` entries."""
+    wit = types.ModuleType("wit_world.imports.types")
+    wit.State, wit.NewEvent, wit.Decision = WitState, WitNewEvent, WitDecision
+    wit.Due_At, wit.Due_AfterMs, wit.AggregateRef, wit.Timer = WitDueAt, WitDueAfterMs, WitAggregateRef, WitTimer
+    wit.TimerChange_Schedule, wit.TimerChange_Cancel = WitSchedule, WitCancel
+    wit.LogLevel = enum.Enum("LogLevel", ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"])
+    imports = types.ModuleType("wit_world.imports")
+    imports.types = wit
+    world = types.ModuleType("wit_world")
+    world.imports = imports
+    world.log = lambda level, message: logged.append((level.name, message))
+    runtime = types.ModuleType("componentize_py_types")
+    runtime.Err = WitErr
+    return {
+        "wit_world": world,
+        "wit_world.imports": imports,
+        "wit_world.imports.types": wit,
+        "componentize_py_types": runtime,
+    }
+
+
+class TimerTest(unittest.TestCase):
+    def test_timers_are_in_the_outcome_in_order(self):
+        out = shop.handle_bytes(*shop.initial_state_bytes(), "place", b'{"customer":"c7"}', ctx(0))
+        self.assertEqual(out.events, [("Placed", b'{"customer":"c7"}')])
+        self.assertEqual(out.reply, b'{"ok":true}')
+        self.assertEqual(
+            out.timers,
+            [
+                ScheduleTimer("payment-deadline", "expire", b"{}", after_ms=1800000),
+                ScheduleTimer(
+                    "remind",
+                    "send-reminder",
+                    b'{"order":"t1","attempt":1}',
+                    at="2026-12-01T09:00:00Z",
+                    target=("customer", "c7"),
+                ),
+                CancelTimer("old"),
+            ],
+        )
+        paid_ = shop.handle_bytes(*out.state, "pay", b"", ctx(1))
+        self.assertEqual(paid_.timers, [CancelTimer("payment-deadline")])
+        # Timers alone: no events, no reply.
+        reminded = shop.handle_bytes(*paid_.state, "remind", b"", ctx(2))
+        self.assertEqual(
+            (reminded.events, reminded.reply, reminded.timers),
+            ([], None, [ScheduleTimer("remind", "remind", b"{}", after_ms=0)]),
+        )
+
+    def test_the_world_gives_the_host_the_contracts_decision(self):
+        logged = []
+        with mock.patch.dict(sys.modules, fake_bindings(logged)):
+            world = shop.world()()
+            placed_ = world.handle(WitState(1, b""), 0, WitCommand("place", "t1", b'{"customer":"c7"}', []))
+            self.assertEqual(
+                placed_.timers,
+                [
+                    WitSchedule(WitTimer("payment-deadline", None, "expire", b"{}", WitDueAfterMs(1800000))),
+                    WitSchedule(
+                        WitTimer(
+                            "remind",
+                            WitAggregateRef("customer", "c7"),
+                            "send-reminder",
+                            b'{"order":"t1","attempt":1}',
+                            WitDueAt("2026-12-01T09:00:00Z"),
+                        )
+                    ),
+                    WitCancel("old"),
+                ],
+            )
+            self.assertEqual(placed_.reply, b'{"ok":true}')
+            # No timers: an empty list.
+            opened_ = tab.world()().handle(WitState(3, b""), 0, WitCommand("open", "t1", b'{"table":4}', []))
+            self.assertEqual(opened_.timers, [])
+            # A malformed timer traps, logged like any bug in the plugin. The
+            # log's traceback reads no source file: that traps in a
+            # component built with --stub-wasi, and the message would be lost.
+            global next_timers
+            next_timers = lambda: [schedule("k", "expire")]  # noqa: E731
+            no_sources = AssertionError("read a source file")
+            try:
+                with mock.patch("linecache.getline", side_effect=no_sources), \
+                        mock.patch("linecache.updatecache", side_effect=no_sources), \
+                        self.assertRaises(PluginBug):
+                    world.handle(WitState(1, b""), 0, WitCommand("reschedule", "t1", b"", []))
+            finally:
+                next_timers = lambda: []  # noqa: E731
+        [(level, message)] = logged
+        self.assertEqual(level, "ERROR")
+        self.assertTrue(
+            message.startswith("plugin `shop-order` failed in command `reschedule`: the timer `k` has no due time"),
+            message,
+        )
+        self.assertIn("in reschedule\n", message)
+        self.assertTrue(message.endswith("rehydra.PluginBug: " + message.split(": ", 1)[1].split("\n")[0]), message)
+
+    def test_a_malformed_timer_is_a_plugin_bug_naming_it(self):
+        def failure(make):
+            global next_timers
+            next_timers = make
+            try:
+                with self.assertRaises(PluginBug) as caught:
+                    shop.handle_bytes(*shop.initial_state_bytes(), "reschedule", b"", ctx(0))
+            finally:
+                next_timers = lambda: []  # noqa: E731
+            return str(caught.exception)
+
+        cyclic = []
+        cyclic.append(cyclic)
+        bad_target = (
+            "the timer `k` has a target without both a type and an id: give `target=(type, id)` (two strs), "
+            "or leave it out to send the command to this aggregate"
+        )
+        cases = [
+            (lambda: [schedule(None, "expire", after_ms=5)],
+             "a timer for command `expire` has no key: give `key`, a str that names the timer"),
+            (lambda: [schedule(7, "expire", after_ms=5)],
+             "a timer for command `expire` has the key 7: give `key` as a str"),
+            (lambda: [schedule("k", "expire", after_ms=5, at="2026-12-01T09:00:00Z")],
+             "the timer `k` has both `after_ms` and `at`: give one of them"),
+            (lambda: [schedule("k", "expire")],
+             "the timer `k` has no due time: give `after_ms` (milliseconds after the command's `now`) "
+             "or `at` (an RFC 3339 time)"),
+            (lambda: [schedule("k", "expire", after_ms=-1)],
+             "the timer `k` has `after_ms` -1: give a whole number of milliseconds, 0 or more"),
+            (lambda: [schedule("k", "expire", after_ms=1.5)],
+             "the timer `k` has `after_ms` 1.5: give a whole number of milliseconds, 0 or more"),
+            (lambda: [schedule("k", "expire", after_ms=True)],
+             "the timer `k` has `after_ms` True: give a whole number of milliseconds, 0 or more"),
+            (lambda: [schedule("k", "expire", after_ms="5")],
+             "the timer `k` has `after_ms` '5': give a whole number of milliseconds, 0 or more"),
+            (lambda: [schedule("k", "expire", after_ms=1 << 64)],
+             "the timer `k` has `after_ms` 18446744073709551616: give at most 2**64 - 1 milliseconds"),
+            (lambda: [schedule("k", "expire", at=0)],
+             "the timer `k` has `at` 0: give an RFC 3339 time as a str, e.g. '2026-12-01T09:00:00Z'"),
+            (lambda: [schedule("k", "expire", {"s": {1, 2}}, after_ms=5)],
+             "the data of timer `k` cannot be encoded as JSON: a set cannot be JSON"),
+            (lambda: [schedule("k", "expire", cyclic, after_ms=5)],
+             "the data of timer `k` cannot be encoded as JSON: maximum recursion depth exceeded"),
+            (lambda: [schedule("k", "expire", after_ms=5, target=("customer",))], bad_target),
+            (lambda: [schedule("k", "expire", after_ms=5, target=("customer", None))], bad_target),
+            (lambda: [schedule("k", "expire", after_ms=5, target="customer/c7")], bad_target),
+            (lambda: [schedule("k", None, after_ms=5)],
+             "the timer `k` has the command None: give `command`, the name of the command to send, as a str"),
+            (lambda: [cancel_timer(None)],
+             "cancel_timer() takes the key of the timer to cancel, a str, not None"),
+            (lambda: schedule("k", "expire", after_ms=5),
+             "`timers` must be a list of schedule(...) and cancel_timer(...), not ScheduleTimer"),
+            (lambda: [("cancel", "k")],
+             "each of `timers` must be made with schedule(...) or cancel_timer(...), not ('cancel', 'k')"),
+        ]
+        for make, want in cases:
+            got = failure(make)
+            if want.endswith("maximum recursion depth exceeded"):
+                self.assertTrue(got.startswith(want), got)
+            else:
+                self.assertEqual(got, want)
+
+    def test_schedule_takes_a_list_target_and_any_json_data(self):
+        timer = schedule("k", "c", [1.5, "é"], at="x", target=["customer", "c7"])
+        self.assertEqual((timer.data, timer.target), ('[1.5,"é"]'.encode(), ("customer", "c7")))
+        self.assertEqual(schedule("k", "c", after_ms=(1 << 64) - 1).after_ms, (1 << 64) - 1)
+
+    def test_the_context_tells_when_a_timer_sent_the_command(self):
+        self.assertIsNone(Context("a1", 1, [("now", "2026-01-01T00:00:00Z")]).timer)
+        c = Context("a1", 1, [
+            ("timer-key", "remind"),
+            ("timer-due", "2026-12-01T09:00:00Z"),
+            ("timer-late", "false"),
+            ("scheduled-by", "shop-order/t1"),
+        ])
+        self.assertEqual(c.timer, TimerFiring("remind", "2026-12-01T09:00:00Z", False, "shop-order/t1"))
 
 
 if __name__ == "__main__":

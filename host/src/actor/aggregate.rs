@@ -15,7 +15,9 @@ use crate::command::{
 };
 use crate::error::{CommandError, FailureKind};
 use crate::metrics::{self, Metrics};
-use crate::plugin::{CommandInput, CommandMode, Decision, PluginRef, Rejection};
+use crate::plugin::{
+    AggregateRef, CommandInput, CommandMode, Decision, NewEvent, PluginRef, Rejection, TimerChange,
+};
 use crate::store::{EventData, ExpectedVersion, RecordedEvent, StoreError};
 
 impl Inner {
@@ -121,7 +123,7 @@ impl Inner {
             }
         }
 
-        let metadata = ids.guest_metadata(req.principal.as_deref());
+        let metadata = ids.guest_metadata(req.principal.as_deref(), req.timer.as_ref());
         let input = CommandInput {
             command_type: &req.command,
             aggregate_id: &req.aggregate_id,
@@ -204,7 +206,8 @@ impl Inner {
             if req.dry_run {
                 return self.dry_run_outcome(plugin, stream, req, &ids, decision, reply, live);
             }
-            if decision.events.is_empty() {
+            self.check_timer_cap(req, &decision)?;
+            if decision.events.is_empty() && decision.timers.is_empty() {
                 live.state = decision.state;
                 return Ok(CommandOutcome {
                     aggregate_type: req.aggregate_type.clone(),
@@ -240,6 +243,9 @@ impl Inner {
                     // Kept for the re-run of an upgrade check.
                     self.recent
                         .record(&req.aggregate_type, &input, live.version);
+                    if !decision.timers.is_empty() {
+                        self.await_timer_index(appended.position).await;
+                    }
                     live.version = appended.version;
                     live.head_event_id = head_event_id;
                     live.state = decision.state;
@@ -279,6 +285,76 @@ impl Inner {
         }
     }
 
+    /// Refuses a decision that would leave its aggregate with more pending
+    /// timers than `max_timers_per_aggregate` (one that only cancels, or
+    /// leaves no more than were pending, always passes). Pending timers are
+    /// those in the timer index, which follows the log within moments of
+    /// each commit.
+    fn check_timer_cap(
+        &self,
+        req: &CommandRequest,
+        decision: &Decision,
+    ) -> Result<(), CommandError> {
+        if !decision
+            .timers
+            .iter()
+            .any(|c| matches!(c, TimerChange::Schedule(_)))
+        {
+            return Ok(());
+        }
+        let source = AggregateRef {
+            aggregate_type: req.aggregate_type.clone(),
+            id: req.aggregate_id.clone(),
+        };
+        let mut keys: std::collections::HashSet<String> = match self.timers.get() {
+            Some(index) => index
+                .pending_keys(&source)
+                .map_err(|e| CommandError::Internal(e.to_string()))?
+                .into_iter()
+                .collect(),
+            None => Default::default(),
+        };
+        let before = keys.len();
+        for change in &decision.timers {
+            match change {
+                TimerChange::Schedule(t) => keys.insert(t.key.clone()),
+                TimerChange::Cancel(key) => keys.remove(key),
+            };
+        }
+        let limit = self.config.max_timers_per_aggregate;
+        if keys.len() > limit && keys.len() > before {
+            return Err(CommandError::TooManyTimers {
+                aggregate_type: req.aggregate_type.clone(),
+                id: req.aggregate_id.clone(),
+                pending: keys.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits (briefly) until the timer index holds the timer changes just
+    /// stored at `position`, so that a list of timers or the cap checked
+    /// right after this command sees them. The runner reads each commit
+    /// within milliseconds; if it is stuck (its own error is logged), the
+    /// command is answered anyway: its changes are stored, and the index
+    /// will read them.
+    async fn await_timer_index(&self, position: u64) {
+        let Some(index) = self.timers.get() else {
+            return;
+        };
+        if !index
+            .wait_until_read(position, std::time::Duration::from_secs(2))
+            .await
+        {
+            tracing::warn!(
+                position,
+                "the timer index has not read this command's timer changes within 2 s; \
+                 answering without waiting for it"
+            );
+        }
+    }
+
     /// Validates the plugin's events and turns them into what the store
     /// keeps (with metadata) and what the client is told. `reply` is the
     /// decision's reply, parsed.
@@ -298,10 +374,41 @@ impl Inner {
             kind: FailureKind::BadOutput,
             message,
         };
-        let mut stored = Vec::with_capacity(decision.events.len());
-        let mut told = Vec::with_capacity(decision.events.len());
-        let last = decision.events.len() - 1;
-        for (i, e) in decision.events.iter().enumerate() {
+        // The timer changes ride in one host event after the plugin's, in
+        // the same append, so that both are stored or neither is.
+        let timers_event = if decision.timers.is_empty() {
+            None
+        } else {
+            let source = AggregateRef {
+                aggregate_type: req.aggregate_type.clone(),
+                id: req.aggregate_id.clone(),
+            };
+            let now = humantime::parse_rfc3339(&ids.now).map_err(|err| {
+                CommandError::Internal(format!(
+                    "the command's time {:?} does not parse: {err}",
+                    ids.now
+                ))
+            })?;
+            let id = event_id(stream, &ids.message_id, decision.events.len());
+            let resolved =
+                crate::timer::event::resolve(&decision.timers, &source, now, id).map_err(bad)?;
+            let data = serde_json::to_vec(&resolved).map_err(|err| {
+                CommandError::Internal(format!("cannot encode the timer changes: {err}"))
+            })?;
+            Some(NewEvent {
+                event_type: crate::timer::TIMERS_EVENT.to_string(),
+                data,
+            })
+        };
+        let all: Vec<&NewEvent> = decision
+            .events
+            .iter()
+            .chain(timers_event.as_ref())
+            .collect();
+        let mut stored = Vec::with_capacity(all.len());
+        let mut told = Vec::with_capacity(all.len());
+        let last = all.len() - 1;
+        for (i, e) in all.into_iter().enumerate() {
             let data: serde_json::Value = serde_json::from_slice(&e.data).map_err(|err| {
                 bad(format!(
                     "handle() emitted {} with data that is not JSON: {err}",
@@ -320,6 +427,7 @@ impl Inner {
                 // idempotency key can return the original outcome.
                 reply: if i == last { reply } else { None },
                 request_hash: ids.request_hash.as_deref(),
+                timer: req.timer.as_ref(),
                 timestamp: &ids.now,
             };
             let metadata = serde_json::to_vec(&metadata).map_err(|err| {
@@ -354,7 +462,7 @@ impl Inner {
         reply: Option<serde_json::Value>,
         live: &Live,
     ) -> Result<CommandOutcome, CommandError> {
-        let told = if decision.events.is_empty() {
+        let told = if decision.events.is_empty() && decision.timers.is_empty() {
             Vec::new()
         } else {
             self.prepare_events(
@@ -658,6 +766,8 @@ struct EventMetadata<'a> {
     reply: Option<&'a serde_json::Value>,
     #[serde(rename = "requestHash", skip_serializing_if = "Option::is_none")]
     request_hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timer: Option<&'a crate::command::TimerFiring>,
     timestamp: &'a str,
 }
 
@@ -772,6 +882,7 @@ mod tests {
                 principal,
                 reply,
                 request_hash: None,
+                timer: None,
                 timestamp: "2026-01-01T00:00:00.000Z",
             };
             let mut old = serde_json::json!({

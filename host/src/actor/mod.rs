@@ -66,6 +66,9 @@ pub struct ActorConfig {
     pub poison_after: u32,
     /// An aggregate's first rest; it doubles while failures go on.
     pub poison_backoff: Duration,
+    /// The most pending timers one aggregate may have scheduled; a command
+    /// that would leave more is refused (`too_many_timers`).
+    pub max_timers_per_aggregate: usize,
 }
 
 impl Default for ActorConfig {
@@ -82,6 +85,7 @@ impl Default for ActorConfig {
             snapshot_every: 100,
             poison_after: 3,
             poison_backoff: Duration::from_secs(1),
+            max_timers_per_aggregate: 1000,
         }
     }
 }
@@ -176,6 +180,10 @@ struct Inner {
     poison: poison::Poison,
     /// The last commands of each type, for the upgrade check's re-run.
     recent: verify::Recent,
+    /// The pending timers, for the per-aggregate cap (set once by
+    /// [`Aggregates::use_timer_index`]; without it a command's own changes
+    /// are all that is counted).
+    timers: std::sync::OnceLock<Arc<crate::timer::TimerIndex>>,
 }
 
 impl Aggregates {
@@ -199,6 +207,7 @@ impl Aggregates {
             plugins,
             config,
             evicting: AtomicBool::new(false),
+            timers: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&inner);
         let period = (inner.config.idle_timeout / 4)
@@ -218,6 +227,17 @@ impl Aggregates {
     /// and store, for [`PluginRegistry::set_verifier`].
     pub fn upgrade_verifier(&self) -> Arc<dyn crate::plugin::verify::UpgradeVerifier> {
         Arc::new(verify::Verifier(Arc::downgrade(&self.inner)))
+    }
+
+    /// Counts the timers an aggregate has pending in `index` for the cap of
+    /// `max_timers_per_aggregate`. Only the first call has an effect.
+    pub fn use_timer_index(&self, index: Arc<crate::timer::TimerIndex>) {
+        let _ = self.inner.timers.set(index);
+    }
+
+    /// The timer index in use, if any.
+    pub fn timer_index(&self) -> Option<&Arc<crate::timer::TimerIndex>> {
+        self.inner.timers.get()
     }
 
     /// The event store.

@@ -37,6 +37,7 @@ use pb::aggregates_server::{Aggregates, AggregatesServer};
 use pb::commands_server::{Commands, CommandsServer};
 use pb::plugins_server::{Plugins, PluginsServer};
 use pb::streams_server::{Streams, StreamsServer};
+use pb::timers_server::{Timers, TimersServer};
 
 /// The metadata key of the stable error code.
 pub const ERROR_CODE_KEY: &str = "rehydra-error-code";
@@ -56,7 +57,7 @@ pub fn status_code_of(e: &CommandError) -> Code {
         CommandError::AlreadyExists { .. } => Code::AlreadyExists,
         // A concurrency conflict: re-read and decide again.
         CommandError::WrongExpectedVersion { .. } => Code::Aborted,
-        CommandError::Rejected(_) => Code::FailedPrecondition,
+        CommandError::Rejected(_) | CommandError::TooManyTimers { .. } => Code::FailedPrecondition,
         CommandError::Forbidden(_) => Code::PermissionDenied,
         CommandError::Unauthenticated(_) => Code::Unauthenticated,
         CommandError::PayloadTooLarge { .. } | CommandError::SubscriberTooSlow { .. } => {
@@ -117,6 +118,8 @@ pub struct GrpcServices {
     pub streams: InterceptedService<StreamsServer<GrpcApi>, Authenticator>,
     /// `rehydra.v1.Plugins`.
     pub plugins: InterceptedService<PluginsServer<GrpcApi>, Authenticator>,
+    /// `rehydra.v1.Timers`.
+    pub timers: InterceptedService<TimersServer<GrpcApi>, Authenticator>,
 }
 
 /// Builds the services over `context`.
@@ -137,7 +140,8 @@ pub fn services(context: ApiContext) -> GrpcServices {
         ),
         aggregates: InterceptedService::new(AggregatesServer::new(api.clone()), auth.clone()),
         streams: InterceptedService::new(StreamsServer::new(api.clone()), auth.clone()),
-        plugins: InterceptedService::new(PluginsServer::new(api), auth),
+        plugins: InterceptedService::new(PluginsServer::new(api.clone()), auth.clone()),
+        timers: InterceptedService::new(TimersServer::new(api), auth),
     }
 }
 
@@ -190,6 +194,7 @@ impl Commands for GrpcApi {
             causation_id: optional_id("causation_id", &r.causation_id).map_err(error)?,
             principal,
             dry_run: r.dry_run,
+            timer: None,
         };
         let outcome = self.context.aggregates.execute(req).await.map_err(error)?;
         Ok(Response::new(pb::ExecuteResponse {
@@ -300,6 +305,44 @@ fn recorded(e: &RecordedEvent) -> pb::RecordedEvent {
         event_type: e.event_type.clone(),
         data_json: String::from_utf8_lossy(&e.data).into_owned(),
         metadata_json: String::from_utf8_lossy(&e.metadata).into_owned(),
+    }
+}
+
+#[tonic::async_trait]
+impl Timers for GrpcApi {
+    async fn list(
+        &self,
+        request: Request<pb::ListTimersRequest>,
+    ) -> Result<Response<pb::ListTimersResponse>, Status> {
+        let r = request.into_inner();
+        let aggregate = (!r.aggregate.is_empty()).then_some(r.aggregate.as_str());
+        let limit = (r.limit != 0).then_some(r.limit as usize);
+        let list = super::list_timers(&self.context, aggregate, limit).map_err(error)?;
+        let aggregate_ref = |a: crate::plugin::AggregateRef| pb::AggregateRef {
+            aggregate_type: a.aggregate_type,
+            aggregate_id: a.id,
+        };
+        Ok(Response::new(pb::ListTimersResponse {
+            count: list.count,
+            timers: list
+                .timers
+                .into_iter()
+                .map(|t| pb::PendingTimer {
+                    payload_json: t.data.to_string(),
+                    id: t.id,
+                    key: t.key,
+                    scheduled_by: Some(aggregate_ref(t.scheduled_by)),
+                    target: Some(aggregate_ref(t.target)),
+                    command: t.command,
+                    due: t.due,
+                    attempts: t.attempts,
+                    last_error: t.last_error.unwrap_or_default(),
+                    next_attempt: t.next_attempt.unwrap_or_default(),
+                    scheduled_in: t.scheduled_in,
+                    correlation_id: t.correlation_id,
+                })
+                .collect(),
+        }))
     }
 }
 

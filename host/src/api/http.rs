@@ -76,6 +76,7 @@ pub fn router(context: ApiContext) -> Router {
         .route("/v1/plugins/{name}/versions", get(plugin_versions))
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
         .route("/v1/subscribe", get(subscribe))
+        .route("/v1/timers", get(timers))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/metrics", get(metrics))
@@ -138,6 +139,7 @@ pub fn status_of(e: &CommandError) -> StatusCode {
         }
         CommandError::InvalidCommand(_)
         | CommandError::Rejected(_)
+        | CommandError::TooManyTimers { .. }
         | CommandError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         CommandError::Forbidden(_) => StatusCode::FORBIDDEN,
         CommandError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -240,6 +242,7 @@ async fn execute(
         causation_id: id_header(&headers, "x-causation-id")?,
         principal: principal.map(|Extension(p)| p.0),
         dry_run,
+        timer: None,
     };
     let outcome = app.aggregates.execute(req).await?;
     let etag = HeaderValue::from_str(&format!("\"{}\"", outcome.version)).ok();
@@ -311,6 +314,25 @@ async fn read_stream(
     let next = events.last().map(|e| e.version + 1);
     let events: Vec<serde_json::Value> = events.iter().map(event_json).collect();
     Ok(axum::Json(json!({ "stream": stream, "events": events, "next": next })).into_response())
+}
+
+#[derive(Deserialize)]
+struct TimersQuery {
+    aggregate: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/timers`: the pending timers, earliest due first, with how many
+/// there are; `?aggregate=TYPE/ID` keeps those the aggregate scheduled and
+/// those for it.
+async fn timers(
+    State(app): State<AppState>,
+    query: Result<Query<TimersQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        query.map_err(|e| malformed(format!("bad query: {e}; use ?aggregate=TYPE/ID&limit=N")))?;
+    let list = crate::api::list_timers(&app, q.aggregate.as_deref(), q.limit)?;
+    Ok(axum::Json(list).into_response())
 }
 
 #[derive(Deserialize)]

@@ -34,6 +34,66 @@ pub struct ApiContext {
     pub max_command_bytes: usize,
 }
 
+/// The pending timers a list returns when the client does not say.
+pub const DEFAULT_TIMERS: usize = 100;
+/// Most pending timers returned by one list.
+pub const MAX_TIMERS: usize = 1000;
+
+/// A page of pending timers, as both APIs return it.
+#[derive(Debug, serde::Serialize)]
+pub struct TimerList {
+    /// The timers, earliest due first.
+    pub timers: Vec<crate::timer::PendingTimer>,
+    /// How many pending timers match, in all.
+    pub count: u64,
+}
+
+/// Lists pending timers: of one aggregate (`type/id`: those it scheduled
+/// and those for it) or all, at most `limit` (default [`DEFAULT_TIMERS`],
+/// at most [`MAX_TIMERS`]).
+pub fn list_timers(
+    ctx: &ApiContext,
+    aggregate: Option<&str>,
+    limit: Option<usize>,
+) -> Result<TimerList, CommandError> {
+    let aggregate = match aggregate {
+        None => None,
+        Some(text) => {
+            let Some((aggregate_type, id)) = text.split_once('/') else {
+                return Err(CommandError::MalformedRequest(format!(
+                    "aggregate {text:?} is not TYPE/ID, e.g. order/o-17"
+                )));
+            };
+            if !crate::plugin::is_valid_name(aggregate_type) {
+                return Err(CommandError::MalformedRequest(format!(
+                    "aggregate {text:?} has an invalid type {aggregate_type:?}"
+                )));
+            }
+            validate_id("the aggregate id", id)?;
+            Some(crate::plugin::AggregateRef {
+                aggregate_type: aggregate_type.to_string(),
+                id: id.to_string(),
+            })
+        }
+    };
+    let limit = limit.unwrap_or(DEFAULT_TIMERS);
+    if limit == 0 || limit > MAX_TIMERS {
+        return Err(CommandError::MalformedRequest(format!(
+            "limit must be 1 to {MAX_TIMERS}, got {limit}"
+        )));
+    }
+    let Some(index) = ctx.aggregates.timer_index() else {
+        return Ok(TimerList {
+            timers: Vec::new(),
+            count: 0,
+        });
+    };
+    let (timers, count) = index
+        .list(&crate::timer::TimerQuery { aggregate, limit })
+        .map_err(|e| CommandError::Internal(e.to_string()))?;
+    Ok(TimerList { timers, count })
+}
+
 /// Events a stream read returns when the client does not say.
 pub const DEFAULT_PAGE: usize = 100;
 /// Most events returned by one stream read.

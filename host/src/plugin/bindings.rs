@@ -10,7 +10,7 @@ wasmtime::component::bindgen!({
 /// takes only literals).
 macro_rules! wit_version {
     () => {
-        "0.2.0"
+        "0.3.0"
     };
 }
 

@@ -3,7 +3,10 @@
 //! `apply` receives them.
 
 use super::bindings::rehydra::aggregate::types as wit;
-use super::types::{CommandInput, Decision, NewEvent, Rejection, ReplayEvent, StateBytes};
+use super::types::{
+    AggregateRef, CommandInput, Decision, Due, NewEvent, Rejection, ReplayEvent, StateBytes,
+    TimerChange, TimerRequest,
+};
 use crate::error::FieldError;
 use crate::store::RecordedEvent;
 
@@ -37,6 +40,7 @@ pub(super) fn from_wit_outcome(
                 bytes: d.state.bytes,
             },
             reply: d.reply,
+            timers: d.timers.into_iter().map(from_wit_timer_change).collect(),
         }),
         Err(wit::Rejection::Invalid(fields)) => Err(Rejection::Invalid(
             fields
@@ -50,6 +54,26 @@ pub(super) fn from_wit_outcome(
         Err(wit::Rejection::Rejected(m)) => Err(Rejection::Rejected(m)),
         Err(wit::Rejection::Forbidden(m)) => Err(Rejection::Forbidden(m)),
         Err(wit::Rejection::IncompatibleState(s)) => Err(Rejection::IncompatibleState(s)),
+    }
+}
+
+/// A timer change in host types.
+fn from_wit_timer_change(change: wit::TimerChange) -> TimerChange {
+    match change {
+        wit::TimerChange::Schedule(t) => TimerChange::Schedule(TimerRequest {
+            key: t.key,
+            target: t.target.map(|r| AggregateRef {
+                aggregate_type: r.aggregate_type,
+                id: r.aggregate_id,
+            }),
+            command: t.command_type,
+            data: t.data,
+            due: match t.due {
+                wit::Due::At(at) => Due::At(at),
+                wit::Due::AfterMs(ms) => Due::AfterMs(ms),
+            },
+        }),
+        wit::TimerChange::Cancel(key) => TimerChange::Cancel(key),
     }
 }
 

@@ -54,8 +54,9 @@ use crate::store::RecordedEvent;
 use self::convert::{from_wit_outcome, handle_args, to_wit_event};
 pub use self::registry::{LoadFailure, PluginRegistry, ScanReport};
 pub use self::types::{
-    CommandInput, CommandMode, CommandSpec, Decision, NewEvent, PluginInfo, Rejection, ReplayEvent,
-    StateBytes, is_valid_name, is_valid_stream_prefix,
+    AggregateRef, CommandInput, CommandMode, CommandSpec, Decision, Due, NewEvent, PluginInfo,
+    Rejection, ReplayEvent, StateBytes, TimerChange, TimerRequest, is_host_event, is_valid_name,
+    is_valid_stream_prefix,
 };
 
 /// One loaded, validated version of a plugin.
@@ -361,6 +362,10 @@ impl Plugin {
     ) -> Result<StateBytes, CommandError> {
         self.check_quarantine()?;
         let first_version = events.first().map(|e| e.version).unwrap_or_default();
+        // The host's own events (`$timers`) are the host's business: the
+        // plugin folds only its own. Versions still count them.
+        let mut events = events;
+        events.retain(|e| !is_host_event(&e.event_type));
         if let Backend::Native(logic) = &self.backend {
             let events: Vec<ReplayEvent> = events.into_iter().map(ReplayEvent::from).collect();
             let result = logic.apply(state, &events);
@@ -536,6 +541,16 @@ impl Plugin {
                 limits.max_state_bytes
             ));
         }
+        if d.timers.len() > limits.max_events_per_command {
+            return Err(format!(
+                "handle() returned {} timer changes, over the limit of {} per command",
+                d.timers.len(),
+                limits.max_events_per_command
+            ));
+        }
+        for change in &d.timers {
+            check_timer_change(change, limits.max_event_bytes)?;
+        }
         if let Some(reply) = &d.reply {
             if reply.len() > limits.max_state_bytes {
                 return Err(format!(
@@ -550,6 +565,59 @@ impl Plugin {
         }
         Ok(())
     }
+}
+
+/// Checks one timer change a decision made: a usable key, command name,
+/// target and time, and a JSON payload of at most `max_bytes`.
+fn check_timer_change(change: &TimerChange, max_bytes: usize) -> Result<(), String> {
+    let key = change.key();
+    if let Err(e) = crate::command::validate_id("a timer key", key) {
+        return Err(format!(
+            "handle() returned a timer change with a bad key: {e}"
+        ));
+    }
+    let TimerChange::Schedule(t) = change else {
+        return Ok(());
+    };
+    if !is_valid_name(&t.command) {
+        return Err(format!(
+            "handle() scheduled timer {key:?} with an invalid command name {:?}",
+            t.command
+        ));
+    }
+    if let Some(target) = &t.target {
+        if !is_valid_name(&target.aggregate_type) {
+            return Err(format!(
+                "handle() scheduled timer {key:?} for an invalid aggregate type {:?}",
+                target.aggregate_type
+            ));
+        }
+        if let Err(e) = crate::command::validate_id("the target's id", &target.id) {
+            return Err(format!(
+                "handle() scheduled timer {key:?} for a bad target: {e}"
+            ));
+        }
+    }
+    if t.data.len() > max_bytes {
+        return Err(format!(
+            "handle() scheduled timer {key:?} with {} bytes of data, over the limit of {max_bytes}",
+            t.data.len()
+        ));
+    }
+    if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&t.data) {
+        return Err(format!(
+            "handle() scheduled timer {key:?} with data that is not JSON: {err}"
+        ));
+    }
+    if let Due::At(at) = &t.due
+        && let Err(err) = humantime::parse_rfc3339(at)
+    {
+        return Err(format!(
+            "handle() scheduled timer {key:?} at {at:?}, which is not an RFC 3339 UTC time \
+             such as 2026-12-01T09:00:00Z: {err}"
+        ));
+    }
+    Ok(())
 }
 
 /// Shared by `Arc` everywhere a command runs.

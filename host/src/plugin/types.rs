@@ -81,6 +81,61 @@ pub struct Decision {
     pub state: StateBytes,
     /// The reply for the client (JSON), if any.
     pub reply: Option<Vec<u8>>,
+    /// Timers to schedule or cancel, in order.
+    pub timers: Vec<TimerChange>,
+}
+
+/// When a scheduled command is due, as the plugin said it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    /// At an instant: RFC 3339 text, not yet checked.
+    At(String),
+    /// This many milliseconds after the command's `now`.
+    AfterMs(u64),
+}
+
+/// An aggregate, by type and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub struct AggregateRef {
+    /// The aggregate type.
+    #[serde(rename = "type")]
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub id: String,
+}
+
+/// A command a decision asks the host to send later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerRequest {
+    /// The timer's name among its aggregate's timers.
+    pub key: String,
+    /// The aggregate the command is for; `None`: the deciding one.
+    pub target: Option<AggregateRef>,
+    /// The command's name.
+    pub command: String,
+    /// The command's payload (JSON).
+    pub data: Vec<u8>,
+    /// When it is due.
+    pub due: Due,
+}
+
+/// A change a decision makes to its aggregate's timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerChange {
+    /// Schedule a command (replacing a pending timer of the same key).
+    Schedule(TimerRequest),
+    /// Cancel the pending timer with this key.
+    Cancel(String),
+}
+
+impl TimerChange {
+    /// The key the change is about.
+    pub fn key(&self) -> &str {
+        match self {
+            TimerChange::Schedule(t) => &t.key,
+            TimerChange::Cancel(key) => key,
+        }
+    }
 }
 
 /// Why a plugin refused a command.
@@ -132,6 +187,12 @@ pub fn is_valid_name(s: &str) -> bool {
         && s.starts_with(|c: char| c.is_ascii_alphabetic())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Whether an event type is one the host writes for itself (`$timers`):
+/// plugin event types start with a letter, so they never start with `$`.
+pub fn is_host_event(event_type: &str) -> bool {
+    event_type.starts_with('$')
 }
 
 /// Whether `s` is a valid stream prefix: like a name but without `-`, since
