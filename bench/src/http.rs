@@ -35,6 +35,13 @@ pub struct Host {
     pub ready_after: Duration,
 }
 
+impl Host {
+    /// The host process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -58,7 +65,8 @@ impl HostDir {
         HostDir { dir }
     }
 
-    fn path(&self) -> &Path {
+    /// The directory.
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 

@@ -18,10 +18,11 @@
 //! | `snapshot` | cold load of one aggregate with 1,000,000 events from all its events and from its snapshot, alternating |
 //! | `memory`    | RSS growth per resident aggregate                            |
 //! | `startup`   | binary start to ready, and hot-reload latency, cache cold and warm |
+//! | `timers`    | a million pending timers: reading them into the timer index, start-up time and memory with them, against an empty store |
 //! | `wasm`      | the bank-account component vs the same code natively: through `Aggregates::execute`, and one `Plugin::handle` call |
 //! | `peer`      | the same bank account on `cqrs-es` + `MemStore` vs `memory://` |
 //!
-//! Usage: `rehydra-bench [--out FILE] [--runs N] [--secs S] [--only a,b] [--memory-aggregates N]`.
+//! Usage: `rehydra-bench [--out FILE] [--runs N] [--secs S] [--only a,b] [--memory-aggregates N] [--timers N]`.
 //! Needs `make plugins` and `cargo build -p rehydra` first (`make bench`
 //! does both), and PostgreSQL's server programs and pgbench (Debian's
 //! `postgresql` package) for the `postgres://` rows, which start their own
@@ -37,6 +38,7 @@ mod peer;
 mod postgres;
 mod stats;
 mod store;
+mod timers;
 mod wrk;
 
 use std::time::Duration;
@@ -73,6 +75,7 @@ struct Options {
     secs: f64,
     only: Option<Vec<String>>,
     memory_aggregates: usize,
+    timers: usize,
     out: Option<std::path::PathBuf>,
 }
 
@@ -83,6 +86,7 @@ impl Options {
             secs: 2.0,
             only: None,
             memory_aggregates: 1_000_000,
+            timers: 1_000_000,
             out: None,
         };
         let mut args = std::env::args().skip(1);
@@ -101,9 +105,10 @@ impl Options {
                         .parse()
                         .expect("--memory-aggregates N")
                 }
+                "--timers" => o.timers = value("--timers").parse().expect("--timers N"),
                 "-h" | "--help" => {
                     println!(
-                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,snapshot-cost,verify,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate] [--memory-aggregates N]"
+                        "rehydra-bench [--out FILE] [--runs N] [--secs S] [--only inproc,inproc-postgres,store,store-postgres,store-postgres-lanes,http,cluster,rehydrate,snapshot,snapshot-cost,verify,overload,memory,startup,wasm,peer,profile,profile-native,profile-embedded,profile-rehydrate,timers] [--memory-aggregates N] [--timers N]"
                     );
                     std::process::exit(0);
                 }
@@ -586,6 +591,27 @@ async fn main() {
             "### Hot reload: renaming a new version of bank-account into the watched plugin directory, until `/v1/plugins` serves it\n\n| the new version in the compile cache | time until served |\n|---|---:|\n| no (compiled) | {} |\n| yes (a rollback) | {} |\n",
             fmt_dur(cold),
             fmt_dur(warm)
+        );
+    }
+
+    if o.wants("timers") {
+        eprintln!("pending timers…");
+        let t = timers::pending_timers(o.timers, o.runs).await;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        out!(
+            "### Pending timers: {} timers due in a day, in an embedded store; the real binary started on it, and on an empty store, alternately (medians of {})\n\n| | value |\n|---|---:|\n| writing them into the store (set-up) | {} |\n| first start: until the timer index lists them all | {} |\n| RSS right after that | {:.1} MiB |\n| start to ready, index up to date | {} |\n| start to ready, empty store | {} |\n| ratio | {:.2} |\n| RSS after start, index up to date | {:.1} MiB |\n| RSS after start, empty store | {:.1} MiB |\n| `GET /v1/timers?limit=100` | {} |\n| timer index file | {:.0} MiB |\n",
+            fmt_rate(t.timers as f64),
+            o.runs.max(1),
+            fmt_dur(t.write),
+            fmt_dur(t.first_index),
+            mib(t.rss_after_first_index),
+            fmt_dur(t.start_with),
+            fmt_dur(t.start_without),
+            t.start_with.as_secs_f64() / t.start_without.as_secs_f64().max(1e-9),
+            mib(t.rss_with),
+            mib(t.rss_without),
+            fmt_dur_precise(t.list_100),
+            mib(t.index_bytes)
         );
     }
 

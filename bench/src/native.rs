@@ -154,6 +154,30 @@ pub fn registry() -> Arc<PluginRegistry> {
     registry
 }
 
+/// A timer change from the SDK's types to the host's, as the component's
+/// export glue does it through WIT.
+fn timer_change(change: rehydra_guest::TimerChange) -> TimerChange {
+    match change {
+        rehydra_guest::TimerChange::Schedule {
+            key,
+            target,
+            command,
+            data,
+            due,
+        } => TimerChange::Schedule(TimerRequest {
+            key,
+            target: target.map(|(aggregate_type, id)| AggregateRef { aggregate_type, id }),
+            command,
+            data,
+            due: match due {
+                rehydra_guest::Due::At(at) => Due::At(at),
+                rehydra_guest::Due::AfterMs(ms) => Due::AfterMs(ms),
+            },
+        }),
+        rehydra_guest::TimerChange::Cancel(key) => TimerChange::Cancel(key),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,29 +213,5 @@ mod tests {
             .handle(&deposited.state, 2, &input("withdraw", br#"{"amount":6}"#))
             .expect("no failure");
         assert!(matches!(refused, Err(Rejection::Rejected(_))));
-    }
-}
-
-/// A timer change from the SDK's types to the host's, as the component's
-/// export glue does it through WIT.
-fn timer_change(change: rehydra_guest::TimerChange) -> TimerChange {
-    match change {
-        rehydra_guest::TimerChange::Schedule {
-            key,
-            target,
-            command,
-            data,
-            due,
-        } => TimerChange::Schedule(TimerRequest {
-            key,
-            target: target.map(|(aggregate_type, id)| AggregateRef { aggregate_type, id }),
-            command,
-            data,
-            due: match due {
-                rehydra_guest::Due::At(at) => Due::At(at),
-                rehydra_guest::Due::AfterMs(ms) => Due::AfterMs(ms),
-            },
-        }),
-        rehydra_guest::TimerChange::Cancel(key) => TimerChange::Cancel(key),
     }
 }

@@ -153,3 +153,68 @@ impl<E> From<Vec<E>> for Decision<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Due;
+
+    #[test]
+    fn timer_changes_are_encoded_in_order() {
+        let d: Decision<()> = Decision::emit(())
+            .schedule(Timer::after(
+                "deadline",
+                "expire",
+                serde_json::json!({"why": "unpaid"}),
+                Duration::from_secs(90),
+            ))
+            .schedule(
+                Timer::at("reserve", "reserve", 3, "2026-12-01T09:00:00Z")
+                    .for_aggregate("inventory", "sku-1"),
+            )
+            .cancel_timer("old");
+        let (events, reply, timers) = d.into_parts().expect("encodes");
+        assert_eq!((events.len(), reply), (1, None));
+        assert_eq!(
+            timers,
+            vec![
+                TimerChange::Schedule {
+                    key: "deadline".into(),
+                    target: None,
+                    command: "expire".into(),
+                    data: br#"{"why":"unpaid"}"#.to_vec(),
+                    due: Due::AfterMs(90_000),
+                },
+                TimerChange::Schedule {
+                    key: "reserve".into(),
+                    target: Some(("inventory".into(), "sku-1".into())),
+                    command: "reserve".into(),
+                    data: b"3".to_vec(),
+                    due: Due::At("2026-12-01T09:00:00Z".into()),
+                },
+                TimerChange::Cancel("old".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_timer_whose_data_cannot_be_json_fails_the_decision() {
+        let d: Decision<()> = Decision::none().schedule(Timer::after(
+            "bad",
+            "expire",
+            BTreeMap::from([(vec![1u8], 1u8)]),
+            Duration::ZERO,
+        ));
+        let err = d.into_parts().expect_err("refused");
+        assert!(err.contains("timer `bad`"), "{err}");
+    }
+
+    #[test]
+    fn a_delay_beyond_u64_milliseconds_saturates() {
+        let t = Timer::after("k", "c", (), Duration::MAX);
+        assert_eq!(t.due(), &Due::AfterMs(u64::MAX));
+    }
+}

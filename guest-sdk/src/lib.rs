@@ -150,6 +150,10 @@
 //!   message, correlation and causation ids. The plugin has no clock: use
 //!   `now`.
 //! * [`log`] writes to the host's log.
+//! * A [`Decision`] can also schedule commands for later ([`Timer`],
+//!   [`Decision::schedule`]) and cancel them ([`Decision::cancel_timer`]):
+//!   durable timers the host stores with the events and sends once when
+//!   due. A command a timer sent has [`Context::timer`].
 //!
 //! State is JSON tagged with [`STATE_SCHEMA`](Aggregate::STATE_SCHEMA).
 //! State of another schema, or that does not read as your `State`, makes
@@ -169,7 +173,7 @@
 //! rejection. A plugin *bug* that the WIT has no way to report — commands
 //! declared in [`COMMANDS`](Aggregate::COMMANDS) that do not match the
 //! command enum, an event that cannot be encoded as JSON or read back, a
-//! reply that cannot be encoded — panics with a message naming the
+//! reply or a timer's data that cannot be encoded — panics with a message naming the
 //! plugin. The panic traps; the host reports it (`plugin_failed`, or a
 //! plugin that fails to load) and nothing is stored.
 

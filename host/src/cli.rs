@@ -802,7 +802,11 @@ mod tests {
             ("max-resident-bytes", "4096", "4096"),
             ("snapshot-every", "0", "0"),
             ("max-timers-per-aggregate", "3", "3"),
-            ("timer-index", "\"/var/lib/rehydra/timers.sqlite3\"", "/var/lib/rehydra/timers.sqlite3"),
+            (
+                "timer-index",
+                "\"/var/lib/rehydra/timers.sqlite3\"",
+                "/var/lib/rehydra/timers.sqlite3",
+            ),
             ("mailbox-capacity", "2", "2"),
             ("max-in-flight", "4", "4"),
             ("command-timeout", "\"2s\"", "2s"),

@@ -22,6 +22,9 @@ pub mod event;
 pub mod index;
 pub mod runner;
 
+#[cfg(test)]
+mod index_tests;
+
 use std::time::Duration;
 
 /// How long after its due time a timer's command counts as late
