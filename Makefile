@@ -2,7 +2,7 @@
 
 # Example plugins: directory names under examples/, which are also their
 # cargo package names. Adding an example is adding one word here.
-EXAMPLES := bank-account users faulty order inventory
+EXAMPLES := bank-account users faulty order inventory transfer
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
@@ -115,6 +115,9 @@ TEST_PLUGIN_DIR := $(TARGET_DIR)/test-plugins
 HOSTILE_VARIANTS := describe-traps other-world contract-0-1
 # Later versions of bank-account, for the hot-reload and upgrade-check tests.
 BANK_VERSIONS := withdrawal-fee schema-2 fold-bug apply-traps
+# Later versions of transfer: a new version to hot-reload mid-flight, and one
+# that traps on one event (parked).
+TRANSFER_VERSIONS := v2 trap-on-13
 test-plugins: plugins
 	@mkdir -p $(TEST_PLUGIN_DIR)
 	@set -e; for f in $(HOSTILE_VARIANTS); do \
@@ -126,6 +129,11 @@ test-plugins: plugins
 	  $(CARGO) build --release --target $(WASM_TARGET) -p bank-account --features $$f; \
 	  cp "$(WASM_OUT)/bank_account.wasm" "$(TEST_PLUGIN_DIR)/bank-account-$$f.wasm"; \
 	  echo "  test plugin $(TEST_PLUGIN_DIR)/bank-account-$$f.wasm"; \
+	done
+	@set -e; for f in $(TRANSFER_VERSIONS); do \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p transfer --features $$f; \
+	  cp "$(WASM_OUT)/transfer.wasm" "$(TEST_PLUGIN_DIR)/transfer-$$f.wasm"; \
+	  echo "  test plugin $(TEST_PLUGIN_DIR)/transfer-$$f.wasm"; \
 	done
 
 # The gRPC interoperability client (tests/interop, examples/read-model-py):

@@ -1,6 +1,10 @@
-//! The glue behind [`export_aggregate!`](crate::export_aggregate): the
-//! WIT `Guest` implementation for any [`Aggregate`], converting between the
-//! generated WIT types and [`dispatch`](crate::dispatch)'s.
+//! The glue behind [`export_aggregate!`](crate::export_aggregate) and
+//! [`export_process_manager!`](crate::export_process_manager): the WIT
+//! `Guest` implementations for any [`Aggregate`](crate::Aggregate) (and
+//! [`ProcessManager`](crate::ProcessManager)), converting between the
+//! generated WIT types and [`dispatch`](crate::dispatch)'s. The two worlds
+//! have bindings of their own, so the glue is written once, as a macro,
+//! and expanded for each.
 //!
 //! Failures that the WIT gives no way to report — a plugin whose
 //! declarations are inconsistent (`describe`), a state that cannot be
@@ -10,17 +14,20 @@
 //! (`plugin_failed`, or a plugin that fails to load) and logs, together
 //! with the message the guest printed to stderr.
 
+macro_rules! glue {
+    ($bindings:ident, $plugin:ident, $bound:ident { $($extra:tt)* }) => {
 use std::marker::PhantomData;
 
-use crate::Aggregate;
-use crate::bindings::Guest;
-use crate::bindings::rehydra::aggregate::types as wit;
+use crate::$bindings::Guest;
+use crate::$bindings::rehydra::aggregate::types as wit;
 use crate::dispatch::{self, EncodedState, EventRef, HandleError};
 
-/// Implements the exported world for aggregate `A`.
-pub struct Plugin<A>(PhantomData<fn() -> A>);
+/// Implements the exported world for `A`.
+pub struct $plugin<A>(PhantomData<fn() -> A>);
 
-impl<A: Aggregate> Guest for Plugin<A> {
+impl<A: crate::$bound> Guest for $plugin<A> {
+    $($extra)*
+
     fn describe() -> wit::Info {
         let description = dispatch::describe::<A>()
             .unwrap_or_else(|err| panic!("plugin `{}` is misdeclared: {err}", A::TYPE));
@@ -155,5 +162,46 @@ fn to_wit_rejection(rejection: crate::Rejection) -> wit::Rejection {
         crate::Rejection::Rejected(message) => wit::Rejection::Rejected(message),
         crate::Rejection::Forbidden(message) => wit::Rejection::Forbidden(message),
         crate::Rejection::IncompatibleState(schema) => wit::Rejection::IncompatibleState(schema),
+    }
+}
+    };
+}
+
+/// The `aggregate` world.
+pub mod aggregate {
+    glue!(bindings, Plugin, Aggregate {});
+}
+
+/// The `process-manager` world: the aggregate's exports and `process`.
+pub mod process {
+    glue!(process_bindings, ProcessPlugin, ProcessManager {
+        fn process() -> wit::ProcessInfo {
+            crate::process::process_info::<A>()
+                .map(to_wit_process)
+                .unwrap_or_else(|err| panic!("plugin `{}` is misdeclared: {err}", A::TYPE))
+        }
+    });
+
+    fn to_wit_process(info: crate::process::ProcessDescription) -> wit::ProcessInfo {
+        wit::ProcessInfo {
+            follows: info
+                .follows
+                .iter()
+                .map(|f| wit::Follow {
+                    aggregate_type: f.aggregate_type.to_owned(),
+                    event_type: f.event_type.to_owned(),
+                    instance: match f.instance {
+                        crate::InstanceKey::AggregateId => wit::InstanceKey::AggregateId,
+                        crate::InstanceKey::CorrelationId => wit::InstanceKey::CorrelationId,
+                        crate::InstanceKey::ScheduledBy => wit::InstanceKey::ScheduledBy,
+                        crate::InstanceKey::DataField(field) => {
+                            wit::InstanceKey::DataField(field.to_owned())
+                        }
+                    },
+                    command: f.command.to_owned(),
+                })
+                .collect(),
+            on_refused: info.on_refused.map(str::to_owned),
+        }
     }
 }

@@ -187,12 +187,17 @@ pub mod dispatch;
 mod encode;
 mod export;
 pub mod log;
+mod process;
 mod rejection;
 mod timer;
 
 pub use aggregate::{Aggregate, CommandMode, CommandSpec};
 pub use context::{Context, TimerFiring};
 pub use decision::Decision;
+pub use process::{
+    AggregateRef, Follow, FollowedEvent, InstanceKey, ProcessDescription, ProcessManager, Refusal,
+    process_info,
+};
 pub use rejection::{FieldError, FieldErrors, Rejection};
 pub use timer::{Due, Timer, TimerChange};
 
@@ -211,13 +216,48 @@ pub mod bindings {
     });
 }
 
+/// The bindings wit-bindgen generates for the `process-manager` world.
+/// Not part of the API: use [`export_process_manager!`].
+#[doc(hidden)]
+#[allow(missing_docs, clippy::too_many_arguments)]
+pub mod process_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "process-manager",
+        pub_export_macro: true,
+        export_macro_name: "__export_process_world",
+        default_bindings_module: "rehydra_guest::process_bindings",
+    });
+}
+
 /// Items the exported macros expand to. Not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::Plugin;
+    pub use crate::export::aggregate::Plugin;
+    pub use crate::export::process::ProcessPlugin;
 
     /// Fails to compile unless `A` implements [`Aggregate`](crate::Aggregate).
     pub const fn assert_aggregate<A: crate::Aggregate>() {}
+
+    /// Fails to compile unless `P` implements
+    /// [`ProcessManager`](crate::ProcessManager).
+    pub const fn assert_process_manager<P: crate::ProcessManager>() {}
+}
+
+/// Exports a [`ProcessManager`] as the plugin's implementation of the
+/// `process-manager` world (instead of [`export_aggregate!`]): an aggregate
+/// that also follows other aggregates' events.
+#[macro_export]
+macro_rules! export_process_manager {
+    ($process:ty) => {
+        const _: () = {
+            $crate::__private::assert_process_manager::<$process>();
+            type RehydraProcess = $crate::__private::ProcessPlugin<$process>;
+            $crate::process_bindings::__export_process_world!(
+                RehydraProcess with_types_in $crate::process_bindings
+            );
+        };
+    };
 }
 
 /// Exports an [`Aggregate`] as the plugin's implementation of the

@@ -85,6 +85,19 @@ impl Timer {
         Timer::new(key, command, data, Due::At(at.into()))
     }
 
+    /// Sends `command` with `data` to another aggregate at once: how a
+    /// [`ProcessManager`](crate::ProcessManager) sends commands. It is
+    /// stored with the decision's events and sent once, after they are.
+    pub fn send(
+        key: impl Into<String>,
+        aggregate_type: impl Into<String>,
+        id: impl Into<String>,
+        command: impl Into<String>,
+        data: impl Serialize,
+    ) -> Timer {
+        Timer::new(key, command, data, Due::AfterMs(0)).for_aggregate(aggregate_type, id)
+    }
+
     fn new(
         key: impl Into<String>,
         command: impl Into<String>,

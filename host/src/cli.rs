@@ -119,7 +119,7 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// List the pending timers, earliest due first: all, or those an
+    /// List the pending timers, in the order they will be sent: all, or those an
     /// aggregate scheduled and those for it.
     Timers {
         /// Only this aggregate's timers: TYPE/ID, e.g. order/o-17.

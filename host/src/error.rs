@@ -276,6 +276,27 @@ impl CommandError {
         }
     }
 
+    /// Whether this is the command's answer — the target refused it, or
+    /// it does not fit the target — as opposed to a failure to run it now
+    /// that may pass (the store, overload, a plugin failing or loading).
+    /// A timer or a process manager takes the first as final and tries
+    /// the second again.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            CommandError::MalformedRequest(_)
+                | CommandError::UnknownCommand { .. }
+                | CommandError::AggregateNotFound { .. }
+                | CommandError::AlreadyExists { .. }
+                | CommandError::IdempotencyKeyReused { .. }
+                | CommandError::InvalidCommand(_)
+                | CommandError::Rejected(_)
+                | CommandError::Forbidden(_)
+                | CommandError::TooManyTimers { .. }
+                | CommandError::PayloadTooLarge { .. }
+        )
+    }
+
     /// Structured details for the error body, where the variant has any.
     pub fn details(&self) -> Option<serde_json::Value> {
         use serde_json::json;

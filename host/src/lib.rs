@@ -28,6 +28,7 @@ pub mod command;
 pub mod error;
 pub mod metrics;
 pub mod plugin;
+pub mod process;
 pub mod scaffold;
 pub mod server;
 pub mod store;

@@ -240,7 +240,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let timers = crate::timer::runner::start(timer_index, aggregates.clone(), stopping.clone());
+    let timers =
+        crate::timer::runner::start(timer_index.clone(), aggregates.clone(), stopping.clone());
+    let processes = crate::process::start(timer_index, aggregates.clone(), stopping.clone());
 
     let app = http::router(context.clone());
     let listener = LimitedListener::new(listener, config.max_connections);
@@ -273,6 +275,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // flight are answered before the store closes.
     if let Err(e) = timers.await {
         tracing::error!("the timer runner failed: {e}");
+    }
+    if let Err(e) = processes.await {
+        tracing::error!("the process managers failed: {e}");
     }
     // Every request is answered: the store finishes its work (the embedded
     // one indexes the rest of its log), so the next start recovers nothing.

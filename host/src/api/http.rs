@@ -77,6 +77,7 @@ pub fn router(context: ApiContext) -> Router {
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/timers", get(timers))
+        .route("/v1/processes", get(processes))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/metrics", get(metrics))
@@ -322,7 +323,7 @@ struct TimersQuery {
     limit: Option<usize>,
 }
 
-/// `GET /v1/timers`: the pending timers, earliest due first, with how many
+/// `GET /v1/timers`: the pending timers, in the order they will be sent, with how many
 /// there are; `?aggregate=TYPE/ID` keeps those the aggregate scheduled and
 /// those for it.
 async fn timers(
@@ -333,6 +334,13 @@ async fn timers(
         query.map_err(|e| malformed(format!("bad query: {e}; use ?aggregate=TYPE/ID&limit=N")))?;
     let list = crate::api::list_timers(&app, q.aggregate.as_deref(), q.limit)?;
     Ok(axum::Json(list).into_response())
+}
+
+/// `GET /v1/processes`: each process manager, what it follows, how far it
+/// has read the log, and the events it parked.
+async fn processes(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let list = crate::api::list_processes(&app)?;
+    Ok(axum::Json(json!({ "processes": list })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -465,6 +473,7 @@ async fn plugins(State(app): State<AppState>) -> Response {
                 "state_schema": p.info.state_schema,
                 "commands": p.info.commands,
                 "event_types": p.info.event_types,
+                "process": p.info.process,
                 "hash": p.hash,
                 "previous_hash": p.previous_hash,
                 "size": p.size,

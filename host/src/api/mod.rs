@@ -42,7 +42,7 @@ pub const MAX_TIMERS: usize = 1000;
 /// A page of pending timers, as both APIs return it.
 #[derive(Debug, serde::Serialize)]
 pub struct TimerList {
-    /// The timers, earliest due first.
+    /// The timers, in the order they will be sent.
     pub timers: Vec<crate::timer::PendingTimer>,
     /// How many pending timers match, in all.
     pub count: u64,
@@ -92,6 +92,57 @@ pub fn list_timers(
         .list(&crate::timer::TimerQuery { aggregate, limit })
         .map_err(|e| CommandError::Internal(e.to_string()))?;
     Ok(TimerList { timers, count })
+}
+
+/// The parked events listed per process manager, at most.
+pub const MAX_PARKED: usize = 100;
+
+/// A process manager as `GET /v1/processes` shows it.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessView {
+    /// Its name: the aggregate type of its instances.
+    pub name: String,
+    /// The plugin (file name) that serves it.
+    pub plugin: String,
+    /// What it follows and where refusals go.
+    pub process: crate::plugin::ProcessInfo,
+    /// The log position it has handled up to (`None`: not started yet).
+    pub checkpoint: Option<u64>,
+    /// Events it parked (the first [`MAX_PARKED`]), in log order.
+    pub parked: Vec<crate::timer::ParkedEvent>,
+    /// How many events it parked in all.
+    pub parked_count: u64,
+}
+
+/// The process managers the host serves.
+pub fn list_processes(ctx: &ApiContext) -> Result<Vec<ProcessView>, CommandError> {
+    let internal = |e: crate::timer::TimerIndexError| CommandError::Internal(e.to_string());
+    let mut views = Vec::new();
+    let mut plugins = ctx.aggregates.plugins().list();
+    plugins.sort_by(|a, b| a.info.aggregate_type.cmp(&b.info.aggregate_type));
+    for p in plugins {
+        let Some(process) = p.info.process.clone() else {
+            continue;
+        };
+        let name = p.info.aggregate_type.clone();
+        let (checkpoint, (parked, parked_count)) = match ctx.aggregates.timer_index() {
+            Some(index) => (
+                index.process_checkpoint(&name).map_err(internal)?,
+                index.parked(&name, MAX_PARKED).map_err(internal)?,
+            ),
+            None => (None, (Vec::new(), 0)),
+        };
+        views.push(ProcessView {
+            name,
+            plugin: p.name.clone(),
+            process,
+            checkpoint,
+            parked,
+            parked_count,
+        });
+    }
+    Ok(views)
 }
 
 /// Events a stream read returns when the client does not say.

@@ -6,6 +6,16 @@ wasmtime::component::bindgen!({
     world: "aggregate",
 });
 
+/// Bindings of the `process-manager` world: the aggregate's exports plus
+/// `process`. Only its `process` export is called through them (at load);
+/// the aggregate's exports go through the `aggregate` world's bindings.
+pub mod process_manager {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "process-manager",
+    });
+}
+
 /// The contract version, written once for both constants below (`concat!`
 /// takes only literals).
 macro_rules! wit_version {

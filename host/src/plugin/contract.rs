@@ -3,8 +3,10 @@
 //! names.
 use anyhow::bail;
 
+use super::bindings::process_manager::rehydra::aggregate::types as pm;
 use super::bindings::rehydra::aggregate::types as wit;
 use super::bindings::{WIT_PACKAGE, WIT_VERSION};
+use super::types::{Follow, InstanceKey, ProcessInfo};
 use super::{CommandMode, CommandSpec, PluginInfo, is_valid_name, is_valid_stream_prefix};
 
 /// The contract version in the name of an imported interface of the
@@ -94,6 +96,73 @@ pub(super) fn validate_info(info: wit::Info) -> anyhow::Result<PluginInfo> {
         state_schema: info.state_schema,
         commands,
         event_types: info.event_types,
+        process: None,
+    })
+}
+
+/// A process manager's `process()` answer, checked against what its
+/// `describe()` said: valid names, and commands it has.
+pub(super) fn validate_process(
+    info: &PluginInfo,
+    process: pm::ProcessInfo,
+) -> anyhow::Result<ProcessInfo> {
+    let has = |command: &str| info.command(command).is_some();
+    let mut follows = Vec::with_capacity(process.follows.len());
+    for f in process.follows {
+        if !is_valid_name(&f.aggregate_type) || !is_valid_name(&f.event_type) {
+            bail!(
+                "process() follows {:?}/{:?}, which is not a valid aggregate type and event type",
+                f.aggregate_type,
+                f.event_type
+            );
+        }
+        if !has(&f.command) {
+            bail!(
+                "process() sends {}/{} events to the command {:?}, which describe() does not list",
+                f.aggregate_type,
+                f.event_type,
+                f.command
+            );
+        }
+        let instance = match f.instance {
+            pm::InstanceKey::AggregateId => InstanceKey::AggregateId,
+            pm::InstanceKey::CorrelationId => InstanceKey::CorrelationId,
+            pm::InstanceKey::ScheduledBy => InstanceKey::ScheduledBy,
+            pm::InstanceKey::DataField(field) if !field.is_empty() => InstanceKey::DataField(field),
+            pm::InstanceKey::DataField(_) => {
+                bail!(
+                    "process() routes {}/{} by a data field with an empty name",
+                    f.aggregate_type,
+                    f.event_type
+                )
+            }
+        };
+        if follows.iter().any(|known: &Follow| {
+            known.aggregate_type == f.aggregate_type && known.event_type == f.event_type
+        }) {
+            bail!(
+                "process() follows {}/{} twice",
+                f.aggregate_type,
+                f.event_type
+            );
+        }
+        follows.push(Follow {
+            aggregate_type: f.aggregate_type,
+            event_type: f.event_type,
+            instance,
+            command: f.command,
+        });
+    }
+    if let Some(command) = &process.on_refused
+        && !has(command)
+    {
+        bail!(
+            "process() sends refusals to the command {command:?}, which describe() does not list"
+        );
+    }
+    Ok(ProcessInfo {
+        follows,
+        on_refused: process.on_refused,
     })
 }
 

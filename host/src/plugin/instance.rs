@@ -323,30 +323,40 @@ impl Instance {
         deadline: Duration,
         f: impl FnOnce(&Aggregate, &mut Store<GuestState>) -> wasmtime::Result<R>,
     ) -> Result<R, GuestFailure> {
-        self.store
-            .set_epoch_deadline(SandboxLimits::ticks(deadline));
-        self.store.data_mut().limiter.denied = false;
-        self.store.data_mut().clock.start(deadline);
-        let result = f(&self.aggregate, &mut self.store);
-        let data = self.store.data();
-        let stdout = data.stdout.take();
-        let stderr = data.stderr.take();
-        let plugin = &*data.plugin;
-        // The stderr text is kept whole for the failure's message below;
-        // only what reaches the log is limited.
-        for line in stdout.lines().filter(|l| !l.is_empty()) {
-            if data.log.admit() {
-                tracing::info!(target: "rehydra::guest", plugin, stream = "stdout", "{line}");
-            }
-        }
-        for line in stderr.lines().filter(|l| !l.is_empty()) {
-            if data.log.admit() {
-                tracing::warn!(target: "rehydra::guest", plugin, stream = "stderr", "{line}");
-            }
-        }
-        let interrupted = data.clock.interrupted;
-        result.map_err(|e| classify(&e, data.limiter.denied, &stderr, deadline, interrupted))
+        let aggregate = &self.aggregate;
+        run_in(&mut self.store, deadline, |store| f(aggregate, store))
     }
+}
+
+/// Runs `f` in `store` with a fresh CPU deadline, drains the guest's
+/// output into the log, and classifies a failure.
+fn run_in<R>(
+    store: &mut Store<GuestState>,
+    deadline: Duration,
+    f: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<R>,
+) -> Result<R, GuestFailure> {
+    store.set_epoch_deadline(SandboxLimits::ticks(deadline));
+    store.data_mut().limiter.denied = false;
+    store.data_mut().clock.start(deadline);
+    let result = f(store);
+    let data = store.data();
+    let stdout = data.stdout.take();
+    let stderr = data.stderr.take();
+    let plugin = &*data.plugin;
+    // The stderr text is kept whole for the failure's message below;
+    // only what reaches the log is limited.
+    for line in stdout.lines().filter(|l| !l.is_empty()) {
+        if data.log.admit() {
+            tracing::info!(target: "rehydra::guest", plugin, stream = "stdout", "{line}");
+        }
+    }
+    for line in stderr.lines().filter(|l| !l.is_empty()) {
+        if data.log.admit() {
+            tracing::warn!(target: "rehydra::guest", plugin, stream = "stderr", "{line}");
+        }
+    }
+    let interrupted = data.clock.interrupted;
+    result.map_err(|e| classify(&e, data.limiter.denied, &stderr, deadline, interrupted))
 }
 
 fn classify(
@@ -434,7 +444,8 @@ impl InstancePool {
         &self.plugin
     }
 
-    fn instantiate(&self) -> Result<Instance, GuestFailure> {
+    /// A fresh sandboxed store for one instance of this plugin.
+    fn new_store(&self) -> Store<GuestState> {
         let stdout = GuestOutput::new(self.limits.max_output_bytes);
         let stderr = GuestOutput::new(self.limits.max_output_bytes);
         let wasi = WasiCtx::builder()
@@ -468,6 +479,11 @@ impl InstancePool {
         });
         // Instantiation runs the guest's start code: bound it too.
         store.set_epoch_deadline(SandboxLimits::ticks(self.limits.handle_deadline));
+        store
+    }
+
+    fn instantiate(&self) -> Result<Instance, GuestFailure> {
+        let mut store = self.new_store();
         let aggregate = self.pre.instantiate(&mut store).map_err(|e| {
             let memory_denied = store.data().limiter.denied;
             let stderr = store.data().stderr.take();
@@ -483,6 +499,21 @@ impl InstancePool {
             failure
         })?;
         Ok(Instance { store, aggregate })
+    }
+
+    /// Calls the `process` export of a process manager (`pre`, made from
+    /// the same component) once, in an instance of its own.
+    pub fn call_process(
+        &self,
+        pre: &super::bindings::process_manager::ProcessManagerPre<GuestState>,
+    ) -> Result<
+        super::bindings::process_manager::rehydra::aggregate::types::ProcessInfo,
+        GuestFailure,
+    > {
+        let mut store = self.new_store();
+        let deadline = self.limits.handle_deadline;
+        let pm = run_in(&mut store, deadline, |store| pre.instantiate(store))?;
+        run_in(&mut store, deadline, |store| pm.call_process(store))
     }
 
     /// Drops the warm instances, giving their slots back to the engine's

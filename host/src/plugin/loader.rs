@@ -13,7 +13,9 @@ use wasmtime::component::Component;
 
 use super::bindings::{AggregatePre, WIT_PACKAGE};
 use super::cache::CacheOutcome;
-use super::contract::{contract_mismatch, imported_contract_version, validate_info};
+use super::contract::{
+    contract_mismatch, imported_contract_version, validate_info, validate_process,
+};
 use super::instance::{GuestState, InstancePool};
 use super::log_limit::LogLimiter;
 use super::quarantine::Quarantine;
@@ -85,7 +87,23 @@ impl PluginRegistry {
             .map_err(|f| {
                 anyhow::anyhow!("describe() failed ({}): {}", f.kind.as_str(), f.message)
             })?;
-        let info = validate_info(info)?;
+        let mut info = validate_info(info)?;
+        if exports_process(&self.engine, &component) {
+            let pre = self
+                .linker
+                .instantiate_pre(&component)
+                .and_then(super::bindings::process_manager::ProcessManagerPre::new)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the component exports `process` but not the `process-manager` world of \
+                         {WIT_PACKAGE}: {e:#}"
+                    )
+                })?;
+            let process = pool.call_process(&pre).map_err(|f| {
+                anyhow::anyhow!("process() failed ({}): {}", f.kind.as_str(), f.message)
+            })?;
+            info.process = Some(validate_process(&info, process)?);
+        }
         if initial.schema != info.state_schema {
             bail!(
                 "initial-state() has schema {} but describe() declares state-schema {}",
@@ -171,6 +189,14 @@ impl PluginRegistry {
             None => Ok(()),
         }
     }
+}
+
+/// Whether `component` exports `process`: a process manager.
+fn exports_process(engine: &wasmtime::Engine, component: &Component) -> bool {
+    component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name == "process")
 }
 
 /// How often a long compilation reports that it is still going.

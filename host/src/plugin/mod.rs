@@ -54,9 +54,9 @@ use crate::store::RecordedEvent;
 use self::convert::{from_wit_outcome, handle_args, to_wit_event};
 pub use self::registry::{LoadFailure, PluginRegistry, ScanReport};
 pub use self::types::{
-    AggregateRef, CommandInput, CommandMode, CommandSpec, Decision, Due, NewEvent, PluginInfo,
-    Rejection, ReplayEvent, StateBytes, TimerChange, TimerRequest, is_host_event, is_valid_name,
-    is_valid_stream_prefix,
+    AggregateRef, CommandInput, CommandMode, CommandSpec, Decision, Due, Follow, InstanceKey,
+    NewEvent, PluginInfo, ProcessInfo, Rejection, ReplayEvent, StateBytes, TimerChange,
+    TimerRequest, is_host_event, is_valid_name, is_valid_stream_prefix,
 };
 
 /// One loaded, validated version of a plugin.

@@ -40,6 +40,45 @@ pub struct PluginInfo {
     pub commands: Vec<CommandSpec>,
     /// Every event type it emits.
     pub event_types: Vec<String>,
+    /// What it follows, when it is a process manager.
+    pub process: Option<ProcessInfo>,
+}
+
+/// Which instance of a process manager an event goes to (see the WIT's
+/// `instance-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceKey {
+    /// The id of the aggregate that stored the event.
+    AggregateId,
+    /// The event's correlation id.
+    CorrelationId,
+    /// The instance whose timer sent the command that stored the event.
+    ScheduledBy,
+    /// A top-level string field of the event's data.
+    DataField(String),
+}
+
+/// An event type a process manager follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Follow {
+    /// The aggregate type that stores it.
+    pub aggregate_type: String,
+    /// The event type.
+    pub event_type: String,
+    /// Which instance receives it.
+    pub instance: InstanceKey,
+    /// The process manager's command that receives it.
+    pub command: String,
+}
+
+/// What a process manager follows and where refusals go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    /// The events it follows.
+    pub follows: Vec<Follow>,
+    /// Its command that receives its refused commands; `None`: logged only.
+    pub on_refused: Option<String>,
 }
 
 impl PluginInfo {

@@ -82,12 +82,42 @@ pub struct PendingTimer {
     pub correlation_id: String,
 }
 
+/// An event a process manager could not handle: its command kept
+/// failing in the plugin, so it was set aside and the process manager went
+/// on with the next.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedEvent {
+    /// The process manager.
+    pub process: String,
+    /// The event's log position.
+    pub position: u64,
+    /// The event's id.
+    pub event_id: String,
+    /// Its stream.
+    pub stream: String,
+    /// Its version in the stream.
+    pub version: u64,
+    /// Its type.
+    pub event_type: String,
+    /// The instance it went to.
+    pub instance: String,
+    /// The command that received it.
+    pub command: String,
+    /// How often the command was tried.
+    pub attempts: u32,
+    /// The last failure.
+    pub error: String,
+    /// When it was parked, RFC 3339 UTC.
+    pub parked_at: String,
+}
+
 /// Which pending timers to list.
 #[derive(Debug, Clone, Default)]
 pub struct TimerQuery {
     /// Only the timers this aggregate scheduled or that are for it.
     pub aggregate: Option<AggregateRef>,
-    /// The most to return (earliest due first).
+    /// The most to return (in the order they will be sent).
     pub limit: usize,
 }
 
@@ -162,7 +192,8 @@ impl TimerIndex {
              CREATE TABLE IF NOT EXISTS timer_state (
                  one INTEGER PRIMARY KEY CHECK (one = 1),
                  format INTEGER NOT NULL,
-                 checkpoint INTEGER NOT NULL
+                 checkpoint INTEGER NOT NULL,
+                 pending INTEGER NOT NULL DEFAULT 0
              );",
         )
         .map_err(open_err)?;
@@ -175,8 +206,11 @@ impl TimerIndex {
                 file = %shown,
                 "the timer index has another layout; rebuilding it from the log"
             );
-            conn.execute_batch("DROP TABLE IF EXISTS timers; DELETE FROM timer_state;")
-                .map_err(open_err)?;
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS timers; DROP TABLE IF EXISTS process_checkpoints; \
+                 DROP TABLE IF EXISTS parked_events; DELETE FROM timer_state;",
+            )
+            .map_err(open_err)?;
         }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS timers (
@@ -199,8 +233,27 @@ impl TimerIndex {
                  next_attempt_ms INTEGER NOT NULL,
                  UNIQUE (source_type, source_id, key)
              );
-             CREATE INDEX IF NOT EXISTS timers_by_next_attempt ON timers (next_attempt_ms);
-             CREATE INDEX IF NOT EXISTS timers_by_target ON timers (target_type, target_id);",
+             CREATE INDEX IF NOT EXISTS timers_by_next_attempt
+                 ON timers (next_attempt_ms, scheduled_position, change_index);
+             CREATE INDEX IF NOT EXISTS timers_by_target ON timers (target_type, target_id);
+             CREATE TABLE IF NOT EXISTS process_checkpoints (
+                 process TEXT PRIMARY KEY,
+                 position INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS parked_events (
+                 process TEXT NOT NULL,
+                 position INTEGER NOT NULL,
+                 event_id TEXT NOT NULL,
+                 stream TEXT NOT NULL,
+                 version INTEGER NOT NULL,
+                 event_type TEXT NOT NULL,
+                 instance TEXT NOT NULL,
+                 command TEXT NOT NULL,
+                 attempts INTEGER NOT NULL,
+                 error TEXT NOT NULL,
+                 parked_at TEXT NOT NULL,
+                 PRIMARY KEY (process, position, event_id)
+             );",
         )
         .map_err(open_err)?;
         conn.execute(
@@ -261,6 +314,108 @@ impl TimerIndex {
         Ok(n as u64)
     }
 
+    /// Where process manager `process` has read the log up to, if it has
+    /// started.
+    pub fn process_checkpoint(&self, process: &str) -> Result<Option<u64>, TimerIndexError> {
+        let n: Option<i64> = self
+            .lock()
+            .query_row(
+                "SELECT position FROM process_checkpoints WHERE process = ?1",
+                [process],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("reading a process manager's checkpoint"))?;
+        Ok(n.map(|n| n.max(0) as u64))
+    }
+
+    /// Records that process manager `process` has handled the log up to
+    /// `position`.
+    pub fn set_process_checkpoint(
+        &self,
+        process: &str,
+        position: u64,
+    ) -> Result<(), TimerIndexError> {
+        self.lock()
+            .execute(
+                "INSERT INTO process_checkpoints (process, position) VALUES (?1, ?2) \
+                 ON CONFLICT (process) DO UPDATE SET position = excluded.position",
+                params![process, ms(position)],
+            )
+            .map_err(sql("storing a process manager's checkpoint"))?;
+        Ok(())
+    }
+
+    /// Records an event process manager `process` could not handle.
+    pub fn park(&self, parked: &ParkedEvent) -> Result<(), TimerIndexError> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO parked_events (process, position, event_id, stream, \
+                 version, event_type, instance, command, attempts, error, parked_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    parked.process,
+                    ms(parked.position),
+                    parked.event_id,
+                    parked.stream,
+                    ms(parked.version),
+                    parked.event_type,
+                    parked.instance,
+                    parked.command,
+                    parked.attempts,
+                    parked.error,
+                    parked.parked_at,
+                ],
+            )
+            .map_err(sql("parking an event"))?;
+        Ok(())
+    }
+
+    /// The events process manager `process` parked, in log order (at most
+    /// `limit`), and how many there are.
+    pub fn parked(
+        &self,
+        process: &str,
+        limit: usize,
+    ) -> Result<(Vec<ParkedEvent>, u64), TimerIndexError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT process, position, event_id, stream, version, event_type, instance, \
+                 command, attempts, error, parked_at FROM parked_events WHERE process = ?1 \
+                 ORDER BY position LIMIT ?2",
+            )
+            .map_err(sql("reading parked events"))?;
+        let rows = stmt
+            .query_map(params![process, limit as i64], |r| {
+                let position: i64 = r.get(1)?;
+                let version: i64 = r.get(4)?;
+                Ok(ParkedEvent {
+                    process: r.get(0)?,
+                    position: position.max(0) as u64,
+                    event_id: r.get(2)?,
+                    stream: r.get(3)?,
+                    version: version.max(0) as u64,
+                    event_type: r.get(5)?,
+                    instance: r.get(6)?,
+                    command: r.get(7)?,
+                    attempts: r.get(8)?,
+                    error: r.get(9)?,
+                    parked_at: r.get(10)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(sql("reading parked events"))?;
+        let count: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM parked_events WHERE process = ?1",
+                [process],
+                |r| r.get(0),
+            )
+            .map_err(sql("counting parked events"))?;
+        Ok((rows, count.max(0) as u64))
+    }
+
     /// Forgets every timer and the checkpoint, so that the index is rebuilt
     /// from the start of the log.
     pub fn reset(&self) -> Result<(), TimerIndexError> {
@@ -272,10 +427,14 @@ impl TimerIndex {
     }
 
     /// Applies changes read from the log, in log order, and moves the
-    /// checkpoint to `checkpoint`, in one transaction.
+    /// checkpoint to `checkpoint`, in one transaction. Callers keep a batch
+    /// to a few thousand changes, so that a transaction (and the WAL it
+    /// writes) stays small: re-applying changes is harmless, so a batch
+    /// split over transactions needs only its last to move the checkpoint.
     pub fn apply(&self, changes: &[IndexChange], checkpoint: u64) -> Result<(), TimerIndexError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let mut pending: i64 = 0;
         for change in changes {
             match change {
                 IndexChange::Timers {
@@ -286,28 +445,41 @@ impl TimerIndex {
                     change,
                 } => match change.as_ref() {
                     StoredChange::Schedule(t) => {
-                        schedule(&tx, source, (event_id, correlation_id), *order, t)?
+                        pending += schedule(&tx, source, (event_id, correlation_id), *order, t)?
                     }
                     StoredChange::Cancel { key } => {
-                        tx.execute(
-                        "DELETE FROM timers WHERE source_type = ?1 AND source_id = ?2 AND key = ?3",
-                        params![source.aggregate_type, source.id, key],
-                    )
-                    .map_err(sql("cancelling a timer"))?;
+                        pending -=
+                            tx.execute(
+                                "DELETE FROM timers \
+                                 WHERE source_type = ?1 AND source_id = ?2 AND key = ?3",
+                                params![source.aggregate_type, source.id, key],
+                            )
+                            .map_err(sql("cancelling a timer"))? as i64;
                     }
                 },
                 IndexChange::Fired { id } => {
-                    tx.execute("DELETE FROM timers WHERE id = ?1", [id])
-                        .map_err(sql("removing a fired timer"))?;
+                    pending -=
+                        tx.execute("DELETE FROM timers WHERE id = ?1", [id])
+                            .map_err(sql("removing a fired timer"))? as i64;
                 }
             }
         }
         tx.execute(
-            "UPDATE timer_state SET checkpoint = ?1",
-            [i64::try_from(checkpoint).unwrap_or(i64::MAX)],
+            "UPDATE timer_state SET checkpoint = ?1, pending = MAX(0, pending + ?2)",
+            params![i64::try_from(checkpoint).unwrap_or(i64::MAX), pending],
         )
         .map_err(sql("moving its checkpoint"))?;
         tx.commit().map_err(sql("committing"))
+    }
+
+    /// How many timers are pending, in all (kept as a count, so that it
+    /// costs nothing with a million of them).
+    pub fn pending(&self) -> Result<u64, TimerIndexError> {
+        let n: i64 = self
+            .lock()
+            .query_row("SELECT pending FROM timer_state", [], |r| r.get(0))
+            .map_err(sql("counting timers"))?;
+        Ok(n.max(0) as u64)
     }
 
     /// The keys of the timers `source` scheduled that are pending.
@@ -342,24 +514,21 @@ impl TimerIndex {
         Ok(n.map(|n| n.max(0) as u64))
     }
 
-    /// The pending timers `query` asks for, earliest due first, and how
-    /// many match in all.
+    /// The pending timers `query` asks for, in the order they will be sent
+    /// (due time, or the next attempt after a failed one), and how many
+    /// match in all.
     pub fn list(&self, query: &TimerQuery) -> Result<(Vec<PendingTimer>, u64), TimerIndexError> {
         let limit = query.limit as i64;
         let (timers, count) = match &query.aggregate {
             None => {
-                let timers = self.select("ORDER BY due_ms, id LIMIT ?1", params![limit])?;
-                let count: i64 = self
-                    .lock()
-                    .query_row("SELECT COUNT(*) FROM timers", [], |r| r.get(0))
-                    .map_err(sql("counting timers"))?;
-                (timers, count)
+                let timers = self.select(NEXT_FIRST, params![limit])?;
+                (timers, self.pending()? as i64)
             }
             Some(a) => {
                 let filter = "WHERE (source_type = ?1 AND source_id = ?2) \
                               OR (target_type = ?1 AND target_id = ?2)";
                 let timers = self.select(
-                    &format!("{filter} ORDER BY due_ms, id LIMIT ?3"),
+                    &format!("{filter} ORDER BY next_attempt_ms, scheduled_position, change_index LIMIT ?3"),
                     params![a.aggregate_type, a.id, limit],
                 )?;
                 let count: i64 = self
@@ -378,10 +547,17 @@ impl TimerIndex {
 
     /// Removes a timer whose command has an outcome.
     pub fn remove(&self, id: &str) -> Result<(), TimerIndexError> {
-        self.lock()
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        let removed = tx
             .execute("DELETE FROM timers WHERE id = ?1", [id])
             .map_err(sql("removing a fired timer"))?;
-        Ok(())
+        tx.execute(
+            "UPDATE timer_state SET pending = MAX(0, pending - ?1)",
+            [removed as i64],
+        )
+        .map_err(sql("counting timers"))?;
+        tx.commit().map_err(sql("committing"))
     }
 
     /// Records a failed attempt to send a timer's command, to be tried
@@ -446,31 +622,51 @@ impl TimerIndex {
     }
 }
 
+/// The order timers are listed and sent in: by their next attempt (their
+/// due time until one failed), then where they were scheduled in the log.
+const NEXT_FIRST: &str = "ORDER BY next_attempt_ms, scheduled_position, change_index LIMIT ?1";
+
 /// A Unix-ms time as SQLite's integer (times past 2^63 ms do not occur:
 /// due times end in year 9999).
 fn ms(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-/// Inserts a scheduled timer, replacing a pending one of the same key.
+/// Inserts a scheduled timer, replacing a pending one of the same key (or
+/// the same timer read again); the change in the number pending (0 or 1).
 fn schedule(
     tx: &rusqlite::Transaction<'_>,
     source: &AggregateRef,
     (event_id, correlation_id): (&str, &str),
     (position, change_index): (u64, u32),
     t: &StoredTimer,
-) -> Result<(), TimerIndexError> {
+) -> Result<i64, TimerIndexError> {
     let Some(due_ms) = unix_ms(&t.due) else {
         tracing::warn!(timer = %t.id, due = %t.due, "a stored timer has a due time that does not parse; ignored");
-        return Ok(());
+        return Ok(0);
     };
+    // The same key pending (or this very timer, read again): replaced, so
+    // the number pending does not grow.
+    let replaced: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM timers \
+             WHERE source_type = ?1 AND source_id = ?2 AND key = ?3)",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![source.aggregate_type, source.id, t.key], |r| {
+                r.get(0)
+            })
+        })
+        .map_err(sql("replacing a timer"))?;
     let data = serde_json::to_string(&t.data).unwrap_or_else(|_| "{}".to_string());
-    tx.execute(
+    tx.prepare_cached(
         "INSERT OR REPLACE INTO timers (id, source_type, source_id, key, target_type, target_id, \
          command, data, due, due_ms, scheduled_in, correlation_id, scheduled_position, \
          change_index, attempts, last_error, next_attempt_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, NULL, ?10)",
-        params![
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
             t.id,
             source.aggregate_type,
             source.id,
@@ -485,8 +681,8 @@ fn schedule(
             correlation_id,
             ms(position),
             change_index,
-        ],
-    )
+        ])
+    })
     .map_err(sql("scheduling a timer"))?;
-    Ok(())
+    Ok(if replaced { 0 } else { 1 })
 }

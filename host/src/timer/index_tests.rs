@@ -104,6 +104,12 @@ fn schedules_replace_by_key_cancels_remove_and_fired_timers_go() {
         )
         .expect("applied");
     assert_eq!(index.pending_keys(&o1).expect("keys"), ["deadline"]);
+    assert_eq!(index.pending().expect("count"), 1);
+    // Reading the same changes again (after a crash) counts nothing twice.
+    index
+        .apply(&[schedule(&o1, "deadline", "t4", &o1, 90, 3)], 5)
+        .expect("applied");
+    assert_eq!(index.pending().expect("count"), 1);
     // A fired id of a replaced timer does not touch its replacement.
     index
         .apply(&[IndexChange::Fired { id: "t1".into() }], 5)
@@ -165,6 +171,7 @@ fn due_timers_come_in_due_then_log_order_and_retries_wait() {
     );
     index.remove("early-log").expect("removed");
     assert_eq!(ids(&index.due(at(10), 10).expect("due")), ["late-log"]);
+    assert_eq!(index.pending().expect("count"), 3);
 }
 
 #[test]

@@ -36,4 +36,4 @@ pub const LATE_AFTER: Duration = Duration::from_secs(1);
 /// changes.
 pub const TIMERS_EVENT: &str = "$timers";
 
-pub use index::{PendingTimer, TimerIndex, TimerIndexError, TimerQuery};
+pub use index::{ParkedEvent, PendingTimer, TimerIndex, TimerIndexError, TimerQuery};

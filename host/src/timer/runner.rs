@@ -26,7 +26,10 @@ use crate::metrics::{self, TimerLabels};
 use crate::store::{EventStore, RecordedEvent};
 
 /// Events read from the log per page.
-const PAGE: usize = 1000;
+const PAGE: usize = 256;
+/// Timer changes written to the index per transaction, at most (plus one
+/// event's).
+const BATCH: usize = 10_000;
 /// Due timers taken per round.
 const ROUND: usize = 256;
 /// How long either loop sleeps at most: the reader, to read the log of a
@@ -67,7 +70,7 @@ pub fn start(
 }
 
 /// Sleeps for `wait`, or until a commit or the stop signal.
-async fn pause(
+pub(crate) async fn pause(
     wait: Duration,
     commits: &mut Option<watch::Receiver<u64>>,
     stop: &mut watch::Receiver<bool>,
@@ -195,7 +198,21 @@ impl Reader {
                 break;
             };
             let last_position = last.position;
-            let changes: Vec<IndexChange> = page.iter().flat_map(index_changes).collect();
+            // Changes go to the index a batch at a time, each batch in a
+            // transaction with the position of the last event it holds
+            // whole, so that neither memory nor a transaction grows with a
+            // page of events that schedule many timers each.
+            let mut changes: Vec<IndexChange> = Vec::new();
+            for e in &page {
+                changes.extend(index_changes(e));
+                if changes.len() >= BATCH {
+                    self.index
+                        .apply(&changes, e.position)
+                        .map_err(|e| e.to_string())?;
+                    self.saved = Instant::now();
+                    changes.clear();
+                }
+            }
             // A page with nothing for the index moves the checkpoint in
             // memory, written with the next change or within a second: a
             // restart reads those events again, which changes nothing.
@@ -420,7 +437,7 @@ async fn fire(aggregates: &Aggregates, index: &TimerIndex, timer: PendingTimer) 
     let result = aggregates.execute(req).await;
     let outcome = match &result {
         Ok(_) => "done",
-        Err(e) if is_final(e) => "refused",
+        Err(e) if e.is_refusal() => "refused",
         Err(_) => "retry",
     };
     metrics::global()
@@ -442,9 +459,24 @@ async fn fire(aggregates: &Aggregates, index: &TimerIndex, timer: PendingTimer) 
             tracing::debug!("timer fired");
             index.remove(&timer.id)
         }
-        Err(e) if is_final(&e) => {
+        Err(e) if e.is_refusal() => {
             tracing::info!(code = e.code(), "timer fired; its command was refused: {e}");
-            index.remove(&timer.id)
+            match report_refusal(aggregates, &timer, &e).await {
+                Ok(()) => index.remove(&timer.id),
+                Err(failure) => {
+                    // The refusal must reach the process manager: the
+                    // command is sent again later (refused again, with the
+                    // same message id), and so is the refusal.
+                    let wait = backoff(timer.attempts);
+                    tracing::warn!(
+                        code = failure.code(),
+                        "the refusal could not be delivered to {scheduled_by}; trying again: {failure}"
+                    );
+                    let next =
+                        now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+                    index.retry_later(&timer.id, next, &format!("{failure} ({})", failure.code()))
+                }
+            }
         }
         Err(e) => {
             let wait = backoff(timer.attempts);
@@ -465,22 +497,53 @@ async fn fire(aggregates: &Aggregates, index: &TimerIndex, timer: PendingTimer) 
     }
 }
 
-/// Whether a command's error is its outcome (the target refused it), as
-/// opposed to a failure to run it now that may pass.
-fn is_final(e: &CommandError) -> bool {
-    matches!(
-        e,
-        CommandError::MalformedRequest(_)
-            | CommandError::UnknownCommand { .. }
-            | CommandError::AggregateNotFound { .. }
-            | CommandError::AlreadyExists { .. }
-            | CommandError::IdempotencyKeyReused { .. }
-            | CommandError::InvalidCommand(_)
-            | CommandError::Rejected(_)
-            | CommandError::Forbidden(_)
-            | CommandError::TooManyTimers { .. }
-            | CommandError::PayloadTooLarge { .. }
-    )
+/// Hands a refused command back to the aggregate that scheduled it, when
+/// that is a process manager that asks for refusals (`on-refused`), with
+/// the message id `refused-<timer id>`. An error only when the refusal
+/// could not be delivered for now.
+async fn report_refusal(
+    aggregates: &Aggregates,
+    timer: &PendingTimer,
+    refused: &CommandError,
+) -> Result<(), CommandError> {
+    let Some(command) = aggregates
+        .plugins()
+        .get(&timer.scheduled_by.aggregate_type)
+        .and_then(|p| p.info.process.as_ref()?.on_refused.clone())
+    else {
+        return Ok(());
+    };
+    let payload = serde_json::json!({
+        "refusal": {
+            "key": timer.key,
+            "target": timer.target,
+            "command": timer.command,
+            "data": timer.data,
+            "code": refused.code(),
+            "message": refused.to_string(),
+        }
+    });
+    let req = CommandRequest {
+        aggregate_type: timer.scheduled_by.aggregate_type.clone(),
+        aggregate_id: timer.scheduled_by.id.clone(),
+        command,
+        data: serde_json::to_vec(&payload).unwrap_or_else(|_| b"{}".to_vec()),
+        idempotency_key: Some(format!("refused-{}", timer.id)),
+        correlation_id: Some(timer.correlation_id.clone()),
+        causation_id: Some(timer.scheduled_in.clone()),
+        ..CommandRequest::default()
+    };
+    match aggregates.execute(req).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_refusal() => {
+            tracing::info!(
+                code = e.code(),
+                "the process manager refused the refusal: {e}"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The wait before attempt `attempts + 2`: 1 s, doubling, at most 5 min.
