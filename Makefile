@@ -15,8 +15,12 @@ PLUGIN_DIR := $(TARGET_DIR)/plugins
 # Example plugins in JavaScript and Python: directory names under examples/.
 # A JS example's main module is aggregate.js, a Python example's is app.py;
 # each builds to $(PLUGIN_DIR)/<example>.wasm.
-JS_EXAMPLES := bank-account-js
-PY_EXAMPLES := bank-account-py
+JS_EXAMPLES := bank-account-js transfer-js
+PY_EXAMPLES := bank-account-py transfer-py
+# Those of them that are process managers: built for the `process-manager`
+# world, the others for `aggregate`.
+PROCESS_EXAMPLES := transfer-js transfer-py
+world-of = $(if $(filter $(1),$(PROCESS_EXAMPLES)),process-manager,aggregate)
 
 .PHONY: all plugins test-plugins run test lint host js-plugins py-plugins sdk-test bench bench-release interop wasm-target system-packages
 all: plugins host
@@ -93,12 +97,12 @@ py-plugins: $(PY_EXAMPLES:%=$(PLUGIN_DIR)/%.wasm)
 # componentize-js with every WASI feature off (see guest-sdk/js/build.mjs);
 # the script writes beside the target and renames.
 $(PLUGIN_DIR)/%.wasm: examples/%/aggregate.js $$(wildcard examples/$$*/*.js) $(JS_SDK)/rehydra.js $(JS_SDK)/printable.js $(JS_SDK)/build.mjs wit/aggregate.wit $(JS_TOOLS)
-	node $(JS_SDK)/build.mjs $< $@
+	node $(JS_SDK)/build.mjs $< $@ --world $(call world-of,$*)
 
 # componentize-py with WASI stubbed out: the component imports only `log`.
 $(PLUGIN_DIR)/%.wasm: examples/%/app.py $$(wildcard examples/$$*/*.py) $(PY_SDK)/rehydra.py $(PY_SDK)/rehydra_printable.py wit/aggregate.wit $(PY_TOOLS)
 	@mkdir -p $(PLUGIN_DIR)
-	$(PY_VENV)/bin/componentize-py -d wit -w aggregate componentize --stub-wasi \
+	$(PY_VENV)/bin/componentize-py -d wit -w $(call world-of,$*) componentize --stub-wasi \
 	  -p $(PY_SDK) -p examples/$* app -o $@.tmp
 	@mv -f $@.tmp $@
 	@echo "  plugin $@ ($$(wc -c < $@) bytes)"

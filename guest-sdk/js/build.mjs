@@ -5,8 +5,10 @@
 //   node build.mjs ENTRY.js OUT.wasm [--wit DIR] [--world NAME]
 //
 // ENTRY.js must export `describe`, `initialState`, `apply` and `handle`
-// (the rehydra SDK's `aggregate()` gives all four). --wit defaults to the
-// `wit/` directory of the repository (or project) this script is in.
+// (the rehydra SDK's `aggregate()` gives all four). --world defaults to
+// `aggregate`; a process manager (an `aggregate()` given `process`) is built
+// with `--world process-manager` and exports `process` too. --wit defaults
+// to the `wit/` directory of the repository (or project) this script is in.
 //
 // Every WASI feature is turned off: the component imports only the world's
 // `log` function. So a plugin has no clock, no randomness source, no
@@ -32,6 +34,7 @@ let witPath;
 let worldName = 'aggregate';
 const args = process.argv.slice(2);
 for (let i = 0; i < args.length; i += 1) {
+  if ((args[i] === '--wit' || args[i] === '--world') && args[i + 1] === undefined) usage(`${args[i]} needs a value`);
   if (args[i] === '--wit') witPath = args[++i];
   else if (args[i] === '--world') worldName = args[++i];
   else if (args[i].startsWith('--')) usage(`unknown option ${args[i]}`);

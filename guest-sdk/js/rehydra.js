@@ -4,9 +4,10 @@
  * Write an event-sourced aggregate as plain JavaScript: declare what the
  * plugin is (aggregate type, stream prefix, state schema), the fields of
  * its state, one handler per command and one `apply` per event. The SDK does
- * the rest of the `aggregate` world of `rehydra:aggregate@0.3.0`: JSON in and
- * out, field errors, rejections, durable timers, and computing the new state
- * from the events exactly as a rebuild from the store would.
+ * the rest of the `aggregate` world of `rehydra:aggregate@0.3.0` (and of
+ * its `process-manager` world): JSON in and out, field errors, rejections,
+ * durable timers, and computing the new state from the events exactly as a
+ * rebuild from the store would.
  *
  * ```js
  * import { aggregate, t, rejected } from './rehydra.js';
@@ -46,6 +47,15 @@
  * }) },
  * pay: { mode: 'update', handle: () => ({ events: [{ type: 'Paid' }], timers: [cancelTimer('payment-deadline')] }) },
  * ```
+ *
+ * A process manager is an aggregate that also follows other aggregates'
+ * events and sends them commands: give `aggregate()` a `process`
+ * (`{ follows: [{ aggregateType, eventType, instance, command }],
+ * onRefused }`), export `process` too, send commands with {@link send},
+ * and build with `build.mjs --world process-manager`. Each followed event
+ * arrives as the command `command` with data `{ event }`
+ * ({@link t.followedEvent}); a refusal of a command it sent, as `onRefused`
+ * with data `{ refusal }` ({@link t.refusal}).
  *
  * An event's `apply` gets its data only. The metadata the host stored with
  * it arrives as one JSON string (`metadata` of each event passed to the
@@ -450,6 +460,7 @@ function encodeFields(fields, obj, path) {
   const parts = [];
   for (const [key, type] of Object.entries(fields)) {
     const v = obj[key];
+    if ((v === undefined || v === null) && type.omitNull) continue;
     if ((v === undefined || v === null) && !type.optional) {
       throw new TypeError(`field \`${join(path, key)}\` is missing`);
     }
@@ -554,6 +565,17 @@ export const t = {
     };
   },
   /**
+   * Like {@link t.optional}, but a `null` value is left out of the JSON
+   * instead of written as `null`: Rust's `Option` field with
+   * `#[serde(default, skip_serializing_if = "Option::is_none")]`. A missing
+   * field reads as `null`.
+   *
+   * @param {object} type
+   */
+  omittable(type) {
+    return { ...t.optional(type), omitNull: true };
+  },
+  /**
    * An array of `type`.
    *
    * @param {object} type
@@ -596,6 +618,41 @@ export const t = {
     };
   },
 };
+
+const aggregateRef = t.record('AggregateRef', { type: t.string, id: t.string });
+
+/**
+ * An event a process manager follows, as the command that receives it gets
+ * it (its field `event`; see {@link aggregate}'s `process`):
+ * `{ aggregate: { type, id }, type, version, position, id, data, metadata }`,
+ * with `version` and `position` as `BigInt`s and `data` and `metadata` as
+ * any JSON (the event's metadata parsed: `metadata.timer.key` is the key of
+ * the timer whose command stored the event, see {@link timerKey}).
+ */
+t.followedEvent = t.record('FollowedEvent', {
+  aggregate: aggregateRef,
+  type: t.string,
+  version: t.u64,
+  position: t.u64,
+  id: t.string,
+  data: t.any,
+  metadata: t.any,
+});
+
+/**
+ * A command a process manager sent (with {@link send}) that its target
+ * refused, as its `onRefused` command gets it (its field `refusal`):
+ * `{ key, target: { type, id }, command, data, code, message }`; `code` is
+ * the refusal's error code (`rejected`, `aggregate_not_found`, ...).
+ */
+t.refusal = t.record('Refusal', {
+  key: t.string,
+  target: aggregateRef,
+  command: t.string,
+  data: t.any,
+  code: t.string,
+  message: t.string,
+});
 
 /** The zero value of each field, as Rust's `Default` would give it. */
 function zeroOf(fields) {
@@ -897,6 +954,66 @@ export function cancelTimer(key) {
   return timerChange({ tag: 'cancel', val: key });
 }
 
+const SEND_OPTIONS = ['key', 'type', 'id', 'command', 'data'];
+
+/**
+ * Sends `command` with `data` to the aggregate `type`/`id` at once: how a
+ * process manager sends commands. It is {@link schedule} with
+ * `afterMs: 0` and that target: the host stores it with the decision's
+ * events and sends it once, after they are stored. Put the result in the
+ * `timers` of a handler's result.
+ *
+ * If the target refuses it, the refusal comes back as the process
+ * manager's `onRefused` command, with the same `key` (see
+ * {@link aggregate}'s `process`); the events the command stores carry the
+ * key in their metadata (see {@link timerKey}).
+ *
+ * @param {object} message
+ * @param {string} message.key names it among this aggregate's timers
+ * @param {string} message.type the target's aggregate type
+ * @param {string} message.id the target's id
+ * @param {string} message.command the command to send
+ * @param {unknown} [message.data] its data: any JSON value (default `{}`)
+ * @returns {object} the change (the contract's `timer-change`)
+ */
+export function send(message) {
+  if (!isObject(message)) {
+    throw new PluginBug(`send() takes an object, { key, type, id, command, data }, not ${shown(message)}`);
+  }
+  const { key, type, id, command, data } = message;
+  if (typeof key === 'string') {
+    const unknown = Object.keys(message).filter((k) => !SEND_OPTIONS.includes(k));
+    if (unknown.length > 0) {
+      throw new PluginBug(
+        `the timer \`${key}\` has the unknown option${unknown.length > 1 ? 's' : ''} ` +
+          `${unknown.map((k) => `\`${k}\``).join(', ')}: give only ${SEND_OPTIONS.map((k) => `\`${k}\``).join(', ')}`,
+      );
+    }
+    if (typeof type !== 'string' || typeof id !== 'string') {
+      throw new PluginBug(
+        `the timer \`${key}\` has the type ${shown(type)} and the id ${shown(id)}: ` +
+          'give `type` and `id`, two strings that name the aggregate to send the command to',
+      );
+    }
+  }
+  // schedule() says what is wrong with the key, the command or the data.
+  return schedule({ key, command, data, afterMs: 0, target: { type, id } });
+}
+
+/**
+ * The key of the timer whose command stored a followed event
+ * (`event.metadata.timer.key`, see {@link t.followedEvent}): which of the
+ * commands a process manager sent ({@link send}) it answers. `undefined`
+ * when no timer sent that command.
+ *
+ * @param {{metadata: unknown}} event a followed event
+ * @returns {string | undefined}
+ */
+export function timerKey(event) {
+  const timer = isObject(event) && isObject(event.metadata) ? event.metadata.timer : undefined;
+  return isObject(timer) && typeof timer.key === 'string' ? timer.key : undefined;
+}
+
 /** A handler's `timers`, checked: an array of changes the helpers made. */
 function checkTimers(timers) {
   if (!Array.isArray(timers)) {
@@ -941,10 +1058,17 @@ class PluginBug extends Error {}
  *   (each optional; `timers` made with {@link schedule} and
  *   {@link cancelTimer}), or nothing
  * @param {Record<string, {fields?: object, apply: Function}>} def.events
- * @returns {{describe: Function, initialState: Function, apply: Function, handle: Function}}
+ * @param {{follows: Array<{aggregateType: string, eventType: string, instance: string | {dataField: string}, command: string}>, onRefused?: string}} [def.process]
+ *   makes the aggregate a process manager (see *Process managers* below):
+ *   the result then also has `process`, the export of the
+ *   `process-manager` world
+ * @returns {{describe: Function, initialState: Function, apply: Function, handle: Function, process?: Function}}
  */
 export function aggregate(def) {
   const problems = checkDefinition(def);
+  const processDescription = isObject(def) && def.process !== undefined && def.process !== null
+    ? describeProcess(def, problems)
+    : undefined;
   if (problems.length > 0) {
     throw new Error(`the aggregate definition is wrong: ${problems.join('; ')}`);
   }
@@ -1000,7 +1124,7 @@ export function aggregate(def) {
     return next === undefined ? state : next;
   };
 
-  return {
+  const exports = {
     describe() {
       return {
         aggregateType: def.type,
@@ -1085,6 +1209,149 @@ export function aggregate(def) {
       });
     },
   };
+  if (processDescription !== undefined) {
+    // A fresh copy for each call: the caller may change what it gets.
+    exports.process = () => ({
+      follows: processDescription.follows.map((f) => ({ ...f, instance: { ...f.instance } })),
+      onRefused: processDescription.onRefused,
+    });
+  }
+  return exports;
+}
+
+// ---------------------------------------------------------------------------
+// Process managers
+
+/*
+ * How a definition makes a process manager: give {@link aggregate} a
+ * `process`, build the plugin with `build.mjs --world process-manager`, and
+ * export `process` beside the other four:
+ *
+ * ```js
+ * export const { describe, initialState, apply, handle, process } = aggregate({
+ *   type: 'transfer',
+ *   // ... state, events, and commands, among them:
+ *   //   debited: { mode: 'update', fields: { event: t.followedEvent }, handle },
+ *   //   refused: { mode: 'update', fields: { refusal: t.refusal }, handle },
+ *   process: {
+ *     follows: [
+ *       { aggregateType: 'bank-account', eventType: 'Withdrawn', instance: 'scheduled-by', command: 'debited' },
+ *     ],
+ *     onRefused: 'refused',
+ *   },
+ * });
+ * ```
+ *
+ * A process manager is an aggregate (its instances are aggregates of its
+ * type) that also follows events of other aggregates: each event of
+ * `aggregateType` and `eventType` arrives at one instance as the command
+ * `command`, with data `{ event }` ({@link t.followedEvent}). The command's
+ * mode says what the event does: `create` starts an instance (an event for
+ * one that exists is ignored), `update` continues one (an event for none is
+ * ignored), `upsert` either. `instance` says which instance gets it:
+ *
+ * - `'aggregate-id'`: the id of the aggregate that stored the event (one
+ *   instance per aggregate);
+ * - `'correlation-id'`: the event's correlation id;
+ * - `'scheduled-by'`: the instance whose command ({@link send}) stored the
+ *   event; events no instance of this type caused are ignored;
+ * - `{ dataField: 'name' }`: the top-level string field `name` of the
+ *   event's data; events without it are ignored.
+ *
+ * It sends commands with {@link send}. A command it sent that is refused
+ * comes back as its command `onRefused`, with data `{ refusal }`
+ * ({@link t.refusal}); without `onRefused`, refusals are only logged.
+ *
+ * Every `command` and `onRefused` must be one of `commands`: anything else
+ * is a bug in the plugin, and `aggregate()` throws (so the build fails).
+ */
+
+const INSTANCE_KEYS = ['aggregate-id', 'correlation-id', 'scheduled-by'];
+const FOLLOW_OPTIONS = ['aggregateType', 'eventType', 'instance', 'command'];
+const PROCESS_OPTIONS = ['follows', 'onRefused'];
+const INSTANCE_HELP = "give 'aggregate-id', 'correlation-id', 'scheduled-by' or { dataField: 'name' }";
+
+/** The option names in `obj` that are not in `allowed`, as a message part. */
+function unknownOptions(obj, allowed) {
+  const unknown = Object.keys(obj).filter((k) => !allowed.includes(k));
+  if (unknown.length === 0) return undefined;
+  return (
+    `has the unknown option${unknown.length > 1 ? 's' : ''} ${unknown.map((k) => `\`${k}\``).join(', ')}: ` +
+    `give only ${allowed.map((k) => `\`${k}\``).join(', ')}`
+  );
+}
+
+/** A follow's `instance` as the contract's `instance-key`, or `undefined`. */
+function instanceKey(instance) {
+  if (typeof instance === 'string') return INSTANCE_KEYS.includes(instance) ? { tag: instance } : undefined;
+  if (
+    isObject(instance) &&
+    Object.keys(instance).length === 1 &&
+    typeof instance.dataField === 'string' &&
+    instance.dataField !== ''
+  ) {
+    return { tag: 'data-field', val: instance.dataField };
+  }
+  return undefined;
+}
+
+/**
+ * `def.process` as the contract's `process-info` (componentize-js's
+ * shape); what is wrong with it goes to `problems`.
+ */
+function describeProcess(def, problems) {
+  const p = def.process;
+  if (!isObject(p)) {
+    problems.push(`\`process\` must be an object, { follows, onRefused }, not ${shown(p)}`);
+    return undefined;
+  }
+  const unknown = unknownOptions(p, PROCESS_OPTIONS);
+  if (unknown) problems.push(`\`process\` ${unknown}`);
+  const commands = isObject(def.commands) ? def.commands : {};
+  const isCommand = (name) => Object.hasOwn(commands, name);
+  const follows = [];
+  if (!Array.isArray(p.follows)) {
+    problems.push(
+      `\`process.follows\` must be an array of { aggregateType, eventType, instance, command }, not ${shown(p.follows)}`,
+    );
+  } else {
+    p.follows.forEach((f, i) => {
+      const at = `\`process.follows[${i}]\``;
+      if (!isObject(f)) {
+        problems.push(`${at} must be an object, { aggregateType, eventType, instance, command }, not ${shown(f)}`);
+        return;
+      }
+      const extra = unknownOptions(f, FOLLOW_OPTIONS);
+      if (extra) problems.push(`${at} ${extra}`);
+      if (typeof f.aggregateType !== 'string' || f.aggregateType === '') {
+        problems.push(`${at} needs an \`aggregateType\`: the type of the aggregate that stores the event, e.g. 'bank-account'`);
+      }
+      if (typeof f.eventType !== 'string' || f.eventType === '') {
+        problems.push(`${at} needs an \`eventType\`: the type of the event it follows, e.g. 'Withdrawn'`);
+      }
+      const instance = instanceKey(f.instance);
+      if (instance === undefined) problems.push(`${at} has the instance ${shown(f.instance)}: ${INSTANCE_HELP}`);
+      if (typeof f.command !== 'string') {
+        problems.push(`${at} needs a \`command\`: the name of the command that receives the event`);
+      } else if (!isCommand(f.command)) {
+        problems.push(
+          `${at} sends ${f.aggregateType}/${f.eventType} to \`${f.command}\`, which is not one of \`commands\``,
+        );
+      }
+      follows.push({ aggregateType: f.aggregateType, eventType: f.eventType, instance, command: f.command });
+    });
+  }
+  let onRefused;
+  if (p.onRefused !== undefined && p.onRefused !== null) {
+    if (typeof p.onRefused !== 'string') {
+      problems.push(`\`process.onRefused\` must be the name of a command, a string, not ${shown(p.onRefused)}`);
+    } else if (!isCommand(p.onRefused)) {
+      problems.push(`\`process.onRefused\` names \`${p.onRefused}\`, which is not one of \`commands\``);
+    } else {
+      onRefused = p.onRefused;
+    }
+  }
+  return { follows, onRefused };
 }
 
 /** The command's data: blank reads as `{}`; then its declared fields. */

@@ -3,9 +3,10 @@
 Write an event-sourced aggregate as plain Python: declare what the plugin
 is (aggregate type, stream prefix, state schema), the fields of its state,
 one handler per command and one ``apply`` per event. The SDK does the rest
-of the ``aggregate`` world of ``rehydra:aggregate@0.3.0``: JSON in and out,
-field errors, rejections, durable timers, and computing the new state from
-the events exactly as a rebuild from the store would.
+of the ``aggregate`` world of ``rehydra:aggregate@0.3.0`` (and of its
+``process-manager`` world): JSON in and out, field errors, rejections,
+durable timers, and computing the new state from the events exactly as a
+rebuild from the store would.
 
 .. code-block:: python
 
@@ -46,6 +47,26 @@ once when it is due:
     def pay(state, cmd, ctx):
         return decision(event("Paid"), timers=[cancel_timer("payment-deadline")])
 
+A process manager is an aggregate that also follows other aggregates'
+events and sends them commands: give :class:`Aggregate` ``follows`` (made
+with :func:`follow`) and ``on_refused``, send commands with :func:`send`,
+and build with ``componentize-py -w process-manager``:
+
+.. code-block:: python
+
+    transfer = Aggregate(type="transfer", stream_prefix="transfer", state=...,
+                         follows=[follow("bank-account", "Withdrawn", "scheduled-by", "debited")],
+                         on_refused="refused")
+
+    @transfer.command("debited", mode="update", fields={"event": t.followed_event})
+    def debited(state, cmd, ctx):
+        return decision(event("Debited"),
+                        timers=[send("credit", "bank-account", state["to"], "deposit", {"amount": 5})])
+
+Each followed event arrives as the command ``command`` with data
+``{"event": ...}`` (``t.followed_event``); a refusal of a command it sent,
+as ``on_refused`` with data ``{"refusal": ...}`` (``t.refusal``).
+
 An event's apply function gets its data only. The metadata the host stored
 with the event arrives as one JSON string (``metadata`` of each event
 passed to the exported ``apply``), which the SDK leaves unparsed:
@@ -63,6 +84,7 @@ logic can be unit-tested without building a component.
 from __future__ import annotations
 
 import bisect
+import builtins
 import decimal
 import json
 import math
@@ -77,17 +99,22 @@ __all__ = [
     "Aggregate",
     "CancelTimer",
     "Context",
+    "DataField",
     "Decision",
     "FieldProblem",
+    "Follow",
     "Outcome",
     "PluginBug",
+    "ProcessInfo",
     "Rejection",
     "ScheduleTimer",
     "TimerFiring",
     "Unreadable",
     "cancel_timer",
+    "data_field",
     "decision",
     "event",
+    "follow",
     "forbidden",
     "format_float",
     "invalid",
@@ -95,8 +122,10 @@ __all__ = [
     "parse_json",
     "rejected",
     "schedule",
+    "send",
     "stringify_json",
     "t",
+    "timer_key",
     "trim",
 ]
 
@@ -109,9 +138,20 @@ I64_MAX = (1 << 63) - 1
 
 _LEVELS = ("trace", "debug", "info", "warn", "error")
 
+# Whether the host has called an export yet. Before that, inside a
+# component, the module is being imported while componentize-py builds it:
+# the host's `log` is then a stub that traps (and the message would be
+# lost), so messages (a wrong definition's traceback among them) go to the
+# build's stderr instead.
+_serving = False
+
 
 def _host_log(level: str, message: str) -> None:
-    """Sends one message to the host's log; outside a component, to stderr."""
+    """Sends one message to the host's log; outside a component, or while
+    componentize-py builds it, to stderr."""
+    if sys.platform == "wasi" and not _serving:
+        sys.__stderr__.write(f"{message}\n")
+        return
     try:
         import wit_world
         from wit_world.imports import types as wit
@@ -346,6 +386,9 @@ class FieldType:
 
     #: Whether the field may be missing or null.
     optional = False
+    #: Whether a ``None`` value is left out of the JSON (see
+    #: :meth:`_Types.omittable`).
+    omit_null = False
 
     def __init__(
         self,
@@ -395,6 +438,8 @@ def _encode_fields(fields: dict[str, FieldType], obj: Any, path: str) -> str:
     parts = []
     for key, ftype in fields.items():
         v = obj.get(key)
+        if v is None and ftype.omit_null:
+            continue
         if v is None and not ftype.optional:
             raise TypeError(f"field `{_join(path, key)}` is missing")
         parts.append(f"{json.dumps(key, ensure_ascii=False)}:{ftype.encode(v, _join(path, key))}")
@@ -487,6 +532,16 @@ class _Types:
         return ftype
 
     @staticmethod
+    def omittable(inner: FieldType) -> FieldType:
+        """Like :meth:`optional`, but ``None`` is left out of the JSON
+        instead of written as ``null``: Rust's ``Option`` field with
+        ``#[serde(default, skip_serializing_if = "Option::is_none")]``. A
+        missing field reads as ``None``."""
+        ftype = _Types.optional(inner)
+        ftype.omit_null = True
+        return ftype
+
+    @staticmethod
     def list(inner: FieldType) -> FieldType:
         """A list of ``inner``."""
 
@@ -522,6 +577,44 @@ class _Types:
 
 #: The field types.
 t = _Types()
+
+_AGGREGATE_REF = t.record("AggregateRef", {"type": t.string, "id": t.string})
+
+#: An event a process manager follows, as the command that receives it gets
+#: it (its field ``event``; see :class:`Aggregate`'s ``follows``):
+#: ``{"aggregate": {"type", "id"}, "type", "version", "position", "id",
+#: "data", "metadata"}``, with ``data`` and ``metadata`` as any JSON (the
+#: event's metadata parsed: ``metadata["timer"]["key"]`` is the key of the
+#: timer whose command stored the event, see :func:`timer_key`).
+t.followed_event = t.record(
+    "FollowedEvent",
+    {
+        "aggregate": _AGGREGATE_REF,
+        "type": t.string,
+        "version": t.u64,
+        "position": t.u64,
+        "id": t.string,
+        "data": t.any,
+        "metadata": t.any,
+    },
+)
+
+#: A command a process manager sent (:func:`send`) that its target refused,
+#: as its ``on_refused`` command gets it (its field ``refusal``):
+#: ``{"key", "target": {"type", "id"}, "command", "data", "code",
+#: "message"}``; ``code`` is the refusal's error code (``rejected``,
+#: ``aggregate_not_found``, ...).
+t.refusal = t.record(
+    "Refusal",
+    {
+        "key": t.string,
+        "target": _AGGREGATE_REF,
+        "command": t.string,
+        "data": t.any,
+        "code": t.string,
+        "message": t.string,
+    },
+)
 
 # ---------------------------------------------------------------------------
 # Rejections, events, decisions
@@ -734,6 +827,37 @@ def schedule(
     return ScheduleTimer(key, command, raw, checked.after_ms, checked.at, checked.target)
 
 
+def send(key: str, type: str, id: str, command: str, data: Any = None) -> ScheduleTimer:
+    """Sends ``command`` with ``data`` to the aggregate ``type``/``id`` at
+    once: how a process manager sends commands. It is :func:`schedule` with
+    ``after_ms=0`` and that target: the host stores it with the decision's
+    events and sends it once, after they are stored. Pass the result in
+    :func:`decision`'s ``timers``.
+
+    If the target refuses it, the refusal comes back as the process
+    manager's ``on_refused`` command, with the same ``key``; the events the
+    command stores carry the key in their metadata (see :func:`timer_key`).
+    """
+    if isinstance(key, str) and not (isinstance(type, str) and isinstance(id, str)):
+        raise PluginBug(
+            f"the timer `{key}` has the type {type!r} and the id {id!r}: "
+            "give `type` and `id`, two strs that name the aggregate to send the command to"
+        )
+    # schedule() says what is wrong with the key, the command or the data.
+    return schedule(key, command, data, after_ms=0, target=(type, id))
+
+
+def timer_key(event: Any) -> Optional[str]:
+    """The key of the timer whose command stored a followed event
+    (``event["metadata"]["timer"]["key"]``, see ``t.followed_event``):
+    which of the commands a process manager sent (:func:`send`) it answers.
+    ``None`` when no timer sent that command."""
+    metadata = event.get("metadata") if isinstance(event, dict) else None
+    timer = metadata.get("timer") if isinstance(metadata, dict) else None
+    key = timer.get("key") if isinstance(timer, dict) else None
+    return key if isinstance(key, str) else None
+
+
 def cancel_timer(key: str) -> CancelTimer:
     """Cancels this aggregate's pending timer ``key`` (see :func:`schedule`);
     pass the result in :func:`decision`'s ``timers``. Nothing happens if no
@@ -822,6 +946,121 @@ class Context:
 
 
 # ---------------------------------------------------------------------------
+# Process managers
+
+#: The instance keys without a parameter (see :func:`follow`).
+INSTANCE_KEYS = ("aggregate-id", "correlation-id", "scheduled-by")
+
+_INSTANCE_HELP = "give 'aggregate-id', 'correlation-id', 'scheduled-by' or data_field('name')"
+
+
+@dataclass(frozen=True)
+class DataField:
+    """The instance key ``data_field(name)``: a top-level string field of
+    the event's data names the instance; events without it are ignored."""
+
+    #: The field's name.
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"data_field() takes the name of a field of the event's data, a str, not {self.name!r}")
+
+
+def data_field(name: str) -> DataField:
+    """The instance key that reads the instance's id from the top-level
+    string field ``name`` of the event's data (see :func:`follow`)."""
+    return DataField(name)
+
+
+@dataclass(frozen=True)
+class Follow:
+    """An event type a process manager follows, and the command of its own
+    that receives each, as :func:`follow` makes it (and checks it)."""
+
+    #: The aggregate type that stores the event, e.g. ``bank-account``.
+    aggregate_type: str
+    #: The event type, e.g. ``Withdrawn``.
+    event_type: str
+    #: Which instance receives it: ``"aggregate-id"``, ``"correlation-id"``,
+    #: ``"scheduled-by"`` or ``data_field(name)``.
+    instance: str | DataField
+    #: The command that receives it.
+    command: str
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.aggregate_type, str) or not self.aggregate_type:
+            problems.append(
+                f"the aggregate type {self.aggregate_type!r}: give the type of the aggregate that stores "
+                "the event, e.g. 'bank-account'"
+            )
+        if not isinstance(self.event_type, str) or not self.event_type:
+            problems.append(f"the event type {self.event_type!r}: give the type of the event it follows, e.g. 'Withdrawn'")
+        if not isinstance(self.instance, DataField) and not (
+            isinstance(self.instance, str) and self.instance in INSTANCE_KEYS
+        ):
+            problems.append(f"the instance {self.instance!r}: {_INSTANCE_HELP}")
+        if not isinstance(self.command, str):
+            problems.append(f"the command {self.command!r}: give the name of the command that receives the event")
+        if problems:
+            raise ValueError("follow() has " + "; ".join(problems))
+
+
+def follow(aggregate_type: str, event_type: str, instance: str | DataField, command: str) -> Follow:
+    """Follows ``event_type`` of ``aggregate_type``: each such event arrives
+    at one instance of the process manager as its command ``command``, with
+    data ``{"event": ...}`` (``t.followed_event``). The command's mode says
+    what the event does: ``create`` starts an instance (an event for one that
+    exists is ignored), ``update`` continues one (an event for none is
+    ignored), ``upsert`` either. ``instance`` says which instance gets it:
+
+    - ``"aggregate-id"``: the id of the aggregate that stored the event (one
+      instance per aggregate);
+    - ``"correlation-id"``: the event's correlation id;
+    - ``"scheduled-by"``: the instance whose command (:func:`send`) stored
+      the event; events no instance of this type caused are ignored;
+    - ``data_field("name")``: the top-level string field ``name`` of the
+      event's data; events without it are ignored.
+
+    A mistake in the arguments raises ``ValueError``; a ``command`` that is
+    not one of the aggregate's commands is found by :meth:`Aggregate.world`.
+    """
+    return Follow(aggregate_type, event_type, instance, command)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What a process manager declares, checked
+    (:meth:`Aggregate.process_info`)."""
+
+    #: The events it follows.
+    follows: list
+    #: Its command that receives refusals; ``None``: they are only logged.
+    on_refused: Optional[str]
+
+
+def _to_wit_instance_key(wit: Any, instance: str | DataField) -> Any:
+    if isinstance(instance, DataField):
+        return wit.InstanceKey_DataField(instance.name)
+    return {
+        "aggregate-id": wit.InstanceKey_AggregateId,
+        "correlation-id": wit.InstanceKey_CorrelationId,
+        "scheduled-by": wit.InstanceKey_ScheduledBy,
+    }[instance]()
+
+
+def _to_wit_process_info(wit: Any, info: ProcessInfo) -> Any:
+    return wit.ProcessInfo(
+        [
+            wit.Follow(f.aggregate_type, f.event_type, _to_wit_instance_key(wit, f.instance), f.command)
+            for f in info.follows
+        ],
+        info.on_refused,
+    )
+
+
+# ---------------------------------------------------------------------------
 # The aggregate
 
 
@@ -875,6 +1114,8 @@ class Aggregate:
         state: dict[str, FieldType] | FieldType,
         state_schema: int = 1,
         initial_state: Any = None,
+        follows: Optional[list[Follow]] = None,
+        on_refused: Optional[str] = None,
     ) -> None:
         problems = []
         if not _valid_name(type):
@@ -885,6 +1126,15 @@ class Aggregate:
             )
         if not isinstance(state_schema, int) or state_schema < 0:
             problems.append("`state_schema` must be a whole number")
+        if follows is not None:
+            if not isinstance(follows, (list, tuple)):
+                problems.append(f"`follows` must be a list of follow(...), not {builtins.type(follows).__name__}")
+            else:
+                for i, f in enumerate(follows):
+                    if not isinstance(f, Follow):
+                        problems.append(f"`follows[{i}]` must be made with follow(...), not {f!r}")
+        if on_refused is not None and not isinstance(on_refused, str):
+            problems.append(f"`on_refused` must be the name of a command, a str, not {on_refused!r}")
         if problems:
             raise ValueError("the aggregate definition is wrong: " + "; ".join(problems))
         #: The aggregate type.
@@ -897,6 +1147,11 @@ class Aggregate:
         self._initial = initial_state if initial_state is not None else self._state_type.zero()
         self._commands: dict[str, tuple[str, Optional[dict], Callable]] = {}
         self._events: dict[str, tuple[FieldType, Callable]] = {}
+        #: Whether it is a process manager: it was given ``follows`` or
+        #: ``on_refused``, and :meth:`world` also exports ``process``.
+        self.is_process_manager = follows is not None or on_refused is not None
+        self._follows: list[Follow] = list(follows or [])
+        self._on_refused = on_refused
 
     # -- declarations ------------------------------------------------------
 
@@ -933,6 +1188,24 @@ class Aggregate:
             return apply
 
         return register
+
+    def process_info(self) -> ProcessInfo:
+        """What this process manager declares (its ``follows`` and
+        ``on_refused``), after checking that every command they name is
+        declared. ``ValueError`` names each one that is not: a bug in the
+        plugin. :meth:`world` calls it, so that the mistake stops the build."""
+        problems = []
+        for i, f in enumerate(self._follows):
+            if f.command not in self._commands:
+                problems.append(
+                    f"`follows[{i}]` sends {f.aggregate_type}/{f.event_type} to `{f.command}`, "
+                    "which is not a declared command"
+                )
+        if self._on_refused is not None and self._on_refused not in self._commands:
+            problems.append(f"`on_refused` names `{self._on_refused}`, which is not a declared command")
+        if problems:
+            raise ValueError(f"the process manager `{self.type}` is wrong: " + "; ".join(problems))
+        return ProcessInfo(list(self._follows), self._on_refused)
 
     def _check(self) -> None:
         if not self._commands:
@@ -1090,8 +1363,16 @@ class Aggregate:
     def world(self) -> type:
         """The class componentize-py exports: assign it to ``WitWorld`` in
         the plugin's main module. The WIT bindings are imported only when
-        the host calls it, so the module also imports under CPython."""
+        the host calls it, so the module also imports under CPython.
+
+        For a process manager (an aggregate given ``follows`` or
+        ``on_refused``), the class also has ``process``, the export of the
+        ``process-manager`` world (build with ``componentize-py -w
+        process-manager``); its declarations are checked here
+        (:meth:`process_info`), so a command they name that is not declared
+        fails the module's import, and with it the build."""
         agg = self
+        process_info = self.process_info() if self.is_process_manager else None
 
         class WitWorld:
             """The ``aggregate`` world, implemented by the SDK."""
@@ -1149,6 +1430,16 @@ class Aggregate:
                     [_to_wit_timer_change(wit, change) for change in out.timers],
                 )
 
+        if process_info is not None:
+
+            def process(self: Any) -> Any:
+                """Which events it follows and where refusals go."""
+                from wit_world.imports import types as wit
+
+                return _trap_on_bug(agg.type, "process", lambda: _to_wit_process_info(wit, process_info))
+
+            WitWorld.process = process
+            WitWorld.__doc__ = "The ``process-manager`` world, implemented by the SDK."
         return WitWorld
 
 
@@ -1174,6 +1465,8 @@ def _trap_on_bug(type_: str, what: str, f: Callable[[], Any]) -> Any:
     """Runs ``f``; an ``Err`` (a refusal) passes through, any other exception
     is a bug in the plugin: it is logged with its traceback and re-raised,
     which traps the call (the host answers ``plugin_failed``)."""
+    global _serving
+    _serving = True
     try:
         return f()
     except Exception as e:

@@ -131,6 +131,12 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// List the process managers: what each follows, how far it has read
+    /// the log, and the events it parked.
+    Processes {
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Create a plugin project: rehydra new --lang rust|js|python NAME.
     New(crate::scaffold::NewArgs),
 }
@@ -440,6 +446,10 @@ async fn dispatch(command: Command) -> ExitCode {
             server,
         } => match server.client() {
             Ok(c) => print_result(c.timers(aggregate.as_deref(), limit).await),
+            Err(e) => print_result(Err(e)),
+        },
+        Command::Processes { server } => match server.client() {
+            Ok(c) => print_result(c.processes().await),
             Err(e) => print_result(Err(e)),
         },
         Command::Versions { name, server } => match server.client() {

@@ -215,6 +215,12 @@ impl Client {
         self.finish(req).await
     }
 
+    /// The process managers, their checkpoints and parked events.
+    pub async fn processes(&self) -> Result<Value, ClientError> {
+        self.finish(self.http.get(format!("{}/v1/processes", self.base)))
+            .await
+    }
+
     /// The kept versions of plugin `name`.
     pub async fn versions(&self, name: &str) -> Result<Value, ClientError> {
         let url = format!("{}/v1/plugins/{}/versions", self.base, segment(name));

@@ -83,6 +83,17 @@ pub struct TimerLabels {
     pub late: bool,
 }
 
+/// What became of one event a process manager follows.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcessLabels {
+    /// The process manager.
+    pub process: String,
+    /// `delivered`, `ignored` (the instance refused it: none to continue,
+    /// one already started, a domain refusal), `retry` (a try that failed
+    /// for now or in the plugin), `parked`.
+    pub outcome: &'static str,
+}
+
 /// Every metric the host exports.
 pub struct Metrics {
     registry: Registry,
@@ -116,6 +127,8 @@ pub struct Metrics {
     pub plugin_log_lines_dropped: Family<PluginLabels, Counter>,
     /// Attempts to send a timer's command, by what became of them.
     pub timers_fired: Family<TimerLabels, Counter>,
+    /// Events process managers handled, by what became of them.
+    pub process_events: Family<ProcessLabels, Counter>,
     resident_aggregates: Gauge,
     resident_state_bytes: Gauge,
     mailbox_depth: Gauge,
@@ -210,6 +223,12 @@ impl Metrics {
             "timers_fired",
             "Attempts to send a timer's command: done, refused (final) or retry, and whether late",
             timers_fired.clone(),
+        );
+        let process_events = Family::<ProcessLabels, Counter>::default();
+        registry.register(
+            "process_events",
+            "Events process managers handled: delivered, ignored, retry (one try that failed) or parked",
+            process_events.clone(),
         );
         let rehydrations = Family::<TypeLabels, Counter>::default();
         registry.register(
@@ -342,6 +361,7 @@ impl Metrics {
             snapshot_loads,
             plugin_log_lines_dropped,
             timers_fired,
+            process_events,
             resident_aggregates,
             resident_state_bytes,
             mailbox_depth,

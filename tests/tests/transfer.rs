@@ -13,10 +13,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rehydra_e2e::{Host, test_plugin};
+use rehydra_e2e::{Host, metric, test_plugin};
 use serde_json::{Value, json};
 
 const PLUGINS: &[&str] = &["bank-account", "transfer"];
+
 const TERMINAL: &[&str] = &["completed", "compensated", "failed", "refund-failed"];
 
 /// Polls `check` every 50 ms until it gives `Some`, for at most `limit`.
@@ -76,9 +77,13 @@ async fn open(host: &Host, account: &str, balance: u64) {
 }
 
 async fn start(host: &Host, id: &str, from: &str, to: &str, amount: u64) {
+    start_with(host, "transfer", id, from, to, amount).await;
+}
+
+async fn start_with(host: &Host, pm: &str, id: &str, from: &str, to: &str, amount: u64) {
     ok(
         host,
-        "transfer",
+        pm,
         id,
         "start",
         json!({ "from": from, "to": to, "amount": amount }),
@@ -88,11 +93,15 @@ async fn start(host: &Host, id: &str, from: &str, to: &str, amount: u64) {
 
 /// The transfer's status once it has one of `TERMINAL`.
 async fn finished(host: &Host, id: &str) -> String {
+    finished_with(host, "transfer", id).await
+}
+
+async fn finished_with(host: &Host, pm: &str, id: &str) -> String {
     wait_for(
         Duration::from_secs(60),
         &format!("transfer {id} to end"),
         || async {
-            let status = state(host, "transfer", id).await["status"]
+            let status = state(host, pm, id).await["status"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
@@ -102,27 +111,33 @@ async fn finished(host: &Host, id: &str) -> String {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transfer_completes_is_compensated_or_fails() {
-    let host = Host::start(PLUGINS);
+/// The three ends of a transfer, with the process manager `pm`: the Rust
+/// example, or its JavaScript or Python twin (types `transfer-js`,
+/// `transfer-py`), which must answer alike.
+async fn a_transfer_completes_is_compensated_or_fails(pm: &str) {
+    let host = Host::start(&["bank-account", pm]);
     open(&host, "a", 100).await;
     open(&host, "b", 0).await;
     open(&host, "c", 0).await;
     ok(&host, "bank-account", "c", "close", json!({})).await;
 
-    start(&host, "t1", "a", "b", 30).await;
-    assert_eq!(finished(&host, "t1").await, "completed");
-    start(&host, "t2", "a", "c", 20).await;
-    assert_eq!(finished(&host, "t2").await, "compensated");
-    let t2 = state(&host, "transfer", "t2").await;
+    start_with(&host, pm, "t1", "a", "b", 30).await;
+    assert_eq!(finished_with(&host, pm, "t1").await, "completed");
+    start_with(&host, pm, "t2", "a", "c", 20).await;
+    assert_eq!(finished_with(&host, pm, "t2").await, "compensated");
+    let t2 = state(&host, pm, "t2").await;
     assert!(
         t2["reason"]
             .as_str()
             .is_some_and(|r| r.contains("account is closed")),
         "{t2}"
     );
-    start(&host, "t3", "a", "b", 500).await;
-    assert_eq!(finished(&host, "t3").await, "failed");
+    assert_eq!(
+        t2["reason"], "c refused deposit: account is closed",
+        "the same reason in every language: {t2}"
+    );
+    start_with(&host, pm, "t3", "a", "b", 500).await;
+    assert_eq!(finished_with(&host, pm, "t3").await, "failed");
     assert_eq!(
         (
             balance(&host, "a").await,
@@ -135,26 +150,43 @@ async fn a_transfer_completes_is_compensated_or_fails() {
     // A bad start is refused with nothing stored.
     let (status, body) = host
         .command(
-            "transfer",
+            pm,
             "t4",
             "start",
             json!({ "from": "a", "to": "a", "amount": 1 }),
         )
         .await;
     assert_eq!(status, 422, "{body}");
-    assert!(host.read_stream("transfer-t4").await.is_empty());
+    assert_eq!(body["error"]["code"], "invalid_command", "{body}");
+    let (status, state4) = host.get(&format!("/v1/aggregates/{pm}/t4")).await;
+    assert_eq!(status, 404, "nothing stored: {state4}");
 
     // The process manager is listed with what it follows and nothing parked.
     let (status, processes) = host.get("/v1/processes").await;
     assert_eq!(status, 200, "{processes}");
     let transfer = &processes["processes"][0];
-    assert_eq!(transfer["name"], "transfer", "{processes}");
+    assert_eq!(transfer["name"], pm, "{processes}");
     assert_eq!(transfer["process"]["on_refused"], "refused", "{processes}");
     assert_eq!(transfer["parkedCount"], 0, "{processes}");
     assert!(
         transfer["checkpoint"].as_u64().is_some_and(|c| c > 0),
         "{processes}"
     );
+}
+
+mod three_languages {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rust() {
+        super::a_transfer_completes_is_compensated_or_fails("transfer").await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn js() {
+        super::a_transfer_completes_is_compensated_or_fails("transfer-js").await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn python() {
+        super::a_transfer_completes_is_compensated_or_fails("transfer-py").await
+    }
 }
 
 /// Transfers between accounts, some to a closed one, while the host is
@@ -375,6 +407,19 @@ async fn an_event_the_process_manager_fails_on_is_parked_and_the_rest_go_on() {
         event["attempts"].as_u64().is_some_and(|a| a >= 2),
         "{parked}"
     );
+    let metrics = host.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "rehydra_process_events_total{process=\"transfer\",outcome=\"parked\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let (code, out, err) = host.cli(&["processes"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(listed["processes"][0]["parkedCount"], 1, "{listed}");
     // The bad transfer stays where it was (its stream: read from the store,
     // as the aggregate itself rests after its failures); later transfers
     // still complete.

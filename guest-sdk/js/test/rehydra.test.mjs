@@ -13,8 +13,10 @@ import {
   parseJson,
   rejected,
   schedule,
+  send,
   stringifyJson,
   t,
+  timerKey,
   trim,
 } from '../rehydra.js';
 
@@ -480,4 +482,260 @@ test('the context tells when a timer sent the command', () => {
     ['scheduled-by', 'shop-order/t1'],
   ]);
   assert.deepEqual(ctx.timer, { key: 'remind', due: '2026-12-01T09:00:00Z', late: true, scheduledBy: 'shop-order/t1' });
+});
+
+// ---------------------------------------------------------------------------
+// Process managers
+
+/** A process manager's definition; `process` and `commands` replaced as given. */
+function relay({ process, commands } = {}) {
+  return {
+    type: 'relay',
+    streamPrefix: 'relay',
+    state: { seen: t.u64, last: t.omittable(t.string) },
+    commands: commands ?? {
+      start: { mode: 'create', handle: () => ({ type: 'Started' }) },
+      heard: {
+        mode: 'upsert',
+        fields: { event: t.followedEvent },
+        handle: (s, { event }, ctx) => ({
+          events: [{ type: 'Heard', data: { from: `${event.aggregate.type}/${event.aggregate.id}`, key: timerKey(event) ?? null } }],
+          reply: { version: event.version, position: event.position, data: event.data, type: event.type, id: event.id },
+          timers: [send({ key: `ack-${event.id}`, type: event.aggregate.type, id: event.aggregate.id, command: 'ack', data: { seen: s.seen + 1n } })],
+        }),
+      },
+      refused: {
+        mode: 'update',
+        fields: { refusal: t.refusal },
+        handle: (s, { refusal }) => ({
+          events: [{
+            type: 'Refused',
+            data: { why: `${refusal.key}: ${refusal.target.type}/${refusal.target.id} refused ${refusal.command} (${refusal.code}): ${refusal.message}` },
+          }],
+          reply: refusal.data,
+        }),
+      },
+    },
+    events: {
+      Started: { apply: (s) => s },
+      Heard: {
+        fields: { from: t.string, key: t.optional(t.string) },
+        apply: (s, { from }) => ({ seen: s.seen + 1n, last: from }),
+      },
+      Refused: { fields: { why: t.string }, apply: (s, { why }) => ({ ...s, last: why }) },
+    },
+    process: process ?? {
+      follows: [
+        { aggregateType: 'bank-account', eventType: 'Opened', instance: 'aggregate-id', command: 'start' },
+        { aggregateType: 'bank-account', eventType: 'Deposited', instance: 'correlation-id', command: 'heard' },
+        { aggregateType: 'bank-account', eventType: 'Withdrawn', instance: 'scheduled-by', command: 'heard' },
+        { aggregateType: 'order', eventType: 'Placed', instance: { dataField: 'customer' }, command: 'heard' },
+      ],
+      onRefused: 'refused',
+    },
+  };
+}
+
+const pm = aggregate(relay());
+
+test('process() gives the contract\'s process-info for each instance key', () => {
+  assert.deepEqual(Object.keys(pm), ['describe', 'initialState', 'apply', 'handle', 'process']);
+  assert.deepEqual(pm.process(), {
+    follows: [
+      { aggregateType: 'bank-account', eventType: 'Opened', instance: { tag: 'aggregate-id' }, command: 'start' },
+      { aggregateType: 'bank-account', eventType: 'Deposited', instance: { tag: 'correlation-id' }, command: 'heard' },
+      { aggregateType: 'bank-account', eventType: 'Withdrawn', instance: { tag: 'scheduled-by' }, command: 'heard' },
+      { aggregateType: 'order', eventType: 'Placed', instance: { tag: 'data-field', val: 'customer' }, command: 'heard' },
+    ],
+    onRefused: 'refused',
+  });
+  // Each call gives a fresh copy.
+  pm.process().follows[0].instance.tag = 'changed';
+  assert.equal(pm.process().follows[0].instance.tag, 'aggregate-id');
+  // Without onRefused: option none; no follows at all is allowed too.
+  assert.deepEqual(aggregate(relay({ process: { follows: [] } })).process(), { follows: [], onRefused: undefined });
+  assert.deepEqual(aggregate(relay({ process: { follows: [], onRefused: null } })).process(), { follows: [], onRefused: undefined });
+  // A plain aggregate exports no `process`.
+  assert.equal('process' in tab, false);
+  // The aggregate's own exports are unchanged.
+  assert.deepEqual(pm.describe().commands, [
+    { name: 'start', mode: 'create' },
+    { name: 'heard', mode: 'upsert' },
+    { name: 'refused', mode: 'update' },
+  ]);
+});
+
+test('a process that names an undeclared command, or is malformed, fails at definition time', () => {
+  const wrong = (process) => {
+    try {
+      aggregate(relay({ process }));
+    } catch (e) {
+      assert.match(e.message, /^the aggregate definition is wrong: /);
+      return e.message.slice('the aggregate definition is wrong: '.length).split('; ');
+    }
+    return assert.fail('accepted');
+  };
+  const follow = (over) => ({ aggregateType: 'bank-account', eventType: 'Withdrawn', instance: 'scheduled-by', command: 'heard', ...over });
+  assert.deepEqual(wrong({ follows: [follow({ command: 'debited' })], onRefused: 'refuse' }), [
+    '`process.follows[0]` sends bank-account/Withdrawn to `debited`, which is not one of `commands`',
+    '`process.onRefused` names `refuse`, which is not one of `commands`',
+  ]);
+  assert.deepEqual(wrong({ follows: [follow(), follow({ instance: 'id' })] }), [
+    "`process.follows[1]` has the instance \"id\": give 'aggregate-id', 'correlation-id', 'scheduled-by' or { dataField: 'name' }",
+  ]);
+  for (const instance of [{ dataField: '' }, { dataField: 'a', extra: 1 }, { field: 'a' }, undefined, 7]) {
+    assert.equal(wrong({ follows: [follow({ instance })] }).length, 1, String(instance));
+  }
+  assert.deepEqual(wrong({ follows: [follow({ aggregateType: '', eventType: undefined, command: 5, when: 1 })] }), [
+    '`process.follows[0]` has the unknown option `when`: give only `aggregateType`, `eventType`, `instance`, `command`',
+    "`process.follows[0]` needs an `aggregateType`: the type of the aggregate that stores the event, e.g. 'bank-account'",
+    "`process.follows[0]` needs an `eventType`: the type of the event it follows, e.g. 'Withdrawn'",
+    '`process.follows[0]` needs a `command`: the name of the command that receives the event',
+  ]);
+  assert.deepEqual(wrong({ follows: 'all', onRefused: 5, onRefuse: 'refused' }), [
+    '`process` has the unknown option `onRefuse`: give only `follows`, `onRefused`',
+    '`process.follows` must be an array of { aggregateType, eventType, instance, command }, not "all"',
+    '`process.onRefused` must be the name of a command, a string, not 5',
+  ]);
+  assert.deepEqual(wrong({ onRefused: 'refused' }), [
+    '`process.follows` must be an array of { aggregateType, eventType, instance, command }, not undefined',
+  ]);
+  assert.deepEqual(wrong([]), ['`process` must be an object, { follows, onRefused }, not an array']);
+  assert.deepEqual(wrong({ follows: [null] }), [
+    '`process.follows[0]` must be an object, { aggregateType, eventType, instance, command }, not null',
+  ]);
+  // With the rest of the definition's problems, in one message.
+  assert.throws(
+    () => aggregate({ ...relay(), streamPrefix: 'a-b', process: { follows: [follow({ command: 'nope' })] } }),
+    (e) => /streamPrefix/.test(e.message) && /to `nope`, which is not one of `commands`/.test(e.message),
+  );
+});
+
+test('send is schedule with afterMs 0 and a target', () => {
+  const sent = send({ key: 'debit', type: 'bank-account', id: 'a1', command: 'withdraw', data: { amount: 5n } });
+  assert.deepEqual(sent, {
+    tag: 'schedule',
+    val: {
+      key: 'debit',
+      target: { aggregateType: 'bank-account', aggregateId: 'a1' },
+      commandType: 'withdraw',
+      data: bytes('{"amount":5}'),
+      due: { tag: 'after-ms', val: 0n },
+    },
+  });
+  assert.deepEqual(sent, schedule({ key: 'debit', command: 'withdraw', data: { amount: 5n }, afterMs: 0, target: { type: 'bank-account', id: 'a1' } }));
+  assert.equal(dec.decode(send({ key: 'k', type: 'x', id: 'y', command: 'c' }).val.data), '{}');
+  const bug = (message) => {
+    try {
+      send(message);
+    } catch (e) {
+      assert.equal(e.constructor.name, 'PluginBug');
+      return e.message;
+    }
+    return assert.fail('accepted');
+  };
+  assert.equal(bug(undefined), 'send() takes an object, { key, type, id, command, data }, not undefined');
+  assert.equal(bug({ type: 'x', id: 'y', command: 'c' }), 'a timer for command `c` has no key: give `key`, a string that names the timer');
+  assert.equal(
+    bug({ key: 'k', id: 'y', command: 'c' }),
+    'the timer `k` has the type undefined and the id "y": give `type` and `id`, two strings that name the aggregate to send the command to',
+  );
+  assert.equal(bug({ key: 'k', type: 'x', id: 'y', command: 'c', afterMs: 5 }), 'the timer `k` has the unknown option `afterMs`: give only `key`, `type`, `id`, `command`, `data`');
+  assert.equal(bug({ key: 'k', type: 'x', id: 'y' }), 'the timer `k` has the command undefined: give `command`, the name of the command to send, as a string');
+});
+
+const followedEvent = (metadata) => ({
+  event: {
+    aggregate: { type: 'bank-account', id: 'acc-1' },
+    type: 'Withdrawn',
+    version: 3,
+    position: 18446744073709551615n,
+    id: '0190a4c3-0000-7000-8000-000000000001',
+    data: { amount: 5 },
+    metadata,
+  },
+});
+
+test('a followed event arrives as a command with data {event}', () => {
+  const s0 = pm.initialState();
+  assert.equal(dec.decode(s0.bytes), '{"seen":0}');
+  const meta = { $correlationId: 'c1', timer: { key: 'debit', scheduledBy: 'relay/r1' }, plugin: 'bank-account' };
+  const heard = pm.handle(s0, 0n, cmd('heard', stringifyJson(followedEvent(meta)), []));
+  assert.deepEqual(heard.events.map((e) => [e.eventType, dec.decode(e.data)]), [['Heard', '{"from":"bank-account/acc-1","key":"debit"}']]);
+  // version and position are BigInts, data any JSON.
+  assert.equal(
+    dec.decode(heard.reply),
+    '{"version":3,"position":18446744073709551615,"data":{"amount":5},"type":"Withdrawn","id":"0190a4c3-0000-7000-8000-000000000001"}',
+  );
+  assert.deepEqual(heard.timers, [send({ key: 'ack-0190a4c3-0000-7000-8000-000000000001', type: 'bank-account', id: 'acc-1', command: 'ack', data: { seen: 1n } })]);
+  // `last` is written once it is set (omittable), and read back.
+  assert.equal(dec.decode(heard.state.bytes), '{"seen":1,"last":"bank-account/acc-1"}');
+  // An event no timer caused has no timer key.
+  const plain = pm.handle(s0, 0n, cmd('heard', stringifyJson(followedEvent({ $correlationId: 'c1' })), []));
+  assert.equal(dec.decode(plain.events[0].data), '{"from":"bank-account/acc-1","key":null}');
+  // What does not read as a followed event is a field error, as serde says it.
+  const invalidEvent = (data) => {
+    try {
+      pm.handle(s0, 0n, cmd('heard', data, []));
+    } catch (e) {
+      return e;
+    }
+    return assert.fail('accepted');
+  };
+  assert.deepEqual(invalidEvent('{}'), { tag: 'invalid', val: [{ field: 'event', message: 'is required' }] });
+  assert.deepEqual(invalidEvent('{"event":{"aggregate":{"type":"x"},"version":"3"}}'), {
+    tag: 'invalid',
+    val: [{ field: 'event.aggregate.id', message: 'is required' }],
+  });
+  assert.deepEqual(invalidEvent('{"event":[]}'), {
+    tag: 'invalid',
+    val: [{ field: 'event', message: 'invalid type: sequence, expected struct FollowedEvent' }],
+  });
+  const noMetadata = followedEvent(null);
+  delete noMetadata.event.metadata;
+  assert.deepEqual(invalidEvent(stringifyJson(noMetadata)), { tag: 'invalid', val: [{ field: 'event.metadata', message: 'is required' }] });
+});
+
+test('a refusal arrives as the onRefused command with data {refusal}', () => {
+  const started = pm.handle(pm.initialState(), 0n, cmd('start', '', []));
+  const refusal = {
+    refusal: {
+      key: 'credit',
+      target: { type: 'bank-account', id: 'acc-2' },
+      command: 'deposit',
+      data: { amount: 5 },
+      code: 'rejected',
+      message: 'account is closed',
+    },
+  };
+  const refused = pm.handle(started.state, 1n, cmd('refused', stringifyJson(refusal), []));
+  assert.deepEqual(refused.events.map((e) => [e.eventType, dec.decode(e.data)]), [
+    ['Refused', '{"why":"credit: bank-account/acc-2 refused deposit (rejected): account is closed"}'],
+  ]);
+  assert.equal(dec.decode(refused.reply), '{"amount":5}');
+  delete refusal.refusal.code;
+  assert.throws(
+    () => pm.handle(started.state, 1n, cmd('refused', stringifyJson(refusal), [])),
+    (e) => e.tag === 'invalid' && e.val[0].field === 'refusal.code' && e.val[0].message === 'is required',
+  );
+  // The state after handle is the state rebuilt from the events.
+  const events = [...started.events, ...refused.events].map((e, i) => ({ ...e, version: BigInt(i + 1), metadata: '' }));
+  assert.deepEqual(pm.apply(pm.initialState(), events), refused.state);
+});
+
+test('timerKey reads metadata.timer.key, if it is a string', () => {
+  assert.equal(timerKey({ metadata: { timer: { key: 'debit' } } }), 'debit');
+  for (const event of [{ metadata: {} }, { metadata: { timer: { key: 5 } } }, { metadata: { timer: 'debit' } }, { metadata: null }, {}, null, undefined]) {
+    assert.equal(timerKey(event), undefined, stringifyJson(event ?? null));
+  }
+});
+
+test('an omittable field is left out when null and reads back as null', () => {
+  const type = t.record('S', { a: t.u32, b: t.omittable(t.string) });
+  assert.equal(type.encode({ a: 1, b: null }, ''), '{"a":1}');
+  assert.equal(type.encode({ a: 1 }, ''), '{"a":1}');
+  assert.equal(type.encode({ a: 1, b: 'x' }, ''), '{"a":1,"b":"x"}');
+  assert.deepEqual(type.decode(parseJson('{"a":1}'), ''), { a: 1, b: null });
+  assert.deepEqual(type.decode(parseJson('{"a":1,"b":null}'), ''), { a: 1, b: null });
+  assert.equal(type.zero.b, null);
 });

@@ -19,23 +19,30 @@ from rehydra import (  # noqa: E402
     Aggregate,
     CancelTimer,
     Context,
+    DataField,
     FieldProblem,
+    Follow,
     PluginBug,
+    ProcessInfo,
     Rejection,
     ScheduleTimer,
     TimerFiring,
     Unreadable,
     cancel_timer,
+    data_field,
     decision,
     event,
+    follow,
     forbidden,
     format_float,
     invalid,
     parse_json,
     rejected,
     schedule,
+    send,
     stringify_json,
     t,
+    timer_key,
     trim,
 )
 
@@ -607,6 +614,326 @@ class TimerTest(unittest.TestCase):
             ("scheduled-by", "shop-order/t1"),
         ])
         self.assertEqual(c.timer, TimerFiring("remind", "2026-12-01T09:00:00Z", False, "shop-order/t1"))
+
+
+# ---------------------------------------------------------------------------
+# Process managers
+
+
+def make_relay(follows=..., on_refused="refused", declare=True):
+    """A process manager following one event type per instance key."""
+    if follows is ...:
+        follows = [
+            follow("bank-account", "Opened", "aggregate-id", "start"),
+            follow("bank-account", "Deposited", "correlation-id", "heard"),
+            follow("bank-account", "Withdrawn", "scheduled-by", "heard"),
+            follow("order", "Placed", data_field("customer"), "heard"),
+        ]
+    agg = Aggregate(
+        type="relay",
+        stream_prefix="relay",
+        state={"seen": t.u64, "last": t.omittable(t.string)},
+        follows=follows,
+        on_refused=on_refused,
+    )
+    if not declare:
+        return agg
+
+    @agg.command("start", mode="create")
+    def start(state, cmd, ctx):
+        return event("Started")
+
+    @agg.command("heard", mode="upsert", fields={"event": t.followed_event})
+    def heard(state, cmd, ctx):
+        e = cmd["event"]
+        return decision(
+            event("Heard", {"from": f"{e['aggregate']['type']}/{e['aggregate']['id']}", "key": timer_key(e)}),
+            reply={"version": e["version"], "position": e["position"], "data": e["data"], "type": e["type"], "id": e["id"]},
+            timers=[send(f"ack-{e['id']}", e["aggregate"]["type"], e["aggregate"]["id"], "ack", {"seen": state["seen"] + 1})],
+        )
+
+    @agg.command("refused", mode="update", fields={"refusal": t.refusal})
+    def refused(state, cmd, ctx):
+        r = cmd["refusal"]
+        why = f"{r['key']}: {r['target']['type']}/{r['target']['id']} refused {r['command']} ({r['code']}): {r['message']}"
+        return decision(event("Refused", why=why), reply=r["data"])
+
+    @agg.event("Started")
+    def started(state, data):
+        return state
+
+    @agg.event("Heard", fields={"from": t.string, "key": t.optional(t.string)})
+    def was_heard(state, data):
+        return {"seen": state["seen"] + 1, "last": data["from"]}
+
+    @agg.event("Refused", fields={"why": t.string})
+    def was_refused(state, data):
+        return {**state, "last": data["why"]}
+
+    return agg
+
+
+relay = make_relay()
+
+
+# Stand-ins for the process-manager world's generated classes.
+@dataclass
+class WitInstanceKeyAggregateId:
+    pass
+
+
+@dataclass
+class WitInstanceKeyCorrelationId:
+    pass
+
+
+@dataclass
+class WitInstanceKeyScheduledBy:
+    pass
+
+
+@dataclass
+class WitInstanceKeyDataField:
+    value: str
+
+
+@dataclass
+class WitFollow:
+    aggregate_type: str
+    event_type: str
+    instance: Any
+    command: str
+
+
+@dataclass
+class WitProcessInfo:
+    follows: list
+    on_refused: Optional[str]
+
+
+def fake_process_bindings(logged):
+    modules = fake_bindings(logged)
+    wit = modules["wit_world.imports.types"]
+    wit.InstanceKey_AggregateId = WitInstanceKeyAggregateId
+    wit.InstanceKey_CorrelationId = WitInstanceKeyCorrelationId
+    wit.InstanceKey_ScheduledBy = WitInstanceKeyScheduledBy
+    wit.InstanceKey_DataField = WitInstanceKeyDataField
+    wit.Follow, wit.ProcessInfo = WitFollow, WitProcessInfo
+    return modules
+
+
+def followed_event(metadata, **over):
+    e = {
+        "aggregate": {"type": "bank-account", "id": "acc-1"},
+        "type": "Withdrawn",
+        "version": 3,
+        "position": (1 << 64) - 1,
+        "id": "0190a4c3-0000-7000-8000-000000000001",
+        "data": {"amount": 5},
+        "metadata": metadata,
+        **over,
+    }
+    return {"event": e}
+
+
+class ProcessManagerTest(unittest.TestCase):
+    def test_process_gives_the_contracts_process_info_for_each_instance_key(self):
+        with mock.patch.dict(sys.modules, fake_process_bindings([])):
+            world = relay.world()()
+            self.assertEqual(
+                world.process(),
+                WitProcessInfo(
+                    [
+                        WitFollow("bank-account", "Opened", WitInstanceKeyAggregateId(), "start"),
+                        WitFollow("bank-account", "Deposited", WitInstanceKeyCorrelationId(), "heard"),
+                        WitFollow("bank-account", "Withdrawn", WitInstanceKeyScheduledBy(), "heard"),
+                        WitFollow("order", "Placed", WitInstanceKeyDataField("customer"), "heard"),
+                    ],
+                    "refused",
+                ),
+            )
+            # Without on_refused: none; no follows at all is allowed too.
+            self.assertEqual(make_relay(on_refused=None).world()().process().on_refused, None)
+            self.assertEqual(make_relay(follows=[]).world()().process(), WitProcessInfo([], "refused"))
+            # The aggregate's exports are there as ever.
+            for export in ("describe", "initial_state", "apply", "handle"):
+                self.assertTrue(callable(getattr(world, export)), export)
+        self.assertTrue(relay.is_process_manager)
+        self.assertFalse(tab.is_process_manager)
+        self.assertFalse(hasattr(tab.world(), "process"))
+        self.assertTrue(make_relay(follows=None).is_process_manager)  # on_refused alone
+        self.assertEqual(
+            relay.process_info(),
+            ProcessInfo(
+                [
+                    Follow("bank-account", "Opened", "aggregate-id", "start"),
+                    Follow("bank-account", "Deposited", "correlation-id", "heard"),
+                    Follow("bank-account", "Withdrawn", "scheduled-by", "heard"),
+                    Follow("order", "Placed", DataField("customer"), "heard"),
+                ],
+                "refused",
+            ),
+        )
+
+    def test_a_process_that_names_an_undeclared_command_fails_at_definition_time(self):
+        agg = make_relay(follows=[follow("bank-account", "Withdrawn", "scheduled-by", "debited")], on_refused="refuse")
+        with self.assertRaises(ValueError) as caught:
+            agg.world()
+        self.assertEqual(
+            str(caught.exception),
+            "the process manager `relay` is wrong: "
+            "`follows[0]` sends bank-account/Withdrawn to `debited`, which is not a declared command; "
+            "`on_refused` names `refuse`, which is not a declared command",
+        )
+        with self.assertRaisesRegex(ValueError, "`on_refused` names `refused`"):
+            make_relay(declare=False).world()
+
+    def test_malformed_declarations_fail_when_made(self):
+        def wrong(make):
+            with self.assertRaises(ValueError) as caught:
+                make()
+            return str(caught.exception)
+
+        self.assertEqual(
+            wrong(lambda: follow("bank-account", "Withdrawn", "id", "heard")),
+            "follow() has the instance 'id': give 'aggregate-id', 'correlation-id', 'scheduled-by' or data_field('name')",
+        )
+        self.assertEqual(
+            wrong(lambda: follow("", None, {"data_field": "x"}, 5)),
+            "follow() has the aggregate type '': give the type of the aggregate that stores the event, "
+            "e.g. 'bank-account'; the event type None: give the type of the event it follows, e.g. 'Withdrawn'; "
+            "the instance {'data_field': 'x'}: give 'aggregate-id', 'correlation-id', 'scheduled-by' or "
+            "data_field('name'); the command 5: give the name of the command that receives the event",
+        )
+        self.assertEqual(
+            wrong(lambda: data_field("")),
+            "data_field() takes the name of a field of the event's data, a str, not ''",
+        )
+        self.assertEqual(
+            wrong(lambda: Aggregate(type="r", stream_prefix="r", state={}, follows=[("a", "B", "aggregate-id", "c")])),
+            "the aggregate definition is wrong: `follows[0]` must be made with follow(...), "
+            "not ('a', 'B', 'aggregate-id', 'c')",
+        )
+        self.assertEqual(
+            wrong(lambda: Aggregate(type="r", stream_prefix="r-", state={}, follows="all", on_refused=5)),
+            "the aggregate definition is wrong: `stream_prefix` must be 1-64 letters, digits, `_` or `.`, "
+            "starting with a letter (no `-`); `follows` must be a list of follow(...), not str; "
+            "`on_refused` must be the name of a command, a str, not 5",
+        )
+
+    def test_send_is_schedule_with_after_ms_0_and_a_target(self):
+        sent = send("debit", "bank-account", "a1", "withdraw", {"amount": 5})
+        self.assertEqual(sent, ScheduleTimer("debit", "withdraw", b'{"amount":5}', after_ms=0, target=("bank-account", "a1")))
+        self.assertEqual(sent, schedule("debit", "withdraw", {"amount": 5}, after_ms=0, target=("bank-account", "a1")))
+        self.assertEqual(send("k", "x", "y", "c").data, b"{}")
+        self.assertEqual(send(key="k", type="x", id="y", command="c", data=[1]).data, b"[1]")
+        with self.assertRaises(PluginBug) as caught:
+            send("k", None, "y", "c")
+        self.assertEqual(
+            str(caught.exception),
+            "the timer `k` has the type None and the id 'y': "
+            "give `type` and `id`, two strs that name the aggregate to send the command to",
+        )
+        with self.assertRaisesRegex(PluginBug, "^a timer for command `c` has no key"):
+            send(None, "x", "y", "c")
+        with self.assertRaisesRegex(PluginBug, "^the timer `k` has the command None"):
+            send("k", "x", "y", None)
+        with self.assertRaisesRegex(PluginBug, "^the data of timer `k` cannot be encoded as JSON"):
+            send("k", "x", "y", "c", {1, 2})
+
+    def test_a_followed_event_arrives_as_a_command_with_data_event(self):
+        s0 = relay.initial_state_bytes()
+        self.assertEqual(s0, (1, b'{"seen":0}'))
+        meta = {"$correlationId": "c1", "timer": {"key": "debit", "scheduledBy": "relay/r1"}}
+        out = relay.handle_bytes(*s0, "heard", stringify_json(followed_event(meta)).encode(), ctx(0))
+        self.assertEqual(out.events, [("Heard", b'{"from":"bank-account/acc-1","key":"debit"}')])
+        self.assertEqual(
+            out.reply,
+            b'{"version":3,"position":18446744073709551615,"data":{"amount":5},"type":"Withdrawn",'
+            b'"id":"0190a4c3-0000-7000-8000-000000000001"}',
+        )
+        self.assertEqual(
+            out.timers,
+            [send("ack-0190a4c3-0000-7000-8000-000000000001", "bank-account", "acc-1", "ack", {"seen": 1})],
+        )
+        self.assertEqual(out.state, (1, b'{"seen":1,"last":"bank-account/acc-1"}'))
+        plain = relay.handle_bytes(*s0, "heard", stringify_json(followed_event({})).encode(), ctx(0))
+        self.assertEqual(plain.events, [("Heard", b'{"from":"bank-account/acc-1","key":null}')])
+
+        def refusal(data):
+            with self.assertRaises(Rejection) as caught:
+                relay.handle_bytes(*s0, "heard", data, ctx(0))
+            return caught.exception
+
+        self.assertEqual(refusal(b"{}"), invalid("event", "is required"))
+        self.assertEqual(
+            refusal(b'{"event":{"aggregate":{"type":"x"},"version":"3"}}'), invalid("event.aggregate.id", "is required")
+        )
+        self.assertEqual(
+            refusal(b'{"event":[]}'), invalid("event", "invalid type: sequence, expected struct FollowedEvent")
+        )
+        no_metadata = followed_event(None)
+        del no_metadata["event"]["metadata"]
+        self.assertEqual(refusal(stringify_json(no_metadata).encode()), invalid("event.metadata", "is required"))
+
+    def test_a_refusal_arrives_as_the_on_refused_command_with_data_refusal(self):
+        started = relay.handle_bytes(*relay.initial_state_bytes(), "start", b"", ctx(0))
+        r = {
+            "refusal": {
+                "key": "credit",
+                "target": {"type": "bank-account", "id": "acc-2"},
+                "command": "deposit",
+                "data": {"amount": 5},
+                "code": "rejected",
+                "message": "account is closed",
+            }
+        }
+        out = relay.handle_bytes(*started.state, "refused", stringify_json(r).encode(), ctx(1))
+        self.assertEqual(
+            out.events,
+            [("Refused", b'{"why":"credit: bank-account/acc-2 refused deposit (rejected): account is closed"}')],
+        )
+        self.assertEqual(out.reply, b'{"amount":5}')
+        del r["refusal"]["code"]
+        with self.assertRaises(Rejection) as caught:
+            relay.handle_bytes(*started.state, "refused", stringify_json(r).encode(), ctx(1))
+        self.assertEqual(caught.exception, invalid("refusal.code", "is required"))
+        events = [(name, data, i + 1) for i, (name, data) in enumerate(started.events + out.events)]
+        self.assertEqual(relay.apply_bytes(*relay.initial_state_bytes(), events), out.state)
+
+    def test_timer_key_reads_metadata_timer_key_if_it_is_a_str(self):
+        self.assertEqual(timer_key({"metadata": {"timer": {"key": "debit"}}}), "debit")
+        for e in [{"metadata": {}}, {"metadata": {"timer": {"key": 5}}}, {"metadata": {"timer": "debit"}},
+                  {"metadata": None}, {}, None]:
+            self.assertIsNone(timer_key(e), e)
+
+    def test_while_the_component_is_built_messages_go_to_stderr(self):
+        # componentize-py imports the plugin's module to build it, when the
+        # host's `log` is a stub that traps: a wrong definition's message
+        # must reach the build's output instead.
+        import io
+
+        import rehydra
+
+        logged = []
+        stderr = io.StringIO()
+        with mock.patch.dict(sys.modules, fake_process_bindings(logged)), mock.patch.object(sys, "platform", "wasi"), \
+                mock.patch.object(sys, "__stderr__", stderr), mock.patch.object(rehydra, "_serving", False):
+            rehydra.log.warn("while building")
+            self.assertEqual((stderr.getvalue(), logged), ("while building\n", []))
+            # Once the host calls an export, messages go to its log.
+            relay.world()().process()
+            rehydra.log.warn("while serving")
+            self.assertEqual(logged, [("WARN", "while serving")])
+
+    def test_an_omittable_field_is_left_out_when_none(self):
+        ftype = t.record("S", {"a": t.u32, "b": t.omittable(t.string)})
+        self.assertEqual(ftype.encode({"a": 1, "b": None}, ""), '{"a":1}')
+        self.assertEqual(ftype.encode({"a": 1}, ""), '{"a":1}')
+        self.assertEqual(ftype.encode({"a": 1, "b": "x"}, ""), '{"a":1,"b":"x"}')
+        self.assertEqual(ftype.decode({"a": 1}, ""), {"a": 1, "b": None})
+        self.assertEqual(ftype.decode({"a": 1, "b": None}, ""), {"a": 1, "b": None})
+        self.assertIsNone(ftype.zero()["b"])
 
 
 if __name__ == "__main__":

@@ -128,7 +128,10 @@ pub fn list_processes(ctx: &ApiContext) -> Result<Vec<ProcessView>, CommandError
         let name = p.info.aggregate_type.clone();
         let (checkpoint, (parked, parked_count)) = match ctx.aggregates.timer_index() {
             Some(index) => (
-                index.process_checkpoint(&name).map_err(internal)?,
+                index
+                    .process_checkpoint(&name)
+                    .map_err(internal)?
+                    .map(|(position, _)| position),
                 index.parked(&name, MAX_PARKED).map_err(internal)?,
             ),
             None => (None, (Vec::new(), 0)),

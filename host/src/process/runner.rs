@@ -45,24 +45,27 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let store = aggregates.store().clone();
-    // A process manager seen for the first time follows the log from its
-    // end: it does not start processes for what happened before it was
-    // deployed.
-    let mut checkpoint = loop {
+    // A process manager seen for the first time reads the log from its
+    // start, but delivers what happened before it was first run only to
+    // instances that exist: continuing events, never starting ones (it
+    // does not start processes for events long handled). Instances started
+    // by a command in the moment between its deployment and this point
+    // are continued all the same.
+    let (mut checkpoint, first_seen_at) = loop {
         let known = index.process_checkpoint(&name).map_err(|e| e.to_string());
         let found = match known {
-            Ok(Some(position)) => Ok(position),
+            Ok(Some(found)) => Ok(found),
             Ok(None) => match store.head_position().await {
                 Ok(head) => index
-                    .set_process_checkpoint(&name, head)
-                    .map(|()| head)
+                    .set_process_checkpoint(&name, 0, head)
+                    .map(|()| (0, head))
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(format!("cannot read the log's head: {e}")),
             },
             Err(e) => Err(e),
         };
         match found {
-            Ok(position) => break position,
+            Ok(found) => break found,
             Err(e) => {
                 tracing::error!(process = %name, "process manager: {e}; retrying in a second")
             }
@@ -100,7 +103,14 @@ pub async fn run(
         };
         let full = page.len() >= PAGE;
         for e in &page {
-            if let Some(delivery) = route(&plugin.info, aggregates.plugins(), e) {
+            let delivery = route(&plugin.info, aggregates.plugins(), e).filter(|d| {
+                e.position > first_seen_at
+                    || plugin
+                        .info
+                        .command(&d.request.command)
+                        .is_some_and(|c| c.mode == crate::plugin::CommandMode::Update)
+            });
+            if let Some(delivery) = delivery {
                 let delivered = deliver(&name, &index, &aggregates, e, delivery, &mut stop).await;
                 if !delivered {
                     // Stopping: this event was not handled.
@@ -110,7 +120,7 @@ pub async fn run(
             checkpoint = e.position;
         }
         if checkpoint != saved && (last_save.elapsed() >= Duration::from_secs(1) || !full) {
-            match index.set_process_checkpoint(&name, checkpoint) {
+            match index.set_process_checkpoint(&name, checkpoint, first_seen_at) {
                 Ok(()) => {
                     saved = checkpoint;
                     last_save = Instant::now();
@@ -124,7 +134,7 @@ pub async fn run(
         }
     }
     if checkpoint != saved
-        && let Err(e) = index.set_process_checkpoint(&name, checkpoint)
+        && let Err(e) = index.set_process_checkpoint(&name, checkpoint, first_seen_at)
     {
         tracing::warn!(process = %name, "process manager: {e}");
     }
@@ -152,15 +162,26 @@ async fn deliver(
     let _enter = span.enter();
     let mut failures: u32 = 0;
     let mut waits: u32 = 0;
+    let count = |outcome| {
+        crate::metrics::global()
+            .process_events
+            .get_or_create(&crate::metrics::ProcessLabels {
+                process: name.to_string(),
+                outcome,
+            })
+            .inc();
+    };
     loop {
         let result = aggregates.execute(delivery.request.clone()).await;
         let error = match result {
             Ok(_) => {
                 tracing::debug!("event delivered");
+                count("delivered");
                 return true;
             }
             Err(e) if e.is_refusal() => {
                 tracing::debug!(code = e.code(), "event ignored by the process manager: {e}");
+                count("ignored");
                 return true;
             }
             Err(e) => e,
@@ -195,6 +216,7 @@ async fn deliver(
                 if let Err(err) = index.park(&parked) {
                     tracing::error!("cannot record the parked event: {err}");
                 }
+                count("parked");
                 return true;
             }
             FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(10))
@@ -204,6 +226,7 @@ async fn deliver(
                 .saturating_mul(1 << (waits - 1).min(10))
                 .min(MAX_BACKOFF)
         };
+        count("retry");
         tracing::warn!(
             code = error.code(),
             retry_in_ms = wait.as_millis() as u64,

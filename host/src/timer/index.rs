@@ -238,7 +238,8 @@ impl TimerIndex {
              CREATE INDEX IF NOT EXISTS timers_by_target ON timers (target_type, target_id);
              CREATE TABLE IF NOT EXISTS process_checkpoints (
                  process TEXT PRIMARY KEY,
-                 position INTEGER NOT NULL
+                 position INTEGER NOT NULL,
+                 first_seen_at INTEGER NOT NULL
              );
              CREATE TABLE IF NOT EXISTS parked_events (
                  process TEXT NOT NULL,
@@ -314,33 +315,35 @@ impl TimerIndex {
         Ok(n as u64)
     }
 
-    /// Where process manager `process` has read the log up to, if it has
-    /// started.
-    pub fn process_checkpoint(&self, process: &str) -> Result<Option<u64>, TimerIndexError> {
-        let n: Option<i64> = self
+    /// Where process manager `process` has read the log up to, and the
+    /// log's head when the host first ran it; `None` before that.
+    pub fn process_checkpoint(&self, process: &str) -> Result<Option<(u64, u64)>, TimerIndexError> {
+        let row: Option<(i64, i64)> = self
             .lock()
             .query_row(
-                "SELECT position FROM process_checkpoints WHERE process = ?1",
+                "SELECT position, first_seen_at FROM process_checkpoints WHERE process = ?1",
                 [process],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(sql("reading a process manager's checkpoint"))?;
-        Ok(n.map(|n| n.max(0) as u64))
+        Ok(row.map(|(p, f)| (p.max(0) as u64, f.max(0) as u64)))
     }
 
     /// Records that process manager `process` has handled the log up to
-    /// `position`.
+    /// `position`; `first_seen_at` is kept from the first call.
     pub fn set_process_checkpoint(
         &self,
         process: &str,
         position: u64,
+        first_seen_at: u64,
     ) -> Result<(), TimerIndexError> {
         self.lock()
             .execute(
-                "INSERT INTO process_checkpoints (process, position) VALUES (?1, ?2) \
+                "INSERT INTO process_checkpoints (process, position, first_seen_at) \
+                 VALUES (?1, ?2, ?3) \
                  ON CONFLICT (process) DO UPDATE SET position = excluded.position",
-                params![process, ms(position)],
+                params![process, ms(position), ms(first_seen_at)],
             )
             .map_err(sql("storing a process manager's checkpoint"))?;
         Ok(())
