@@ -9,15 +9,14 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::Instrument as _;
 
+use super::timers::TimersEventError;
 use super::{Inner, Live, unknown_command};
 use crate::command::{
     AggregateState, CommandIds, CommandOutcome, CommandRequest, OutcomeEvent, event_id,
 };
 use crate::error::{CommandError, FailureKind};
 use crate::metrics::{self, Metrics};
-use crate::plugin::{
-    AggregateRef, CommandInput, CommandMode, Decision, NewEvent, PluginRef, Rejection, TimerChange,
-};
+use crate::plugin::{CommandInput, CommandMode, Decision, NewEvent, PluginRef, Rejection};
 use crate::store::{EventData, ExpectedVersion, RecordedEvent, StoreError};
 
 impl Inner {
@@ -285,76 +284,6 @@ impl Inner {
         }
     }
 
-    /// Refuses a decision that would leave its aggregate with more pending
-    /// timers than `max_timers_per_aggregate` (one that only cancels, or
-    /// leaves no more than were pending, always passes). Pending timers are
-    /// those in the timer index, which follows the log within moments of
-    /// each commit.
-    fn check_timer_cap(
-        &self,
-        req: &CommandRequest,
-        decision: &Decision,
-    ) -> Result<(), CommandError> {
-        if !decision
-            .timers
-            .iter()
-            .any(|c| matches!(c, TimerChange::Schedule(_)))
-        {
-            return Ok(());
-        }
-        let source = AggregateRef {
-            aggregate_type: req.aggregate_type.clone(),
-            id: req.aggregate_id.clone(),
-        };
-        let mut keys: std::collections::HashSet<String> = match self.timers.get() {
-            Some(index) => index
-                .pending_keys(&source)
-                .map_err(|e| CommandError::Internal(e.to_string()))?
-                .into_iter()
-                .collect(),
-            None => Default::default(),
-        };
-        let before = keys.len();
-        for change in &decision.timers {
-            match change {
-                TimerChange::Schedule(t) => keys.insert(t.key.clone()),
-                TimerChange::Cancel(key) => keys.remove(key),
-            };
-        }
-        let limit = self.config.max_timers_per_aggregate;
-        if keys.len() > limit && keys.len() > before {
-            return Err(CommandError::TooManyTimers {
-                aggregate_type: req.aggregate_type.clone(),
-                id: req.aggregate_id.clone(),
-                pending: keys.len(),
-                limit,
-            });
-        }
-        Ok(())
-    }
-
-    /// Waits (briefly) until the timer index holds the timer changes just
-    /// stored at `position`, so that a list of timers or the cap checked
-    /// right after this command sees them. The runner reads each commit
-    /// within milliseconds; if it is stuck (its own error is logged), the
-    /// command is answered anyway: its changes are stored, and the index
-    /// will read them.
-    async fn await_timer_index(&self, position: u64) {
-        let Some(index) = self.timers.get() else {
-            return;
-        };
-        if !index
-            .wait_until_read(position, std::time::Duration::from_secs(2))
-            .await
-        {
-            tracing::warn!(
-                position,
-                "the timer index has not read this command's timer changes within 2 s; \
-                 answering without waiting for it"
-            );
-        }
-    }
-
     /// Validates the plugin's events and turns them into what the store
     /// keeps (with metadata) and what the client is told. `reply` is the
     /// decision's reply, parsed.
@@ -376,30 +305,12 @@ impl Inner {
         };
         // The timer changes ride in one host event after the plugin's, in
         // the same append, so that both are stored or neither is.
-        let timers_event = if decision.timers.is_empty() {
-            None
-        } else {
-            let source = AggregateRef {
-                aggregate_type: req.aggregate_type.clone(),
-                id: req.aggregate_id.clone(),
-            };
-            let now = humantime::parse_rfc3339(&ids.now).map_err(|err| {
-                CommandError::Internal(format!(
-                    "the command's time {:?} does not parse: {err}",
-                    ids.now
-                ))
+        let timers_event = self
+            .timers_event(stream, req, ids, decision)
+            .map_err(|e| match e {
+                TimersEventError::Plugin(message) => bad(message),
+                TimersEventError::Host(e) => e,
             })?;
-            let id = event_id(stream, &ids.message_id, decision.events.len());
-            let resolved =
-                crate::timer::event::resolve(&decision.timers, &source, now, id).map_err(bad)?;
-            let data = serde_json::to_vec(&resolved).map_err(|err| {
-                CommandError::Internal(format!("cannot encode the timer changes: {err}"))
-            })?;
-            Some(NewEvent {
-                event_type: crate::timer::TIMERS_EVENT.to_string(),
-                data,
-            })
-        };
         let all: Vec<&NewEvent> = decision
             .events
             .iter()

@@ -18,6 +18,7 @@
 mod aggregate;
 mod poison;
 mod snapshot;
+mod timers;
 mod verify;
 
 use std::collections::VecDeque;

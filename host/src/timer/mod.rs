@@ -20,6 +20,7 @@
 
 pub mod event;
 pub mod index;
+pub mod process_state;
 pub mod runner;
 
 #[cfg(test)]
@@ -36,4 +37,5 @@ pub const LATE_AFTER: Duration = Duration::from_secs(1);
 /// changes.
 pub const TIMERS_EVENT: &str = "$timers";
 
-pub use index::{ParkedEvent, PendingTimer, TimerIndex, TimerIndexError, TimerQuery};
+pub use index::{PendingTimer, TimerIndex, TimerIndexError, TimerQuery};
+pub use process_state::ParkedEvent;
