@@ -136,6 +136,8 @@ fn info() -> PluginInfo {
             })
             .collect(),
         event_types: d.event_types.iter().map(|t| t.to_string()).collect(),
+        // The bank account is an aggregate, not a process manager.
+        process: None,
     }
 }
 

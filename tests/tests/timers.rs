@@ -466,4 +466,15 @@ async fn bad_timers_and_too_many_timers_store_nothing() {
     assert!(message.contains("--max-timers-per-aggregate"), "{message}");
     assert!(host.read_stream("order-o1").await.is_empty());
     assert_eq!(pending_timers(&host, "").await["count"], 0);
+    // A dry run answers as the command would.
+    let (status, body) = host
+        .command_raw(
+            "order",
+            "o1",
+            "place?dry_run=true",
+            r#"{"sku":"s","quantity":1,"pay_within_ms":60000}"#,
+            &[],
+        )
+        .await;
+    assert_eq!((status, code(&body)), (422, "too_many_timers"), "{body}");
 }

@@ -202,10 +202,11 @@ impl Inner {
                 }
             };
             let reply = parse_reply(plugin, decision.reply.as_deref())?;
+            // Before a dry run's answer too: it answers as the command would.
+            self.check_timer_cap(req, &decision)?;
             if req.dry_run {
                 return self.dry_run_outcome(plugin, stream, req, &ids, decision, reply, live);
             }
-            self.check_timer_cap(req, &decision)?;
             if decision.events.is_empty() && decision.timers.is_empty() {
                 live.state = decision.state;
                 return Ok(CommandOutcome {
