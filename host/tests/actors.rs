@@ -373,3 +373,118 @@ async fn rehydration_applies_events_in_pages() {
         json!({"owner": "Ada", "balance": 210, "open": true})
     );
 }
+
+/// A test double around the real memory store whose look-up of a command's
+/// events misses them once: as on a store shared by hosts, where another
+/// host stores a command (a timer or a delivery both hosts send) a moment
+/// after this one looked for it.
+struct LateLookupStore {
+    inner: MemoryStore,
+    missed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for LateLookupStore {
+    async fn append(
+        &self,
+        s: &str,
+        e: ExpectedVersion,
+        ev: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        self.inner.append(s, e, ev).await
+    }
+    async fn read_stream(
+        &self,
+        s: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(s, from, limit).await
+    }
+    async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(s).await
+    }
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(from, limit).await
+    }
+    async fn find_command_events(
+        &self,
+        s: &str,
+        first: uuid::Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if !self.missed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        self.inner.find_command_events(s, first).await
+    }
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.inner.head_position().await
+    }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.load_snapshot(stream).await
+    }
+    fn describe(&self) -> String {
+        "memory store whose command look-up misses once (test double)".into()
+    }
+}
+
+/// Another host stored an event this host has not seen and then the very
+/// command this host is about to run (same message id). The store answers
+/// this host's append as a retry of that one; the host must then load what
+/// is stored, not keep the state it decided on its stale cache (which
+/// lacks the other host's first event), and answer with the stored outcome.
+#[tokio::test]
+async fn a_command_another_host_stored_first_leaves_the_cache_as_stored() {
+    let (registry, _dir) = registry().await;
+    let store = Arc::new(LateLookupStore {
+        inner: MemoryStore::new(),
+        missed: std::sync::atomic::AtomicBool::new(true),
+    });
+    let aggregates = Aggregates::new(store.clone(), registry, ActorConfig::default());
+    aggregates
+        .execute(cmd("a", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    // The other host: a deposit of 50 this host does not know of, then the
+    // deposit of 5 with the key this host is about to send.
+    let stream = "bank_account-a";
+    store
+        .append(stream, ExpectedVersion::Exact(1), vec![foreign_deposit(50)])
+        .await
+        .unwrap();
+    let mut theirs = foreign_deposit(5);
+    theirs.event_id = rehydra::command::event_id(stream, "key-1", 0);
+    theirs.message_id = "key-1".into();
+    store
+        .append(stream, ExpectedVersion::Exact(2), vec![theirs])
+        .await
+        .unwrap();
+
+    // This host's look-up misses it: it decides on its cache (version 1,
+    // balance 0) and appends the same event id.
+    store
+        .missed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut req = cmd("a", "deposit", json!({"amount": 5}));
+    req.idempotency_key = Some("key-1".into());
+    let outcome = aggregates.execute(req).await.unwrap();
+    assert!(
+        outcome.replayed,
+        "answered with the stored outcome: {outcome:?}"
+    );
+    assert_eq!(outcome.version, 3);
+    assert_eq!(
+        store.stream_version(stream).await.unwrap(),
+        3,
+        "nothing appended twice"
+    );
+    let state = aggregates.state("bank-account", "a").await.unwrap();
+    assert_eq!(
+        (state.version, state.state["balance"].clone()),
+        (3, json!(55)),
+        "the cache holds what is stored, the other host's deposit of 50 included"
+    );
+}

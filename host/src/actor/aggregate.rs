@@ -208,6 +208,19 @@ impl Inner {
                 return self.dry_run_outcome(plugin, stream, req, &ids, decision, reply, live);
             }
             if decision.events.is_empty() && decision.timers.is_empty() {
+                // Nothing to store, so no expected version will tell that
+                // another host moved the aggregate on: on a shared store
+                // the decision may rest on a stale cache (a timer's command
+                // finding no reservation that another host just stored),
+                // so it is confirmed like a refusal.
+                if self.store.shared_by_hosts()
+                    && attempt < self.config.conflict_retries
+                    && self.store.stream_version(stream).await? > live.version
+                {
+                    attempt += 1;
+                    self.catch_up(plugin, stream, live).await?;
+                    continue;
+                }
                 live.state = decision.state;
                 return Ok(CommandOutcome {
                     aggregate_type: req.aggregate_type.clone(),
@@ -239,6 +252,34 @@ impl Inner {
                 appending.elapsed(),
             );
             match appended {
+                Ok(appended)
+                    if appended.version
+                        != live.version.saturating_add(outcome_events.len() as u64) =>
+                {
+                    // The store took the append for one it had stored
+                    // before: the same message id, sent by another host (a
+                    // timer, a process manager's delivery) or an earlier try
+                    // of this one. What it stored was decided on the state
+                    // that host had, which this cache may be behind: load
+                    // what is stored, and answer with that command's
+                    // outcome, rather than keep this decision's state.
+                    tracing::debug!(
+                        version = appended.version,
+                        "the append was one stored before; answering with its outcome"
+                    );
+                    self.catch_up(plugin, stream, live).await?;
+                    let earlier = self
+                        .store
+                        .find_command_events(stream, event_id(stream, &ids.message_id, 0))
+                        .await?;
+                    if earlier.is_empty() {
+                        return Err(CommandError::StoreUnavailable(format!(
+                            "the store took the append to {stream} for an earlier one but does \
+                             not hold it; retry the command"
+                        )));
+                    }
+                    return replayed_outcome(req, &earlier);
+                }
                 Ok(appended) => {
                     // Kept for the re-run of an upgrade check.
                     self.recent
