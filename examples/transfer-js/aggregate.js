@@ -138,5 +138,8 @@ export const { describe, initialState, apply, handle, process } = aggregate({
       { aggregateType: 'bank-account', eventType: 'Deposited', instance: 'scheduled-by', command: 'deposited' },
     ],
     onRefused: 'refused',
+    // A transfer is over once it has one of these: the host then delivers
+    // it nothing more.
+    finishedBy: ['Completed', 'Compensated', 'Failed', 'RefundFailed'],
   },
 });

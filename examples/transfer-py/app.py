@@ -48,6 +48,9 @@ transfer = Aggregate(
         follow("bank-account", "Deposited", "scheduled-by", "deposited"),
     ],
     on_refused="refused",
+    # A transfer is over once it has one of these: the host then delivers it
+    # nothing more.
+    finished_by=["Completed", "Compensated", "Failed", "RefundFailed"],
 )
 
 

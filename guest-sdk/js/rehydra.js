@@ -51,11 +51,13 @@
  * A process manager is an aggregate that also follows other aggregates'
  * events and sends them commands: give `aggregate()` a `process`
  * (`{ follows: [{ aggregateType, eventType, instance, command }],
- * onRefused }`), export `process` too, send commands with {@link send},
- * and build with `build.mjs --world process-manager`. Each followed event
- * arrives as the command `command` with data `{ event }`
+ * onRefused, finishedBy }`), export `process` too, send commands with
+ * {@link send}, and build with `build.mjs --world process-manager`. Each
+ * followed event arrives as the command `command` with data `{ event }`
  * ({@link t.followedEvent}); a refusal of a command it sent, as `onRefused`
- * with data `{ refusal }` ({@link t.refusal}).
+ * with data `{ refusal }` ({@link t.refusal}). Once an instance has stored
+ * one of the event types in `finishedBy`, it is finished: the host delivers
+ * it nothing more.
  *
  * An event's `apply` gets its data only. The metadata the host stored with
  * it arrives as one JSON string (`metadata` of each event passed to the
@@ -1058,7 +1060,7 @@ class PluginBug extends Error {}
  *   (each optional; `timers` made with {@link schedule} and
  *   {@link cancelTimer}), or nothing
  * @param {Record<string, {fields?: object, apply: Function}>} def.events
- * @param {{follows: Array<{aggregateType: string, eventType: string, instance: string | {dataField: string}, command: string}>, onRefused?: string}} [def.process]
+ * @param {{follows: Array<{aggregateType: string, eventType: string, instance: string | {dataField: string}, command: string}>, onRefused?: string, finishedBy?: string[]}} [def.process]
  *   makes the aggregate a process manager (see *Process managers* below):
  *   the result then also has `process`, the export of the
  *   `process-manager` world
@@ -1214,6 +1216,7 @@ export function aggregate(def) {
     exports.process = () => ({
       follows: processDescription.follows.map((f) => ({ ...f, instance: { ...f.instance } })),
       onRefused: processDescription.onRefused,
+      finishedBy: [...processDescription.finishedBy],
     });
   }
   return exports;
@@ -1238,6 +1241,7 @@ export function aggregate(def) {
  *       { aggregateType: 'bank-account', eventType: 'Withdrawn', instance: 'scheduled-by', command: 'debited' },
  *     ],
  *     onRefused: 'refused',
+ *     finishedBy: ['Completed', 'Failed'],
  *   },
  * });
  * ```
@@ -1262,13 +1266,19 @@ export function aggregate(def) {
  * comes back as its command `onRefused`, with data `{ refusal }`
  * ({@link t.refusal}); without `onRefused`, refusals are only logged.
  *
- * Every `command` and `onRefused` must be one of `commands`: anything else
- * is a bug in the plugin, and `aggregate()` throws (so the build fails).
+ * `finishedBy` (optional, default none) lists its own event types that
+ * finish an instance: once an instance has stored one of them, the host
+ * delivers it nothing more (events it would have received are dropped
+ * without a call) and lists it as finished.
+ *
+ * Every `command` and `onRefused` must be one of `commands`, and every
+ * `finishedBy` one of `events`: anything else is a bug in the plugin, and
+ * `aggregate()` throws (so the build fails).
  */
 
 const INSTANCE_KEYS = ['aggregate-id', 'correlation-id', 'scheduled-by'];
 const FOLLOW_OPTIONS = ['aggregateType', 'eventType', 'instance', 'command'];
-const PROCESS_OPTIONS = ['follows', 'onRefused'];
+const PROCESS_OPTIONS = ['follows', 'onRefused', 'finishedBy'];
 const INSTANCE_HELP = "give 'aggregate-id', 'correlation-id', 'scheduled-by' or { dataField: 'name' }";
 
 /** The option names in `obj` that are not in `allowed`, as a message part. */
@@ -1302,7 +1312,7 @@ function instanceKey(instance) {
 function describeProcess(def, problems) {
   const p = def.process;
   if (!isObject(p)) {
-    problems.push(`\`process\` must be an object, { follows, onRefused }, not ${shown(p)}`);
+    problems.push(`\`process\` must be an object, { follows, onRefused, finishedBy }, not ${shown(p)}`);
     return undefined;
   }
   const unknown = unknownOptions(p, PROCESS_OPTIONS);
@@ -1351,7 +1361,27 @@ function describeProcess(def, problems) {
       onRefused = p.onRefused;
     }
   }
-  return { follows, onRefused };
+  const finishedBy = [];
+  if (p.finishedBy !== undefined && p.finishedBy !== null) {
+    const events = isObject(def.events) ? def.events : {};
+    if (!Array.isArray(p.finishedBy)) {
+      problems.push(
+        `\`process.finishedBy\` must be an array of the names of event types, e.g. ['Completed'], not ${shown(p.finishedBy)}`,
+      );
+    } else {
+      p.finishedBy.forEach((eventType, i) => {
+        const at = `\`process.finishedBy[${i}]\``;
+        if (typeof eventType !== 'string') {
+          problems.push(`${at} must be the name of an event type, a string, not ${shown(eventType)}`);
+        } else if (!Object.hasOwn(events, eventType)) {
+          problems.push(`${at} names \`${eventType}\`, which is not one of \`events\``);
+        } else {
+          finishedBy.push(eventType);
+        }
+      });
+    }
+  }
+  return { follows, onRefused, finishedBy };
 }
 
 /** The command's data: blank reads as `{}`; then its declared fields. */

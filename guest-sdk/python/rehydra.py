@@ -49,14 +49,14 @@ once when it is due:
 
 A process manager is an aggregate that also follows other aggregates'
 events and sends them commands: give :class:`Aggregate` ``follows`` (made
-with :func:`follow`) and ``on_refused``, send commands with :func:`send`,
-and build with ``componentize-py -w process-manager``:
+with :func:`follow`), ``on_refused`` and ``finished_by``, send commands
+with :func:`send`, and build with ``componentize-py -w process-manager``:
 
 .. code-block:: python
 
     transfer = Aggregate(type="transfer", stream_prefix="transfer", state=...,
                          follows=[follow("bank-account", "Withdrawn", "scheduled-by", "debited")],
-                         on_refused="refused")
+                         on_refused="refused", finished_by=["Completed", "Failed"])
 
     @transfer.command("debited", mode="update", fields={"event": t.followed_event})
     def debited(state, cmd, ctx):
@@ -65,7 +65,9 @@ and build with ``componentize-py -w process-manager``:
 
 Each followed event arrives as the command ``command`` with data
 ``{"event": ...}`` (``t.followed_event``); a refusal of a command it sent,
-as ``on_refused`` with data ``{"refusal": ...}`` (``t.refusal``).
+as ``on_refused`` with data ``{"refusal": ...}`` (``t.refusal``). Once an
+instance has stored one of the event types in ``finished_by``, it is
+finished: the host delivers it nothing more.
 
 An event's apply function gets its data only. The metadata the host stored
 with the event arrives as one JSON string (``metadata`` of each event
@@ -1038,6 +1040,9 @@ class ProcessInfo:
     follows: list
     #: Its command that receives refusals; ``None``: they are only logged.
     on_refused: Optional[str]
+    #: Its own event types that finish an instance: once an instance has
+    #: stored one, the host delivers it nothing more.
+    finished_by: list = field(default_factory=list)
 
 
 def _to_wit_instance_key(wit: Any, instance: str | DataField) -> Any:
@@ -1057,6 +1062,7 @@ def _to_wit_process_info(wit: Any, info: ProcessInfo) -> Any:
             for f in info.follows
         ],
         info.on_refused,
+        list(info.finished_by),
     )
 
 
@@ -1116,6 +1122,7 @@ class Aggregate:
         initial_state: Any = None,
         follows: Optional[list[Follow]] = None,
         on_refused: Optional[str] = None,
+        finished_by: Optional[list[str]] = None,
     ) -> None:
         problems = []
         if not _valid_name(type):
@@ -1135,6 +1142,16 @@ class Aggregate:
                         problems.append(f"`follows[{i}]` must be made with follow(...), not {f!r}")
         if on_refused is not None and not isinstance(on_refused, str):
             problems.append(f"`on_refused` must be the name of a command, a str, not {on_refused!r}")
+        if finished_by is not None:
+            if not isinstance(finished_by, (list, tuple)):
+                problems.append(
+                    "`finished_by` must be a list of the names of event types, e.g. ['Completed'], "
+                    f"not {builtins.type(finished_by).__name__}"
+                )
+            else:
+                for i, e in enumerate(finished_by):
+                    if not isinstance(e, str):
+                        problems.append(f"`finished_by[{i}]` must be the name of an event type, a str, not {e!r}")
         if problems:
             raise ValueError("the aggregate definition is wrong: " + "; ".join(problems))
         #: The aggregate type.
@@ -1147,11 +1164,13 @@ class Aggregate:
         self._initial = initial_state if initial_state is not None else self._state_type.zero()
         self._commands: dict[str, tuple[str, Optional[dict], Callable]] = {}
         self._events: dict[str, tuple[FieldType, Callable]] = {}
-        #: Whether it is a process manager: it was given ``follows`` or
-        #: ``on_refused``, and :meth:`world` also exports ``process``.
-        self.is_process_manager = follows is not None or on_refused is not None
+        #: Whether it is a process manager: it was given ``follows``,
+        #: ``on_refused`` or ``finished_by``, and :meth:`world` also exports
+        #: ``process``.
+        self.is_process_manager = follows is not None or on_refused is not None or finished_by is not None
         self._follows: list[Follow] = list(follows or [])
         self._on_refused = on_refused
+        self._finished_by: list[str] = list(finished_by or [])
 
     # -- declarations ------------------------------------------------------
 
@@ -1190,10 +1209,12 @@ class Aggregate:
         return register
 
     def process_info(self) -> ProcessInfo:
-        """What this process manager declares (its ``follows`` and
-        ``on_refused``), after checking that every command they name is
-        declared. ``ValueError`` names each one that is not: a bug in the
-        plugin. :meth:`world` calls it, so that the mistake stops the build."""
+        """What this process manager declares (its ``follows``,
+        ``on_refused`` and ``finished_by``), after checking that every
+        command they name is declared, and every event type in
+        ``finished_by``. ``ValueError`` names each one that is not: a bug in
+        the plugin. :meth:`world` calls it, so that the mistake stops the
+        build."""
         problems = []
         for i, f in enumerate(self._follows):
             if f.command not in self._commands:
@@ -1203,9 +1224,12 @@ class Aggregate:
                 )
         if self._on_refused is not None and self._on_refused not in self._commands:
             problems.append(f"`on_refused` names `{self._on_refused}`, which is not a declared command")
+        for i, e in enumerate(self._finished_by):
+            if e not in self._events:
+                problems.append(f"`finished_by[{i}]` names `{e}`, which is not a declared event type")
         if problems:
             raise ValueError(f"the process manager `{self.type}` is wrong: " + "; ".join(problems))
-        return ProcessInfo(list(self._follows), self._on_refused)
+        return ProcessInfo(list(self._follows), self._on_refused, list(self._finished_by))
 
     def _check(self) -> None:
         if not self._commands:
@@ -1365,12 +1389,13 @@ class Aggregate:
         the plugin's main module. The WIT bindings are imported only when
         the host calls it, so the module also imports under CPython.
 
-        For a process manager (an aggregate given ``follows`` or
-        ``on_refused``), the class also has ``process``, the export of the
-        ``process-manager`` world (build with ``componentize-py -w
-        process-manager``); its declarations are checked here
-        (:meth:`process_info`), so a command they name that is not declared
-        fails the module's import, and with it the build."""
+        For a process manager (an aggregate given ``follows``,
+        ``on_refused`` or ``finished_by``), the class also has ``process``,
+        the export of the ``process-manager`` world (build with
+        ``componentize-py -w process-manager``); its declarations are
+        checked here (:meth:`process_info`), so a command or event type they
+        name that is not declared fails the module's import, and with it the
+        build."""
         agg = self
         process_info = self.process_info() if self.is_process_manager else None
 
@@ -1433,7 +1458,8 @@ class Aggregate:
         if process_info is not None:
 
             def process(self: Any) -> Any:
-                """Which events it follows and where refusals go."""
+                """Which events it follows, where refusals go and which of its
+                events finish an instance."""
                 from wit_world.imports import types as wit
 
                 return _trap_on_bug(agg.type, "process", lambda: _to_wit_process_info(wit, process_info))

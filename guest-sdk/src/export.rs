@@ -202,6 +202,7 @@ pub mod process {
                 })
                 .collect(),
             on_refused: info.on_refused.map(str::to_owned),
+            finished_by: info.finished_by.iter().map(|&t| t.to_owned()).collect(),
         }
     }
 }

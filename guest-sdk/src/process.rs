@@ -75,6 +75,9 @@ pub trait ProcessManager: Aggregate {
     /// Its command that receives the refusal of a command it sent (data
     /// `{"refusal": Refusal}`); `None`: refusals are only logged.
     const ON_REFUSED: Option<&'static str> = None;
+    /// Its own event types that finish an instance: once an instance has
+    /// stored one, the host delivers it nothing more.
+    const FINISHED_BY: &'static [&'static str] = &[];
 }
 
 /// An aggregate, by type and id.
@@ -142,10 +145,13 @@ pub struct ProcessDescription {
     pub follows: &'static [Follow],
     /// Its refusal command.
     pub on_refused: Option<&'static str>,
+    /// Its event types that finish an instance.
+    pub finished_by: &'static [&'static str],
 }
 
 /// Checks `P`'s declarations: every command it names is one of
-/// [`COMMANDS`](Aggregate::COMMANDS).
+/// [`COMMANDS`](Aggregate::COMMANDS), and every event type that finishes
+/// an instance is one of its events.
 pub fn process_info<P: ProcessManager>() -> Result<ProcessDescription, String> {
     let has = |name: &str| P::COMMANDS.iter().any(|c| c.name == name);
     for f in P::FOLLOWS {
@@ -163,8 +169,17 @@ pub fn process_info<P: ProcessManager>() -> Result<ProcessDescription, String> {
             "ON_REFUSED names `{command}`, which is not in COMMANDS"
         ));
     }
+    let description = crate::dispatch::describe::<P>()?;
+    for event_type in P::FINISHED_BY {
+        if !description.event_types.contains(event_type) {
+            return Err(format!(
+                "FINISHED_BY names `{event_type}`, which is not one of its event types"
+            ));
+        }
+    }
     Ok(ProcessDescription {
         follows: P::FOLLOWS,
         on_refused: P::ON_REFUSED,
+        finished_by: P::FINISHED_BY,
     })
 }

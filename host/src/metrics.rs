@@ -89,8 +89,9 @@ pub struct ProcessLabels {
     /// The process manager.
     pub process: String,
     /// `delivered`, `ignored` (the instance refused it: none to continue,
-    /// one already started, a domain refusal), `retry` (a try that failed
-    /// for now or in the plugin), `parked`.
+    /// one already started, a domain refusal), `finished` (dropped: its
+    /// instance has finished), `retry` (a try that failed for now or in the
+    /// plugin), `parked`.
     pub outcome: &'static str,
 }
 

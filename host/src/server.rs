@@ -273,11 +273,19 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     tokio::try_join!(http_server, grpc_server)?;
     // The timer runner stops sending at the same signal; its commands in
     // flight are answered before the store closes.
-    if let Err(e) = timers.await {
-        tracing::error!("the timer runner failed: {e}");
-    }
-    if let Err(e) = processes.await {
-        tracing::error!("the process managers failed: {e}");
+    // Bounded: a command still in flight ends within --command-timeout,
+    // and nothing else there waits; should that ever not hold, the host
+    // still stops (what was not sent is sent at the next start).
+    let grace = config.actors.command_timeout + std::time::Duration::from_secs(5);
+    for (what, task) in [("timer runner", timers), ("process managers", processes)] {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the {what} failed: {e}"),
+            Err(_) => tracing::warn!(
+                "the {what} did not stop within {grace:?}; stopping without them (the next start \
+                 goes on from where they were)"
+            ),
+        }
     }
     // Every request is answered: the store finishes its work (the embedded
     // one indexes the rest of its log), so the next start recovers nothing.

@@ -168,6 +168,14 @@ async fn a_transfer_completes_is_compensated_or_fails(pm: &str) {
     assert_eq!(transfer["name"], pm, "{processes}");
     assert_eq!(transfer["process"]["on_refused"], "refused", "{processes}");
     assert_eq!(transfer["parkedCount"], 0, "{processes}");
+    // t1, t2 and t3 have ended: their last events finish them (the
+    // refused t4 never started).
+    assert_eq!(transfer["finishedCount"], 3, "{processes}");
+    assert_eq!(
+        transfer["process"]["finished_by"],
+        json!(["Completed", "Compensated", "Failed", "RefundFailed"]),
+        "{processes}"
+    );
     assert!(
         transfer["checkpoint"].as_u64().is_some_and(|c| c > 0),
         "{processes}"

@@ -218,6 +218,8 @@ impl ProcessManager for Transfer {
         ),
     ];
     const ON_REFUSED: Option<&'static str> = Some("refused");
+    const FINISHED_BY: &'static [&'static str] =
+        &["Completed", "Compensated", "Failed", "RefundFailed"];
 }
 
 /// A command to a bank account, sent at once.

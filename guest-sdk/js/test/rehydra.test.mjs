@@ -532,6 +532,7 @@ function relay({ process, commands } = {}) {
         { aggregateType: 'order', eventType: 'Placed', instance: { dataField: 'customer' }, command: 'heard' },
       ],
       onRefused: 'refused',
+      finishedBy: ['Refused'],
     },
   };
 }
@@ -548,13 +549,25 @@ test('process() gives the contract\'s process-info for each instance key', () =>
       { aggregateType: 'order', eventType: 'Placed', instance: { tag: 'data-field', val: 'customer' }, command: 'heard' },
     ],
     onRefused: 'refused',
+    finishedBy: ['Refused'],
   });
   // Each call gives a fresh copy.
   pm.process().follows[0].instance.tag = 'changed';
   assert.equal(pm.process().follows[0].instance.tag, 'aggregate-id');
-  // Without onRefused: option none; no follows at all is allowed too.
-  assert.deepEqual(aggregate(relay({ process: { follows: [] } })).process(), { follows: [], onRefused: undefined });
-  assert.deepEqual(aggregate(relay({ process: { follows: [], onRefused: null } })).process(), { follows: [], onRefused: undefined });
+  pm.process().finishedBy.push('Heard');
+  assert.deepEqual(pm.process().finishedBy, ['Refused']);
+  // Without onRefused: option none; without finishedBy: no event type
+  // finishes an instance; no follows at all is allowed too.
+  assert.deepEqual(aggregate(relay({ process: { follows: [] } })).process(), { follows: [], onRefused: undefined, finishedBy: [] });
+  assert.deepEqual(
+    aggregate(relay({ process: { follows: [], onRefused: null, finishedBy: null } })).process(),
+    { follows: [], onRefused: undefined, finishedBy: [] },
+  );
+  // Several event types, in the order given.
+  assert.deepEqual(
+    aggregate(relay({ process: { follows: [], finishedBy: ['Refused', 'Started'] } })).process(),
+    { follows: [], onRefused: undefined, finishedBy: ['Refused', 'Started'] },
+  );
   // A plain aggregate exports no `process`.
   assert.equal('process' in tab, false);
   // The aggregate's own exports are unchanged.
@@ -565,7 +578,7 @@ test('process() gives the contract\'s process-info for each instance key', () =>
   ]);
 });
 
-test('a process that names an undeclared command, or is malformed, fails at definition time', () => {
+test('a process that names an undeclared command or event type, or is malformed, fails at definition time', () => {
   const wrong = (process) => {
     try {
       aggregate(relay({ process }));
@@ -592,15 +605,26 @@ test('a process that names an undeclared command, or is malformed, fails at defi
     "`process.follows[0]` needs an `eventType`: the type of the event it follows, e.g. 'Withdrawn'",
     '`process.follows[0]` needs a `command`: the name of the command that receives the event',
   ]);
+  assert.deepEqual(wrong({ follows: [], finishedBy: ['Refused', 'Completed', 'refused'] }), [
+    '`process.finishedBy[1]` names `Completed`, which is not one of `events`',
+    '`process.finishedBy[2]` names `refused`, which is not one of `events`',
+  ]);
+  assert.deepEqual(wrong({ follows: [], finishedBy: 'Refused' }), [
+    "`process.finishedBy` must be an array of the names of event types, e.g. ['Completed'], not \"Refused\"",
+  ]);
+  assert.deepEqual(wrong({ follows: [], finishedBy: [5, { type: 'Refused' }] }), [
+    '`process.finishedBy[0]` must be the name of an event type, a string, not 5',
+    '`process.finishedBy[1]` must be the name of an event type, a string, not an object',
+  ]);
   assert.deepEqual(wrong({ follows: 'all', onRefused: 5, onRefuse: 'refused' }), [
-    '`process` has the unknown option `onRefuse`: give only `follows`, `onRefused`',
+    '`process` has the unknown option `onRefuse`: give only `follows`, `onRefused`, `finishedBy`',
     '`process.follows` must be an array of { aggregateType, eventType, instance, command }, not "all"',
     '`process.onRefused` must be the name of a command, a string, not 5',
   ]);
   assert.deepEqual(wrong({ onRefused: 'refused' }), [
     '`process.follows` must be an array of { aggregateType, eventType, instance, command }, not undefined',
   ]);
-  assert.deepEqual(wrong([]), ['`process` must be an object, { follows, onRefused }, not an array']);
+  assert.deepEqual(wrong([]), ['`process` must be an object, { follows, onRefused, finishedBy }, not an array']);
   assert.deepEqual(wrong({ follows: [null] }), [
     '`process.follows[0]` must be an object, { aggregateType, eventType, instance, command }, not null',
   ]);

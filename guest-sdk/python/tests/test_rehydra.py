@@ -620,7 +620,7 @@ class TimerTest(unittest.TestCase):
 # Process managers
 
 
-def make_relay(follows=..., on_refused="refused", declare=True):
+def make_relay(follows=..., on_refused="refused", finished_by=("Refused",), declare=True):
     """A process manager following one event type per instance key."""
     if follows is ...:
         follows = [
@@ -635,6 +635,7 @@ def make_relay(follows=..., on_refused="refused", declare=True):
         state={"seen": t.u64, "last": t.omittable(t.string)},
         follows=follows,
         on_refused=on_refused,
+        finished_by=None if finished_by is None else list(finished_by),
     )
     if not declare:
         return agg
@@ -709,6 +710,7 @@ class WitFollow:
 class WitProcessInfo:
     follows: list
     on_refused: Optional[str]
+    finished_by: list
 
 
 def fake_process_bindings(logged):
@@ -750,18 +752,32 @@ class ProcessManagerTest(unittest.TestCase):
                         WitFollow("order", "Placed", WitInstanceKeyDataField("customer"), "heard"),
                     ],
                     "refused",
+                    ["Refused"],
                 ),
             )
-            # Without on_refused: none; no follows at all is allowed too.
+            # Without on_refused: none; without finished_by: no event type
+            # finishes an instance; no follows at all is allowed too.
             self.assertEqual(make_relay(on_refused=None).world()().process().on_refused, None)
-            self.assertEqual(make_relay(follows=[]).world()().process(), WitProcessInfo([], "refused"))
+            self.assertEqual(make_relay(finished_by=None).world()().process().finished_by, [])
+            self.assertEqual(make_relay(follows=[]).world()().process(), WitProcessInfo([], "refused", ["Refused"]))
+            self.assertEqual(
+                make_relay(follows=[], on_refused=None, finished_by=None).world()().process(),
+                WitProcessInfo([], None, []),
+            )
+            # Several event types, in the order given.
+            self.assertEqual(
+                make_relay(finished_by=("Refused", "Started")).world()().process().finished_by,
+                ["Refused", "Started"],
+            )
             # The aggregate's exports are there as ever.
             for export in ("describe", "initial_state", "apply", "handle"):
                 self.assertTrue(callable(getattr(world, export)), export)
         self.assertTrue(relay.is_process_manager)
         self.assertFalse(tab.is_process_manager)
         self.assertFalse(hasattr(tab.world(), "process"))
-        self.assertTrue(make_relay(follows=None).is_process_manager)  # on_refused alone
+        self.assertTrue(make_relay(follows=None, finished_by=None).is_process_manager)  # on_refused alone
+        self.assertTrue(make_relay(follows=None, on_refused=None).is_process_manager)  # finished_by alone
+        self.assertFalse(make_relay(follows=None, on_refused=None, finished_by=None).is_process_manager)
         self.assertEqual(
             relay.process_info(),
             ProcessInfo(
@@ -772,21 +788,31 @@ class ProcessManagerTest(unittest.TestCase):
                     Follow("order", "Placed", DataField("customer"), "heard"),
                 ],
                 "refused",
+                ["Refused"],
             ),
         )
+        self.assertEqual(make_relay(finished_by=None).process_info().finished_by, [])
 
-    def test_a_process_that_names_an_undeclared_command_fails_at_definition_time(self):
-        agg = make_relay(follows=[follow("bank-account", "Withdrawn", "scheduled-by", "debited")], on_refused="refuse")
+    def test_a_process_that_names_an_undeclared_command_or_event_type_fails_at_definition_time(self):
+        agg = make_relay(
+            follows=[follow("bank-account", "Withdrawn", "scheduled-by", "debited")],
+            on_refused="refuse",
+            finished_by=["Refused", "Completed", "refused"],
+        )
         with self.assertRaises(ValueError) as caught:
             agg.world()
         self.assertEqual(
             str(caught.exception),
             "the process manager `relay` is wrong: "
             "`follows[0]` sends bank-account/Withdrawn to `debited`, which is not a declared command; "
-            "`on_refused` names `refuse`, which is not a declared command",
+            "`on_refused` names `refuse`, which is not a declared command; "
+            "`finished_by[1]` names `Completed`, which is not a declared event type; "
+            "`finished_by[2]` names `refused`, which is not a declared event type",
         )
         with self.assertRaisesRegex(ValueError, "`on_refused` names `refused`"):
             make_relay(declare=False).world()
+        with self.assertRaisesRegex(ValueError, "`finished_by\\[0\\]` names `Refused`, which is not a declared event type"):
+            make_relay(declare=False).process_info()
 
     def test_malformed_declarations_fail_when_made(self):
         def wrong(make):
@@ -819,6 +845,15 @@ class ProcessManagerTest(unittest.TestCase):
             "the aggregate definition is wrong: `stream_prefix` must be 1-64 letters, digits, `_` or `.`, "
             "starting with a letter (no `-`); `follows` must be a list of follow(...), not str; "
             "`on_refused` must be the name of a command, a str, not 5",
+        )
+        self.assertEqual(
+            wrong(lambda: Aggregate(type="r", stream_prefix="r", state={}, finished_by="Completed")),
+            "the aggregate definition is wrong: `finished_by` must be a list of the names of event types, "
+            "e.g. ['Completed'], not str",
+        )
+        self.assertEqual(
+            wrong(lambda: Aggregate(type="r", stream_prefix="r", state={}, finished_by=["Completed", 5])),
+            "the aggregate definition is wrong: `finished_by[1]` must be the name of an event type, a str, not 5",
         )
 
     def test_send_is_schedule_with_after_ms_0_and_a_target(self):

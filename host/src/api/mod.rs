@@ -113,6 +113,9 @@ pub struct ProcessView {
     pub parked: Vec<crate::timer::ParkedEvent>,
     /// How many events it parked in all.
     pub parked_count: u64,
+    /// How many of its instances have finished (stored an event of a type
+    /// in its `finished_by`).
+    pub finished_count: u64,
 }
 
 /// The process managers the host serves.
@@ -126,16 +129,18 @@ pub fn list_processes(ctx: &ApiContext) -> Result<Vec<ProcessView>, CommandError
             continue;
         };
         let name = p.info.aggregate_type.clone();
-        let (checkpoint, (parked, parked_count)) = match ctx.aggregates.timer_index() {
-            Some(index) => (
-                index
-                    .process_checkpoint(&name)
-                    .map_err(internal)?
-                    .map(|(position, _)| position),
-                index.parked(&name, MAX_PARKED).map_err(internal)?,
-            ),
-            None => (None, (Vec::new(), 0)),
-        };
+        let (checkpoint, (parked, parked_count), finished_count) =
+            match ctx.aggregates.timer_index() {
+                Some(index) => (
+                    index
+                        .process_checkpoint(&name)
+                        .map_err(internal)?
+                        .map(|(position, _)| position),
+                    index.parked(&name, MAX_PARKED).map_err(internal)?,
+                    index.finished_count(&name).map_err(internal)?,
+                ),
+                None => (None, (Vec::new(), 0), 0),
+            };
         views.push(ProcessView {
             name,
             plugin: p.name.clone(),
@@ -143,6 +148,7 @@ pub fn list_processes(ctx: &ApiContext) -> Result<Vec<ProcessView>, CommandError
             checkpoint,
             parked,
             parked_count,
+            finished_count,
         });
     }
     Ok(views)

@@ -160,9 +160,19 @@ pub(super) fn validate_process(
             "process() sends refusals to the command {command:?}, which describe() does not list"
         );
     }
+    for event_type in &process.finished_by {
+        if !info.event_types.contains(event_type) {
+            bail!(
+                "process() says {event_type:?} finishes an instance, but describe() does not list \
+                 that event type ({})",
+                info.event_types.join(", ")
+            );
+        }
+    }
     Ok(ProcessInfo {
         follows,
         on_refused: process.on_refused,
+        finished_by: process.finished_by,
     })
 }
 

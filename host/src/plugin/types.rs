@@ -79,6 +79,8 @@ pub struct ProcessInfo {
     pub follows: Vec<Follow>,
     /// Its command that receives its refused commands; `None`: logged only.
     pub on_refused: Option<String>,
+    /// Its own event types that finish an instance.
+    pub finished_by: Vec<String>,
 }
 
 impl PluginInfo {

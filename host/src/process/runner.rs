@@ -54,6 +54,23 @@ pub async fn run(
     let (mut checkpoint, first_seen_at) = loop {
         let known = index.process_checkpoint(&name).map_err(|e| e.to_string());
         let found = match known {
+            // A checkpoint past the log's end is another log's (the store
+            // was replaced): start again as if first seen.
+            Ok(Some((position, _))) if store.head_position().await.is_ok_and(|h| position > h) => {
+                tracing::warn!(
+                    process = %name,
+                    position,
+                    "process manager: its checkpoint is past the log's end (was the store \
+                     replaced?); reading the log from its start"
+                );
+                match store.head_position().await {
+                    Ok(head) => index
+                        .set_process_checkpoint_anew(&name, head)
+                        .map(|()| (0, head))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("cannot read the log's head: {e}")),
+                }
+            }
             Ok(Some(found)) => Ok(found),
             Ok(None) => match store.head_position().await {
                 Ok(head) => index
@@ -103,6 +120,13 @@ pub async fn run(
         };
         let full = page.len() >= PAGE;
         for e in &page {
+            if let Some(instance) = finished_instance(&plugin.info, e)
+                && let Err(err) = index.mark_finished(&name, instance)
+            {
+                // Not fatal: the instance's own handlers ignore what
+                // comes after its end; only the saving is lost.
+                tracing::warn!(process = %name, "process manager: {err}");
+            }
             let delivery = route(&plugin.info, aggregates.plugins(), e).filter(|d| {
                 e.position > first_seen_at
                     || plugin
@@ -111,6 +135,15 @@ pub async fn run(
                         .is_some_and(|c| c.mode == crate::plugin::CommandMode::Update)
             });
             if let Some(delivery) = delivery {
+                if index
+                    .is_finished(&name, &delivery.instance)
+                    .unwrap_or(false)
+                {
+                    tracing::debug!(process = %name, instance = %delivery.instance, "event dropped: its instance has finished");
+                    count_event(&name, "finished");
+                    checkpoint = e.position;
+                    continue;
+                }
                 let delivered = deliver(&name, &index, &aggregates, e, delivery, &mut stop).await;
                 if !delivered {
                     // Stopping: this event was not handled.
@@ -162,15 +195,7 @@ async fn deliver(
     let _enter = span.enter();
     let mut failures: u32 = 0;
     let mut waits: u32 = 0;
-    let count = |outcome| {
-        crate::metrics::global()
-            .process_events
-            .get_or_create(&crate::metrics::ProcessLabels {
-                process: name.to_string(),
-                outcome,
-            })
-            .inc();
-    };
+    let count = |outcome| count_event(name, outcome);
     loop {
         let result = aggregates.execute(delivery.request.clone()).await;
         let error = match result {
@@ -236,5 +261,83 @@ async fn deliver(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return false,
         }
+    }
+}
+
+/// Counts one event of process manager `name` under `outcome`.
+fn count_event(name: &str, outcome: &'static str) {
+    crate::metrics::global()
+        .process_events
+        .get_or_create(&crate::metrics::ProcessLabels {
+            process: name.to_string(),
+            outcome,
+        })
+        .inc();
+}
+
+/// The instance `e` finishes, if it is one of the process manager's own
+/// events of a type it declared as finishing (`finished-by`).
+fn finished_instance<'e>(pm: &crate::plugin::PluginInfo, e: &'e RecordedEvent) -> Option<&'e str> {
+    let process = pm.process.as_ref()?;
+    if !process.finished_by.contains(&e.event_type) {
+        return None;
+    }
+    e.stream
+        .strip_prefix(pm.stream_prefix.as_str())?
+        .strip_prefix('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{CommandMode, CommandSpec, PluginInfo, ProcessInfo};
+
+    fn event(stream: &str, event_type: &str) -> RecordedEvent {
+        RecordedEvent {
+            stream: stream.into(),
+            version: 3,
+            position: 9,
+            event_id: uuid::Uuid::nil(),
+            event_type: event_type.into(),
+            data: b"{}".to_vec(),
+            metadata: b"{}".to_vec(),
+            message_id: "m".into(),
+        }
+    }
+
+    #[test]
+    fn only_its_own_finishing_events_finish_an_instance() {
+        let pm = PluginInfo {
+            aggregate_type: "transfer".into(),
+            stream_prefix: "transfer".into(),
+            state_schema: 1,
+            commands: vec![CommandSpec {
+                name: "start".into(),
+                mode: CommandMode::Create,
+            }],
+            event_types: vec!["Started".into(), "Completed".into()],
+            process: Some(ProcessInfo {
+                follows: Vec::new(),
+                on_refused: None,
+                finished_by: vec!["Completed".into()],
+            }),
+        };
+        assert_eq!(
+            finished_instance(&pm, &event("transfer-t1", "Completed")),
+            Some("t1")
+        );
+        assert_eq!(
+            finished_instance(&pm, &event("transfer-t1", "Started")),
+            None
+        );
+        // Another aggregate's event of the same name finishes nothing.
+        assert_eq!(
+            finished_instance(&pm, &event("order-t1", "Completed")),
+            None
+        );
+        assert_eq!(
+            finished_instance(&pm, &event("transferx-t1", "Completed")),
+            None
+        );
     }
 }

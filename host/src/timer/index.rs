@@ -181,7 +181,8 @@ impl TimerIndex {
             );
             conn.execute_batch(
                 "DROP TABLE IF EXISTS timers; DROP TABLE IF EXISTS process_checkpoints; \
-                 DROP TABLE IF EXISTS parked_events; DELETE FROM timer_state;",
+                 DROP TABLE IF EXISTS parked_events; DROP TABLE IF EXISTS finished_instances; \
+                 DELETE FROM timer_state;",
             )
             .map_err(open_err)?;
         }
@@ -214,6 +215,11 @@ impl TimerIndex {
                  position INTEGER NOT NULL,
                  first_seen_at INTEGER NOT NULL
              );
+             CREATE TABLE IF NOT EXISTS finished_instances (
+                 process TEXT NOT NULL,
+                 instance TEXT NOT NULL,
+                 PRIMARY KEY (process, instance)
+             ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS parked_events (
                  process TEXT NOT NULL,
                  position INTEGER NOT NULL,

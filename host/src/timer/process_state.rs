@@ -1,6 +1,6 @@
 //! What the process managers keep in the timer index file: each one's
 //! checkpoint (the log position it has handled, and the log's head when it
-//! first ran), and the events it parked.
+//! first ran), the events it parked, and its finished instances.
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -72,6 +72,30 @@ impl TimerIndex {
         Ok(())
     }
 
+    /// Starts process manager `process` again from the start of the log,
+    /// first seen at `head`, forgetting its finished instances.
+    pub fn set_process_checkpoint_anew(
+        &self,
+        process: &str,
+        head: u64,
+    ) -> Result<(), TimerIndexError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql("starting a transaction"))?;
+        tx.execute(
+            "INSERT INTO process_checkpoints (process, position, first_seen_at) \
+             VALUES (?1, 0, ?2) \
+             ON CONFLICT (process) DO UPDATE SET position = 0, first_seen_at = excluded.first_seen_at",
+            params![process, ms(head)],
+        )
+        .map_err(sql("resetting a process manager's checkpoint"))?;
+        tx.execute(
+            "DELETE FROM finished_instances WHERE process = ?1",
+            [process],
+        )
+        .map_err(sql("resetting a process manager's checkpoint"))?;
+        tx.commit().map_err(sql("committing"))
+    }
+
     /// Records an event process manager `process` could not handle.
     pub fn park(&self, parked: &ParkedEvent) -> Result<(), TimerIndexError> {
         self.lock()
@@ -140,5 +164,41 @@ impl TimerIndex {
             )
             .map_err(sql("counting parked events"))?;
         Ok((rows, count.max(0) as u64))
+    }
+
+    /// Records that `instance` of process manager `process` has finished.
+    pub fn mark_finished(&self, process: &str, instance: &str) -> Result<(), TimerIndexError> {
+        self.lock()
+            .execute(
+                "INSERT OR IGNORE INTO finished_instances (process, instance) VALUES (?1, ?2)",
+                params![process, instance],
+            )
+            .map_err(sql("recording a finished instance"))?;
+        Ok(())
+    }
+
+    /// Whether `instance` of process manager `process` has finished.
+    pub fn is_finished(&self, process: &str, instance: &str) -> Result<bool, TimerIndexError> {
+        self.lock()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM finished_instances \
+                 WHERE process = ?1 AND instance = ?2)",
+                params![process, instance],
+                |r| r.get(0),
+            )
+            .map_err(sql("looking up a finished instance"))
+    }
+
+    /// How many instances of process manager `process` have finished.
+    pub fn finished_count(&self, process: &str) -> Result<u64, TimerIndexError> {
+        let n: i64 = self
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM finished_instances WHERE process = ?1",
+                [process],
+                |r| r.get(0),
+            )
+            .map_err(sql("counting finished instances"))?;
+        Ok(n.max(0) as u64)
     }
 }
