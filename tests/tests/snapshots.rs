@@ -67,9 +67,28 @@ async fn wait_for_written(host: &Host, n: f64) {
 
 /// The embedded store in a stopped host's directory, for a look inside.
 async fn open_store(host: &Host) -> EmbeddedStore {
-    EmbeddedStore::open(&host.dir.path().join("data"))
-        .await
-        .expect("open the stopped host's store")
+    open_stopped(&host.dir.path().join("data")).await
+}
+
+/// Opens a stopped host's store in this process. The directory's lock can
+/// be held for a moment after this process closed the store: another test
+/// of this process spawning a host forks it, and the child holds a copy of
+/// every open file (the lock's among them) until it execs. So a refusal
+/// for a lock in use is tried again, briefly.
+async fn open_stopped(dir: &Path) -> EmbeddedStore {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match EmbeddedStore::open(dir).await {
+            Ok(store) => return store,
+            Err(e)
+                if format!("{e:#}").contains("is in use")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("open the stopped host's store: {e:#}"),
+        }
+    }
 }
 
 fn stream(id: &str) -> String {
@@ -250,9 +269,7 @@ fn uuid_like(snapshot: &Snapshot) -> uuid::Uuid {
 /// Stores `snapshot` in a stopped host's store in place of the one there
 /// (through another schema first: the store keeps the newest of a schema).
 async fn put_snapshot(dir: &Path, snapshot: Snapshot) {
-    let store = EmbeddedStore::open(&dir.join("data"))
-        .await
-        .expect("open the stopped host's store");
+    let store = open_stopped(&dir.join("data")).await;
     let other = Snapshot {
         schema: snapshot.schema + 1000,
         ..snapshot.clone()
