@@ -1,6 +1,7 @@
 //! Timers and process managers on a store shared by hosts: two hosts on
-//! one real PostgreSQL server, each with its own timer index, each
-//! sending due timers and delivering followed events. Every timer and
+//! one real PostgreSQL server (and on the KurrentDB test double), each with
+//! its own timer index, each sending due timers and delivering followed
+//! events. Every timer and
 //! every delivery must take effect once: the second host's sending is
 //! answered by the message id.
 
@@ -43,7 +44,23 @@ async fn state(host: &Host, aggregate_type: &str, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_on_one_database_fire_each_timer_and_end_each_transfer_once() {
     let server = pg_server().await;
-    let (hosts, _caches) = hosts_on(PLUGINS, &server.url("postgres"), 2);
+    two_hosts_fire_each_timer_and_end_each_transfer_once(&server.url("postgres")).await;
+}
+
+/// The same on the KurrentDB **test double** (no KurrentDB server can run
+/// here): the `$timers` events live in the aggregates' own streams and are
+/// read back through `$all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_one_kurrentdb_double_fire_each_timer_and_end_each_transfer_once() {
+    let double =
+        kurrentdb_double::KurrentDbDouble::start(kurrentdb_double::DoubleConfig::default())
+            .await
+            .expect("the KurrentDB test double");
+    two_hosts_fire_each_timer_and_end_each_transfer_once(&double.connection_string()).await;
+}
+
+async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
+    let (hosts, _caches) = hosts_on(PLUGINS, url, 2);
     let host = |i: usize| &hosts[i % 2];
 
     for account in ["a", "b"] {

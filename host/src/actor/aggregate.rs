@@ -108,20 +108,6 @@ impl Inner {
             // another host moved the aggregate on: look first.
             self.catch_up(plugin, stream, live).await?;
         }
-        // A dry run neither replays nor records an idempotency key.
-        if req.idempotency_key.is_some() && !req.dry_run {
-            // The command's first event would have this id (the ids are
-            // derived from the message id), whichever attempt stored it.
-            let earlier = self
-                .store
-                .find_command_events(stream, event_id(stream, &ids.message_id, 0))
-                .await?;
-            if !earlier.is_empty() {
-                same_request(req, &ids, &earlier[0])?;
-                return replayed_outcome(req, &earlier);
-            }
-        }
-
         let metadata = ids.guest_metadata(req.principal.as_deref(), req.timer.as_ref());
         let input = CommandInput {
             command_type: &req.command,
@@ -132,6 +118,25 @@ impl Inner {
         let mut rebuilt_for_schema = false;
         let mut attempt = 0;
         loop {
+            // A dry run neither replays nor records an idempotency key.
+            // Looked up again after every catch-up: the events caught up
+            // with may be this very command, stored by another host (both
+            // send a timer's command); deciding it again would append it
+            // again where the store does not recognise a retry by its ids
+            // at another expected version (KurrentDB).
+            if req.idempotency_key.is_some() && !req.dry_run {
+                // The command's first event would have this id (the ids
+                // are derived from the message id), whichever attempt
+                // stored it.
+                let earlier = self
+                    .store
+                    .find_command_events(stream, event_id(stream, &ids.message_id, 0))
+                    .await?;
+                if !earlier.is_empty() {
+                    same_request(req, &ids, &earlier[0])?;
+                    return replayed_outcome(req, &earlier);
+                }
+            }
             if let Some(expected) = req.expected_version
                 && expected != live.version
             {
