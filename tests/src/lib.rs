@@ -407,6 +407,22 @@ impl Host {
         Self::finish(self.http.get(format!("{}{path}", self.base))).await
     }
 
+    /// An aggregate's state (the `state` of `GET /v1/aggregates/…`),
+    /// failing the test unless the read answers 200.
+    pub async fn state(&self, aggregate_type: &str, id: &str) -> Value {
+        let (status, body) = self
+            .get(&format!("/v1/aggregates/{aggregate_type}/{id}"))
+            .await;
+        assert_eq!(status, 200, "{aggregate_type}/{id}: {body}");
+        body["state"].clone()
+    }
+
+    /// A command that must succeed (200), failing the test otherwise.
+    pub async fn command_ok(&self, aggregate_type: &str, id: &str, command: &str, body: Value) {
+        let (status, answer) = self.command(aggregate_type, id, command, body).await;
+        assert_eq!(status, 200, "{aggregate_type}/{id} {command}: {answer}");
+    }
+
     /// Every event of `stream`, read page after page (a page holds at most
     /// 1,000 events).
     pub async fn read_stream(&self, stream: &str) -> Vec<Value> {
@@ -506,6 +522,23 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         let (key, value) = line.rsplit_once(' ')?;
         (key == name_and_labels).then(|| value.parse().ok())?
     })
+}
+
+/// Polls `check` every 50 ms until it gives `Some`, for at most `limit`;
+/// fails the test naming `what` when it never does.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The error code of an error body.

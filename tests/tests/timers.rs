@@ -9,41 +9,17 @@
 //! too many timers are refused with nothing stored.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rehydra::api::grpc::pb;
 use rehydra::api::grpc::pb::timers_client::TimersClient;
-use rehydra_e2e::{Host, code, metric};
+use rehydra_e2e::{Host, code, metric, wait_for};
 use serde_json::{Value, json};
 
 const PLUGINS: &[&str] = &["order", "inventory"];
 
-/// Polls `check` every 50 ms until it gives `Some`, for at most `limit`.
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn state(host: &Host, aggregate_type: &str, id: &str) -> Value {
-    let (status, body) = host
-        .get(&format!("/v1/aggregates/{aggregate_type}/{id}"))
-        .await;
-    assert_eq!(status, 200, "{aggregate_type}/{id}: {body}");
-    body["state"].clone()
-}
-
 async fn order_status(host: &Host, id: &str) -> String {
-    state(host, "order", id).await["status"]
+    host.state("order", id).await["status"]
         .as_str()
         .unwrap_or_default()
         .to_string()
@@ -136,7 +112,7 @@ async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_paid_one_is_not() {
     })
     .await;
     let stock = wait_for(Duration::from_secs(20), "the stock to settle", || async {
-        let stock = state(&host, "inventory", "sku-1").await;
+        let stock = host.state("inventory", "sku-1").await;
         (stock["reserved"] == json!({}) && stock["on_hand"] == 7).then_some(stock)
     })
     .await;
@@ -189,7 +165,7 @@ async fn a_timer_due_while_the_host_was_down_fires_at_start_marked_late() {
     // The reservation fires at once; the deadline must fall while the host
     // is down.
     wait_for(Duration::from_secs(20), "the reservation", || async {
-        (state(&host, "inventory", "sku-1").await["reserved"] == json!({"o3": 1})).then_some(())
+        (host.state("inventory", "sku-1").await["reserved"] == json!({"o3": 1})).then_some(())
     })
     .await;
     host.kill9();
@@ -206,7 +182,7 @@ async fn a_timer_due_while_the_host_was_down_fires_at_start_marked_late() {
     assert_eq!(cancelled[0]["data"]["late"], true, "{o3:?}");
     assert_eq!(cancelled[0]["metadata"]["timer"]["late"], true, "{o3:?}");
     wait_for(Duration::from_secs(20), "the release", || async {
-        (state(&host, "inventory", "sku-1").await == json!({"on_hand": 5, "reserved": {}}))
+        (host.state("inventory", "sku-1").await == json!({"on_hand": 5, "reserved": {}}))
             .then_some(())
     })
     .await;
@@ -287,9 +263,8 @@ async fn timers_take_effect_once_across_kill9_restarts() {
     }
     let sold: u64 = paid.iter().map(|id| quantities[id]).sum();
     wait_for(Duration::from_secs(60), "the stock to settle", || async {
-        (state(&host, "inventory", "sku-1").await
-            == json!({"on_hand": STOCK - sold, "reserved": {}}))
-        .then_some(())
+        (host.state("inventory", "sku-1").await == json!({"on_hand": STOCK - sold, "reserved": {}}))
+            .then_some(())
     })
     .await;
 

@@ -11,62 +11,26 @@
 //! parked and shown, and the other transfers go on.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rehydra_e2e::{Host, metric, test_plugin};
+use rehydra_e2e::{Host, metric, test_plugin, wait_for};
 use serde_json::{Value, json};
 
 const PLUGINS: &[&str] = &["bank-account", "transfer"];
 
 const TERMINAL: &[&str] = &["completed", "compensated", "failed", "refund-failed"];
 
-/// Polls `check` every 50 ms until it gives `Some`, for at most `limit`.
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn state(host: &Host, aggregate_type: &str, id: &str) -> Value {
-    let (status, body) = host
-        .get(&format!("/v1/aggregates/{aggregate_type}/{id}"))
-        .await;
-    assert_eq!(status, 200, "{aggregate_type}/{id}: {body}");
-    body["state"].clone()
-}
-
 async fn balance(host: &Host, account: &str) -> u64 {
-    state(host, "bank-account", account).await["balance"]
+    host.state("bank-account", account).await["balance"]
         .as_u64()
         .expect("a balance")
 }
 
-async fn ok(host: &Host, aggregate_type: &str, id: &str, command: &str, body: Value) {
-    let (status, answer) = host.command(aggregate_type, id, command, body).await;
-    assert_eq!(status, 200, "{aggregate_type}/{id} {command}: {answer}");
-}
-
 async fn open(host: &Host, account: &str, balance: u64) {
-    ok(
-        host,
-        "bank-account",
-        account,
-        "open",
-        json!({ "owner": account }),
-    )
-    .await;
+    host.command_ok("bank-account", account, "open", json!({ "owner": account }))
+        .await;
     if balance > 0 {
-        ok(
-            host,
+        host.command_ok(
             "bank-account",
             account,
             "deposit",
@@ -81,8 +45,7 @@ async fn start(host: &Host, id: &str, from: &str, to: &str, amount: u64) {
 }
 
 async fn start_with(host: &Host, pm: &str, id: &str, from: &str, to: &str, amount: u64) {
-    ok(
-        host,
+    host.command_ok(
         pm,
         id,
         "start",
@@ -101,7 +64,7 @@ async fn finished_with(host: &Host, pm: &str, id: &str) -> String {
         Duration::from_secs(60),
         &format!("transfer {id} to end"),
         || async {
-            let status = state(host, pm, id).await["status"]
+            let status = host.state(pm, id).await["status"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
@@ -119,13 +82,14 @@ async fn a_transfer_completes_is_compensated_or_fails(pm: &str) {
     open(&host, "a", 100).await;
     open(&host, "b", 0).await;
     open(&host, "c", 0).await;
-    ok(&host, "bank-account", "c", "close", json!({})).await;
+    host.command_ok("bank-account", "c", "close", json!({}))
+        .await;
 
     start_with(&host, pm, "t1", "a", "b", 30).await;
     assert_eq!(finished_with(&host, pm, "t1").await, "completed");
     start_with(&host, pm, "t2", "a", "c", 20).await;
     assert_eq!(finished_with(&host, pm, "t2").await, "compensated");
-    let t2 = state(&host, pm, "t2").await;
+    let t2 = host.state(pm, "t2").await;
     assert!(
         t2["reason"]
             .as_str()
@@ -227,7 +191,8 @@ async fn transfers_end_exactly_once_across_kill9_restarts() {
         open(&host, account, START_BALANCE).await;
     }
     open(&host, "closed", 0).await;
-    ok(&host, "bank-account", "closed", "close", json!({})).await;
+    host.command_ok("bank-account", "closed", "close", json!({}))
+        .await;
     let accounts = ["a", "b", "c", "d", "closed"];
     let total = START_BALANCE * OPEN.len() as u64;
 
@@ -324,7 +289,8 @@ async fn a_process_manager_reloaded_mid_flight_carries_on() {
     open(&host, "a", 1000).await;
     open(&host, "b", 0).await;
     open(&host, "closed", 0).await;
-    ok(&host, "bank-account", "closed", "close", json!({})).await;
+    host.command_ok("bank-account", "closed", "close", json!({}))
+        .await;
     for i in 0..20 {
         let to = if i % 4 == 0 { "closed" } else { "b" };
         start(&host, &format!("r{i}"), "a", to, 10).await;
@@ -356,7 +322,7 @@ async fn a_process_manager_reloaded_mid_flight_carries_on() {
     assert_eq!(ends.get("completed"), Some(&15), "{ends:?}");
     assert_eq!(ends.get("compensated"), Some(&15), "{ends:?}");
     // v2 served the late ones.
-    let late = state(&host, "transfer", "r29").await;
+    let late = host.state("transfer", "r29").await;
     assert!(
         late["reason"]
             .as_str()

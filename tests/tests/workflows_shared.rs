@@ -8,38 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use rehydra_e2e::{Host, hosts_on, pg_server};
-use serde_json::{Value, json};
+use rehydra_e2e::{hosts_on, pg_server, wait_for};
+use serde_json::json;
 
 const PLUGINS: &[&str] = &["bank-account", "transfer", "order", "inventory"];
-
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn ok(host: &Host, aggregate_type: &str, id: &str, command: &str, body: Value) {
-    let (status, answer) = host.command(aggregate_type, id, command, body).await;
-    assert_eq!(status, 200, "{aggregate_type}/{id} {command}: {answer}");
-}
-
-async fn state(host: &Host, aggregate_type: &str, id: &str) -> Value {
-    let (status, body) = host
-        .get(&format!("/v1/aggregates/{aggregate_type}/{id}"))
-        .await;
-    assert_eq!(status, 200, "{aggregate_type}/{id}: {body}");
-    body["state"].clone()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_on_one_database_fire_each_timer_and_end_each_transfer_once() {
@@ -64,40 +36,22 @@ async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
     let host = |i: usize| &hosts[i % 2];
 
     for account in ["a", "b"] {
-        ok(
-            host(0),
-            "bank-account",
-            account,
-            "open",
-            json!({ "owner": account }),
-        )
-        .await;
-        ok(
-            host(1),
-            "bank-account",
-            account,
-            "deposit",
-            json!({ "amount": 500 }),
-        )
-        .await;
+        host(0)
+            .command_ok("bank-account", account, "open", json!({ "owner": account }))
+            .await;
+        host(1)
+            .command_ok("bank-account", account, "deposit", json!({ "amount": 500 }))
+            .await;
     }
-    ok(
-        host(0),
-        "bank-account",
-        "closed",
-        "open",
-        json!({ "owner": "x" }),
-    )
-    .await;
-    ok(host(1), "bank-account", "closed", "close", json!({})).await;
-    ok(
-        host(0),
-        "inventory",
-        "sku",
-        "restock",
-        json!({ "quantity": 100 }),
-    )
-    .await;
+    host(0)
+        .command_ok("bank-account", "closed", "open", json!({ "owner": "x" }))
+        .await;
+    host(1)
+        .command_ok("bank-account", "closed", "close", json!({}))
+        .await;
+    host(0)
+        .command_ok("inventory", "sku", "restock", json!({ "quantity": 100 }))
+        .await;
 
     const TRANSFERS: usize = 20;
     for i in 0..TRANSFERS {
@@ -107,29 +61,29 @@ async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
             2 => ("a", "closed"),
             _ => ("b", "closed"),
         };
-        ok(
-            host(i),
-            "transfer",
-            &format!("t{i}"),
-            "start",
-            json!({ "from": from, "to": to, "amount": 1 + i as u64 }),
-        )
-        .await;
+        host(i)
+            .command_ok(
+                "transfer",
+                &format!("t{i}"),
+                "start",
+                json!({ "from": from, "to": to, "amount": 1 + i as u64 }),
+            )
+            .await;
     }
     const ORDERS: usize = 10;
     let mut paid = BTreeSet::new();
     for i in 0..ORDERS {
         let id = format!("o{i}");
-        ok(
-            host(i),
-            "order",
-            &id,
-            "place",
-            json!({ "sku": "sku", "quantity": 1, "pay_within_ms": 300 + 100 * i as u64 }),
-        )
-        .await;
+        host(i)
+            .command_ok(
+                "order",
+                &id,
+                "place",
+                json!({ "sku": "sku", "quantity": 1, "pay_within_ms": 300 + 100 * i as u64 }),
+            )
+            .await;
         if i % 3 == 0 {
-            ok(host(i + 1), "order", &id, "pay", json!({})).await;
+            host(i + 1).command_ok("order", &id, "pay", json!({})).await;
             paid.insert(id);
         }
     }
@@ -138,7 +92,7 @@ async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
     for i in 0..TRANSFERS {
         let id = format!("t{i}");
         let end = wait_for(Duration::from_secs(60), &format!("{id} to end"), || async {
-            let status = state(host(i + 1), "transfer", &id).await["status"]
+            let status = host(i + 1).state("transfer", &id).await["status"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
@@ -159,14 +113,14 @@ async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
             "cancelled"
         };
         wait_for(Duration::from_secs(60), &format!("{id} {want}"), || async {
-            (state(host(i), "order", &id).await["status"] == want).then_some(())
+            (host(i).state("order", &id).await["status"] == want).then_some(())
         })
         .await;
     }
     let sold = paid.len() as u64;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let stock = state(host(0), "inventory", "sku").await;
+        let stock = host(0).state("inventory", "sku").await;
         if stock == json!({"on_hand": 100 - sold, "reserved": {}}) {
             break;
         }
@@ -213,8 +167,8 @@ async fn two_hosts_fire_each_timer_and_end_each_transfer_once(url: &str) {
         fired.len()
     );
     assert_eq!(fired.len(), storing);
-    let a = state(host(0), "bank-account", "a").await["balance"].as_u64();
-    let b = state(host(1), "bank-account", "b").await["balance"].as_u64();
+    let a = host(0).state("bank-account", "a").await["balance"].as_u64();
+    let b = host(1).state("bank-account", "b").await["balance"].as_u64();
     assert_eq!(
         a.zip(b).map(|(a, b)| a + b),
         Some(1000),
