@@ -43,12 +43,7 @@ pub struct TimersResult {
 
 /// The resident set size of process `pid`, bytes.
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    rehydra_e2e::rss_kib_of(pid) * 1024
 }
 
 /// The pending timers a host lists, in all.

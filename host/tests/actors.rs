@@ -123,6 +123,11 @@ struct GatedStore {
     gate: Semaphore,
     /// Whether `save_snapshot` hangs forever.
     stuck_snapshots: bool,
+    /// When set, the next look-up of a command's events misses them (once):
+    /// as on a store shared by hosts, where another host stores a command
+    /// (a timer or a delivery both hosts send) a moment after this one
+    /// looked for it.
+    miss_next_lookup: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -160,6 +165,12 @@ impl EventStore for GatedStore {
         s: &str,
         first: uuid::Uuid,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if self
+            .miss_next_lookup
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(Vec::new());
+        }
         self.inner.find_command_events(s, first).await
     }
     async fn head_position(&self) -> Result<u64, StoreError> {
@@ -190,6 +201,7 @@ async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
         inner: MemoryStore::new(),
         gate: Semaphore::new(Semaphore::MAX_PERMITS),
         stuck_snapshots: true,
+        miss_next_lookup: false.into(),
     });
     let config = ActorConfig {
         snapshot_every: 1,
@@ -225,6 +237,7 @@ async fn a_full_mailbox_answers_overloaded_and_loses_nothing_queued() {
         inner: MemoryStore::new(),
         gate: Semaphore::new(1),
         stuck_snapshots: false,
+        miss_next_lookup: false.into(),
     });
     let config = ActorConfig {
         mailbox_capacity: 2,
@@ -374,63 +387,6 @@ async fn rehydration_applies_events_in_pages() {
     );
 }
 
-/// A test double around the real memory store whose look-up of a command's
-/// events misses them once: as on a store shared by hosts, where another
-/// host stores a command (a timer or a delivery both hosts send) a moment
-/// after this one looked for it.
-struct LateLookupStore {
-    inner: MemoryStore,
-    missed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl EventStore for LateLookupStore {
-    async fn append(
-        &self,
-        s: &str,
-        e: ExpectedVersion,
-        ev: Vec<EventData>,
-    ) -> Result<AppendResult, StoreError> {
-        self.inner.append(s, e, ev).await
-    }
-    async fn read_stream(
-        &self,
-        s: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_stream(s, from, limit).await
-    }
-    async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
-        self.inner.stream_version(s).await
-    }
-    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(from, limit).await
-    }
-    async fn find_command_events(
-        &self,
-        s: &str,
-        first: uuid::Uuid,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        if !self.missed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
-        self.inner.find_command_events(s, first).await
-    }
-    async fn head_position(&self) -> Result<u64, StoreError> {
-        self.inner.head_position().await
-    }
-    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
-        self.inner.save_snapshot(snapshot).await
-    }
-    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.inner.load_snapshot(stream).await
-    }
-    fn describe(&self) -> String {
-        "memory store whose command look-up misses once (test double)".into()
-    }
-}
-
 /// Another host stored an event this host has not seen and then the very
 /// command this host is about to run (same message id). The store answers
 /// this host's append as a retry of that one; the host must then load what
@@ -439,9 +395,11 @@ impl EventStore for LateLookupStore {
 #[tokio::test]
 async fn a_command_another_host_stored_first_leaves_the_cache_as_stored() {
     let (registry, _dir) = registry().await;
-    let store = Arc::new(LateLookupStore {
+    let store = Arc::new(GatedStore {
         inner: MemoryStore::new(),
-        missed: std::sync::atomic::AtomicBool::new(true),
+        gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        stuck_snapshots: false,
+        miss_next_lookup: false.into(),
     });
     let aggregates = Aggregates::new(store.clone(), registry, ActorConfig::default());
     aggregates
@@ -466,8 +424,8 @@ async fn a_command_another_host_stored_first_leaves_the_cache_as_stored() {
     // This host's look-up misses it: it decides on its cache (version 1,
     // balance 0) and appends the same event id.
     store
-        .missed
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+        .miss_next_lookup
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let mut req = cmd("a", "deposit", json!({"amount": 5}));
     req.idempotency_key = Some("key-1".into());
     let outcome = aggregates.execute(req).await.unwrap();
