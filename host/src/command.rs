@@ -39,6 +39,16 @@ pub struct CommandRequest {
     pub timer: Option<TimerFiring>,
 }
 
+impl CommandRequest {
+    /// The aggregate the command is for.
+    pub fn aggregate(&self) -> crate::plugin::AggregateRef {
+        crate::plugin::AggregateRef {
+            aggregate_type: self.aggregate_type.clone(),
+            id: self.aggregate_id.clone(),
+        }
+    }
+}
+
 /// What the host tells about a command that a timer sent: to the plugin as
 /// `timer-*` metadata pairs, and stored in each event's metadata as
 /// `timer` (which is how the timer index learns that it fired).

@@ -5,7 +5,7 @@
 use super::Inner;
 use crate::command::{CommandIds, CommandRequest, event_id};
 use crate::error::CommandError;
-use crate::plugin::{AggregateRef, Decision, NewEvent, TimerChange};
+use crate::plugin::{Decision, NewEvent, TimerChange};
 
 /// Why a decision's timers cannot be stored.
 pub(super) enum TimersEventError {
@@ -34,10 +34,7 @@ impl Inner {
         {
             return Ok(());
         }
-        let source = AggregateRef {
-            aggregate_type: req.aggregate_type.clone(),
-            id: req.aggregate_id.clone(),
-        };
+        let source = req.aggregate();
         let mut keys: std::collections::HashSet<String> = match self.timers.get() {
             Some(index) => index
                 .pending_keys(&source)
@@ -99,10 +96,7 @@ impl Inner {
         if decision.timers.is_empty() {
             return Ok(None);
         }
-        let source = AggregateRef {
-            aggregate_type: req.aggregate_type.clone(),
-            id: req.aggregate_id.clone(),
-        };
+        let source = req.aggregate();
         let now = humantime::parse_rfc3339(&ids.now).map_err(|err| {
             TimersEventError::Host(CommandError::Internal(format!(
                 "the command's time {:?} does not parse: {err}",

@@ -145,6 +145,14 @@ pub struct AggregateRef {
     pub id: String,
 }
 
+impl std::fmt::Display for AggregateRef {
+    /// `type/id`, as the API's `?aggregate=` and a timer's `scheduledBy`
+    /// write it (ids never hold `/`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.id)
+    }
+}
+
 /// A command a decision asks the host to send later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimerRequest {

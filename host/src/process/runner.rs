@@ -52,34 +52,28 @@ pub async fn run(
     // by a command in the moment between its deployment and this point
     // are continued all the same.
     let (mut checkpoint, first_seen_at) = loop {
-        let known = index.process_checkpoint(&name).map_err(|e| e.to_string());
-        let found = match known {
+        let found = match (index.process_checkpoint(&name), store.head_position().await) {
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(format!("cannot read the log's head: {e}")),
+            (Ok(Some((position, seen))), Ok(head)) if position <= head => Ok((position, seen)),
             // A checkpoint past the log's end is another log's (the store
             // was replaced): start again as if first seen.
-            Ok(Some((position, _))) if store.head_position().await.is_ok_and(|h| position > h) => {
+            (Ok(Some((position, _))), Ok(head)) => {
                 tracing::warn!(
                     process = %name,
                     position,
                     "process manager: its checkpoint is past the log's end (was the store \
                      replaced?); reading the log from its start"
                 );
-                match store.head_position().await {
-                    Ok(head) => index
-                        .set_process_checkpoint_anew(&name, head)
-                        .map(|()| (0, head))
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("cannot read the log's head: {e}")),
-                }
-            }
-            Ok(Some(found)) => Ok(found),
-            Ok(None) => match store.head_position().await {
-                Ok(head) => index
-                    .set_process_checkpoint(&name, 0, head)
+                index
+                    .set_process_checkpoint_anew(&name, head)
                     .map(|()| (0, head))
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("cannot read the log's head: {e}")),
-            },
-            Err(e) => Err(e),
+                    .map_err(|e| e.to_string())
+            }
+            (Ok(None), Ok(head)) => index
+                .set_process_checkpoint(&name, 0, head)
+                .map(|()| (0, head))
+                .map_err(|e| e.to_string()),
         };
         match found {
             Ok(found) => break found,

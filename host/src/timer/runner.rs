@@ -413,10 +413,7 @@ async fn fire(aggregates: &Aggregates, index: &TimerIndex, timer: PendingTimer) 
     let now = now_ms();
     let due_ms = unix_ms(&timer.due).unwrap_or(now);
     let late = now.saturating_sub(due_ms) > LATE_AFTER.as_millis() as u64;
-    let scheduled_by = format!(
-        "{}/{}",
-        timer.scheduled_by.aggregate_type, timer.scheduled_by.id
-    );
+    let scheduled_by = timer.scheduled_by.to_string();
     let req = CommandRequest {
         aggregate_type: timer.target.aggregate_type.clone(),
         aggregate_id: timer.target.id.clone(),
@@ -449,7 +446,7 @@ async fn fire(aggregates: &Aggregates, index: &TimerIndex, timer: PendingTimer) 
         id = %timer.id,
         key = %timer.key,
         scheduled_by = %scheduled_by,
-        target = %format!("{}/{}", timer.target.aggregate_type, timer.target.id),
+        target = %timer.target,
         command = %timer.command,
         late,
     );
