@@ -270,13 +270,32 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .await
             .context("serving gRPC")
     };
-    tokio::try_join!(http_server, grpc_server)?;
-    // The timer runner stops sending at the same signal; its commands in
-    // flight are answered before the store closes.
-    // Bounded: a command still in flight ends within --command-timeout,
-    // and nothing else there waits; should that ever not hold, the host
-    // still stops (what was not sent is sent at the next start).
+    // Every wait after the stop signal is bounded by the same grace: a
+    // request in flight is answered within --command-timeout, so what still
+    // holds the host past it and a margin is a client that keeps a
+    // connection it no longer uses (one that never sent a request, or an
+    // HTTP/2 connection left open after its stream ended). Graceful
+    // shutdown would wait for it forever; it is cut off instead.
     let grace = config.actors.command_timeout + std::time::Duration::from_secs(5);
+    let cut_off = {
+        let mut stopping = stopping.clone();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::select! {
+        served = async { tokio::try_join!(http_server, grpc_server) } => {
+            served?;
+        }
+        () = cut_off => tracing::warn!(
+            "connections were still open {grace:?} after the stop signal; closing them"
+        ),
+    }
+    // The timer runner stops sending at the same signal; its commands in
+    // flight are answered before the store closes. Bounded like the
+    // servers: should that ever not hold, the host still stops (what was
+    // not sent is sent at the next start).
     for (what, task) in [("timer runner", timers), ("process managers", processes)] {
         match tokio::time::timeout(grace, task).await {
             Ok(Ok(())) => {}

@@ -1009,3 +1009,29 @@ async fn sighup_rotates_tokens_and_keeps_them_when_the_file_is_bad() {
     wait_for_log("token file refused", 1);
     assert_eq!(status_with("new-token-0123456789").await, 200);
 }
+
+/// A client that holds a connection open and never finishes with it (here
+/// one that connects to the gRPC port and sends nothing) does not keep a
+/// host that was told to stop: past --command-timeout and a margin of 5 s
+/// after SIGTERM, the host closes what is left and exits cleanly.
+#[tokio::test]
+async fn a_connection_held_open_does_not_keep_a_stopping_host() {
+    let mut host = Host::start_with(&["bank-account"], &["--command-timeout", "1s"]);
+    let grpc = host.grpc.trim_start_matches("http://").to_string();
+    let http = host.base.trim_start_matches("http://").to_string();
+    let _silent_grpc = std::net::TcpStream::connect(&grpc).expect("connect to gRPC");
+    let _silent_http = std::net::TcpStream::connect(&http).expect("connect to HTTP");
+    let stopped_at = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &host.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = host.wait_exit(Duration::from_secs(20));
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the host did not exit cleanly within 20 s of SIGTERM ({exited:?}); its log:\n{}",
+        host.log()
+    );
+    println!("exited {:?} after SIGTERM", stopped_at.elapsed());
+}
