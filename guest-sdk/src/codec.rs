@@ -94,6 +94,117 @@ pub(crate) fn decode_variant<T: DeserializeOwned>(
     })
 }
 
+/// Deserializes the variant `name` of enum `T` straight from the JSON bytes
+/// `data`: no intermediate [`Value`] and no field path kept. This is the
+/// quick way for data that reads, which is all of it when an aggregate is
+/// rebuilt. `None` when the data does not read (or is blank): then
+/// [`parse_payload`] and [`decode_variant`] decode it again and say why
+/// (or, for the odd data only they take, such as a repeated key, decode
+/// it). Whatever it decodes, they decode to the same value.
+pub(crate) fn decode_variant_from_slice<T: DeserializeOwned>(name: &str, data: &[u8]) -> Option<T> {
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let value = T::deserialize(NamedSlice { name, de: &mut de }).ok()?;
+    de.end().ok()?;
+    Some(value)
+}
+
+/// A (variant name, JSON payload still to be parsed) pair seen as an
+/// externally tagged enum.
+struct NamedSlice<'n, 'd, 'de> {
+    name: &'n str,
+    de: &'d mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+}
+
+impl<'de> Deserializer<'de> for NamedSlice<'_, '_, 'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
+    }
+}
+
+impl<'d, 'de> EnumAccess<'de> for NamedSlice<'_, 'd, 'de> {
+    type Error = serde_json::Error;
+    type Variant = SlicePayload<'d, 'de>;
+
+    fn variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, SlicePayload<'d, 'de>), Self::Error> {
+        let name: de::value::StrDeserializer<'_, serde_json::Error> = self.name.into_deserializer();
+        let variant = seed.deserialize(name)?;
+        Ok((variant, SlicePayload(self.de)))
+    }
+}
+
+/// The unparsed payload of the chosen variant.
+struct SlicePayload<'d, 'de>(&'d mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>);
+
+impl<'de> VariantAccess<'de> for SlicePayload<'_, 'de> {
+    type Error = serde_json::Error;
+
+    fn unit_variant(self) -> Result<(), Self::Error> {
+        // As [`Payload::unit_variant`]: any object, or null.
+        self.0.deserialize_any(UnitPayload)
+    }
+
+    fn newtype_variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<S::Value, Self::Error> {
+        seed.deserialize(self.0)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_seq(visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_map(visitor)
+    }
+}
+
+/// Accepts what a unit variant's payload may be: an object, whatever it
+/// holds, or null.
+struct UnitPayload;
+
+impl<'de> Visitor<'de> for UnitPayload {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<M: de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
 /// A readable field path: `amount`, `address.city`, `lines[2].qty`.
 fn field_path(path: &serde_path_to_error::Path) -> String {
     let mut out = String::new();
@@ -303,6 +414,56 @@ mod tests {
     fn reports_unknown_variants() {
         let result = decode_variant::<Cmd>("jump", json!({}));
         assert!(matches!(result, Err(DecodeError::UnknownVariant)));
+    }
+
+    /// Whatever the quick decoding gives, the full one gives too; what it
+    /// leaves, the full one decodes or refuses.
+    #[test]
+    fn decoding_from_the_slice_agrees_with_the_value_route() {
+        let cases: &[(&str, &[u8])] = &[
+            ("put", br#"{"key": "a", "qty": 2}"#),
+            ("put", br#"{"qty": 2, "key": "a"}"#),
+            (
+                "put",
+                br#"{"key": "a", "qty": 2, "extra": [1, {"x": null}]}"#,
+            ),
+            ("put", br#"{"key": "a"}"#),
+            ("put", br#"{"key": "a", "qty": "many"}"#),
+            ("put", br#"{"key": "a", "qty": -1}"#),
+            ("put", br#"[ "a", 2 ]"#),
+            ("put", br#"{"key": "a", "qty": 2} x"#),
+            ("put", br#"{"key": "a", "qty": 2"#),
+            ("nested", br#"{"lines": [{"qty": 1}, {"qty": 3}]}"#),
+            ("nested", br#"{"lines": [{}]}"#),
+            ("stop", b"{}"),
+            ("stop", br#"{"x": {"y": [1, 2]}}"#),
+            ("stop", b"null"),
+            ("stop", b"[1]"),
+            ("stop", b"7"),
+            ("jump", b"{}"),
+            ("stop", b""),
+            ("stop", b"  "),
+            ("put", br#"{"key": "a", "qty": 1, "qty": 2}"#),
+        ];
+        for (name, data) in cases {
+            let full = parse_payload(data)
+                .ok()
+                .and_then(|value| decode_variant::<Cmd>(name, value).ok());
+            let quick = decode_variant_from_slice::<Cmd>(name, data);
+            let blank = data.iter().all(u8::is_ascii_whitespace);
+            let shown = String::from_utf8_lossy(data);
+            if blank {
+                assert_eq!(quick, None, "blank data is left to the full route");
+                assert_eq!(full, Some(Cmd::Stop));
+            } else if quick.is_some() {
+                assert_eq!(quick, full, "{name} {shown}");
+            } else {
+                assert!(
+                    full.is_none() || shown.contains(r#""qty": 1, "qty""#),
+                    "only a repeated key is left to the full route: {name} {shown}"
+                );
+            }
+        }
     }
 
     #[test]
