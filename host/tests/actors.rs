@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rehydra::actor::{ActorConfig, Aggregates};
 use rehydra::command::CommandRequest;
+use rehydra::error::CommandError;
 use rehydra::plugin::PluginRegistry;
 use rehydra::plugin::engine::SandboxLimits;
 use rehydra::store::memory::MemoryStore;
@@ -53,6 +54,15 @@ fn cmd(id: &str, command: &str, data: serde_json::Value) -> CommandRequest {
         command: command.into(),
         data: data.to_string().into_bytes(),
         ..Default::default()
+    }
+}
+
+/// An account's first event as another writer would append it.
+fn opened(owner: &str) -> EventData {
+    EventData {
+        event_type: "Opened".into(),
+        data: json!({ "owner": owner }).to_string().into_bytes(),
+        ..foreign_deposit(0)
     }
 }
 
@@ -384,6 +394,141 @@ async fn rehydration_applies_events_in_pages() {
     assert_eq!(
         s.state,
         json!({"owner": "Ada", "balance": 210, "open": true})
+    );
+}
+
+/// The memory store, except that a read of a stream from `fail_from` on
+/// fails as a store outage would.
+struct FailingReads {
+    inner: MemoryStore,
+    fail_from: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl EventStore for FailingReads {
+    async fn append(
+        &self,
+        s: &str,
+        e: ExpectedVersion,
+        ev: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        self.inner.append(s, e, ev).await
+    }
+    async fn read_stream(
+        &self,
+        s: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if from >= self.fail_from.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the disk went away".into()));
+        }
+        self.inner.read_stream(s, from, limit).await
+    }
+    async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(s).await
+    }
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(from, limit).await
+    }
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.inner.head_position().await
+    }
+    async fn find_command_events(
+        &self,
+        s: &str,
+        first: Uuid,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.find_command_events(s, first).await
+    }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.load_snapshot(stream).await
+    }
+    fn describe(&self) -> String {
+        "memory store whose reads can fail (test double)".into()
+    }
+}
+
+/// Rehydration reads a page ahead while the plugin applies the one before.
+/// A read ahead that fails fails the load (nothing half-loaded is kept), a
+/// page the plugin cannot apply fails it with the plugin's error whatever
+/// the read ahead did, and a load after the outage sees every event.
+#[tokio::test]
+async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
+    let (registry, _dir) = registry().await;
+    let store = Arc::new(FailingReads {
+        inner: MemoryStore::new(),
+        fail_from: u64::MAX.into(),
+    });
+    let writer = Aggregates::new(store.clone(), registry.clone(), ActorConfig::default());
+    writer
+        .execute(cmd("p", "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    for amount in 1..=20u64 {
+        writer
+            .execute(cmd("p", "deposit", json!({"amount": amount})))
+            .await
+            .unwrap();
+    }
+    let config = ActorConfig {
+        rehydrate_page: 7,
+        snapshot_every: 0,
+        ..ActorConfig::default()
+    };
+    let reader = Aggregates::new(store.clone(), registry.clone(), config.clone());
+
+    // The third page's read (from version 15) fails while the second is
+    // being applied.
+    store
+        .fail_from
+        .store(15, std::sync::atomic::Ordering::SeqCst);
+    let err = reader.state("bank-account", "p").await.unwrap_err();
+    assert!(
+        matches!(&err, CommandError::StoreUnavailable(m) if m.contains("the disk went away")),
+        "{err:?}"
+    );
+    store
+        .fail_from
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    let s = reader.state("bank-account", "p").await.unwrap();
+    assert_eq!(s.version, 21);
+    assert_eq!(s.state["balance"], json!(210));
+
+    // An event the plugin cannot read, on the second page, while the read
+    // of the third fails too: the plugin's failure is what is reported.
+    let mut bad = foreign_deposit(1);
+    bad.data = br#"{"amount": "lots"}"#.to_vec();
+    store
+        .append(
+            "bank_account-q",
+            ExpectedVersion::NoStream,
+            vec![opened("Bo")],
+        )
+        .await
+        .unwrap();
+    for v in 1..20u64 {
+        let event = if v == 10 {
+            bad.clone()
+        } else {
+            foreign_deposit(1)
+        };
+        store
+            .append("bank_account-q", ExpectedVersion::Exact(v), vec![event])
+            .await
+            .unwrap();
+    }
+    store
+        .fail_from
+        .store(15, std::sync::atomic::Ordering::SeqCst);
+    let fresh = Aggregates::new(store.clone(), registry, config);
+    let err = fresh.state("bank-account", "q").await.unwrap_err();
+    assert!(
+        matches!(&err, CommandError::PluginFailed { message, .. } if message.contains("version 8")),
+        "{err:?}"
     );
 }
 

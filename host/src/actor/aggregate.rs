@@ -573,6 +573,10 @@ impl Inner {
     }
 
     /// Applies every stored event after `live.version`, a page per call.
+    ///
+    /// While the guest folds one page the store reads the next: the two
+    /// run on different threads, so a long stream loads in about the time
+    /// of the slower of the two rather than their sum.
     async fn catch_up(
         &self,
         plugin: &PluginRef,
@@ -580,11 +584,11 @@ impl Inner {
         live: &mut Live,
     ) -> Result<(), CommandError> {
         let page = self.config.rehydrate_page;
+        let mut batch = self
+            .store
+            .read_stream(stream, live.version + 1, page)
+            .await?;
         loop {
-            let batch = self
-                .store
-                .read_stream(stream, live.version + 1, page)
-                .await?;
             let Some(last) = batch.last() else {
                 return Ok(());
             };
@@ -600,11 +604,24 @@ impl Inner {
                 .events_replayed
                 .get_or_create(&Metrics::of_type(&plugin.info.aggregate_type))
                 .inc_by(batch.len() as u64);
-            live.state = plugin.apply(&live.state, batch).await?;
+            let next = if full_page {
+                let (state, next) = tokio::join!(
+                    plugin.apply(&live.state, batch),
+                    self.store.read_stream(stream, last_version + 1, page)
+                );
+                // The guest's failure first: it is the one the caller
+                // must hear about, whatever the read ahead did.
+                live.state = state?;
+                Some(next?)
+            } else {
+                live.state = plugin.apply(&live.state, batch).await?;
+                None
+            };
             live.version = last_version;
             live.head_event_id = Some(last_id);
-            if !full_page {
-                return Ok(());
+            match next {
+                Some(next) => batch = next,
+                None => return Ok(()),
             }
         }
     }
