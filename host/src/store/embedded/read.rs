@@ -118,7 +118,7 @@ impl View<'_> {
             ))
             .map_err(sql_error)?;
         let rows = stmt.query([Array::from(wanted)]).map_err(sql_error)?;
-        let events = collect_events(rows)?;
+        let events = collect_events(rows, count)?;
         if events.len() != count {
             return Err(StoreError::Corrupt(format!(
                 "the index points at {count} positions of which the log holds {}: delete {} \
@@ -150,7 +150,8 @@ impl View<'_> {
                 to_sql_int(self.durable)
             ])
             .map_err(sql_error)?;
-        collect_events(rows)
+        // A page of the log; a larger limit is allocated as it fills.
+        collect_events(rows, limit.min(1024))
     }
 
     /// Where the event with `id` is, if it is durable.

@@ -6,10 +6,13 @@ use uuid::Uuid;
 
 use crate::store::{RecordedEvent, StoreError};
 
+/// The events of `rows`, of which `expected` is how many there should be
+/// (so that the list is allocated once).
 pub(super) fn collect_events(
     mut rows: rusqlite::Rows<'_>,
+    expected: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut events = Vec::new();
+    let mut events = Vec::with_capacity(expected);
     while let Some(row) = rows.next().map_err(sql_error)? {
         events.push(event_from_row(row)?);
     }
