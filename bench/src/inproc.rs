@@ -514,21 +514,32 @@ async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize, metad
     }
 }
 
+/// What the rehydration scenario measured, medians.
+#[derive(Debug, Clone, Copy)]
+pub struct Rehydration {
+    /// The first `state()` of the aggregate: reading and applying.
+    pub replay: Duration,
+    /// Reading the same events from the store alone, in the same pages.
+    pub read: Duration,
+}
+
 /// Scenario (c): the first `state()` of an account with `events` events
-/// carrying `metadata` on
-/// a fresh `Aggregates` (so nothing is cached in the actor layer; the
-/// store's own caches are warm after the first run). Median seconds.
+/// carrying `metadata` on a fresh `Aggregates` (so nothing is cached in the
+/// actor layer; the store's own caches are warm after the first run), and
+/// the store's share of it: the same pages read with no `apply`.
 pub async fn rehydrate(
     registry: &Arc<PluginRegistry>,
     kind: StoreKind,
     events: usize,
     metadata: SeedMetadata,
     runs: usize,
-) -> Duration {
+) -> Rehydration {
     let store = OpenStore::new(kind).await;
     let id = format!("long-{events}");
     seed_stream(&store.store, &id, events, metadata).await;
-    let mut times = Vec::new();
+    let stream = format!("bank_account-{id}");
+    let page = ActorConfig::default().rehydrate_page;
+    let (mut replays, mut reads) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         // Replay is what this measures: no snapshot is stored or used.
         let aggregates = Aggregates::new(
@@ -546,10 +557,30 @@ pub async fn rehydrate(
             .expect("rehydrating");
         let took = t0.elapsed();
         assert_eq!(state.version, events as u64, "every event replayed");
-        times.push(took.as_secs_f64());
+        replays.push(took.as_secs_f64());
+
+        let t0 = Instant::now();
+        let mut next = 1u64;
+        loop {
+            let batch = store
+                .store
+                .read_stream(&stream, next, page)
+                .await
+                .expect("reading the stream");
+            next += batch.len() as u64;
+            if batch.len() < page {
+                break;
+            }
+        }
+        reads.push(t0.elapsed().as_secs_f64());
+        assert_eq!(next, events as u64 + 1, "every event read");
     }
     store.close().await;
-    Duration::from_secs_f64(crate::stats::median(times))
+    let median = |v: Vec<f64>| Duration::from_secs_f64(crate::stats::median(v));
+    Rehydration {
+        replay: median(replays),
+        read: median(reads),
+    }
 }
 
 /// What the snapshot scenario measured: median cold-load times of one
@@ -696,6 +727,7 @@ pub async fn memory_per_aggregate(registry: &Arc<PluginRegistry>, n: usize) -> M
         .expect("loading an account");
     let state_bytes = serde_json::to_vec(&first.state).map_or(0, |v| v.len());
     let before = rss_bytes();
+    let window = crate::alloc::Window::open();
     let heap_before = crate::alloc::live_bytes();
     let blocks_before = crate::alloc::live_blocks();
     let t0 = Instant::now();
@@ -721,6 +753,7 @@ pub async fn memory_per_aggregate(registry: &Arc<PluginRegistry>, n: usize) -> M
     let after = rss_bytes();
     let heap_after = crate::alloc::live_bytes();
     let blocks_after = crate::alloc::live_blocks();
+    drop(window);
     assert_eq!(aggregates.resident(), n, "every account resident");
     let loaded = n - 1;
     MemoryResult {
