@@ -519,7 +519,8 @@ async fn seed_stream(store: &Arc<dyn EventStore>, id: &str, events: usize, metad
 pub struct Rehydration {
     /// The first `state()` of the aggregate: reading and applying.
     pub replay: Duration,
-    /// Reading the same events from the store alone, in the same pages.
+    /// Reading the same events from the store alone, in the same pages and
+    /// as a replay reads them (`read_stream_to_apply`).
     pub read: Duration,
 }
 
@@ -564,7 +565,7 @@ pub async fn rehydrate(
         loop {
             let batch = store
                 .store
-                .read_stream(&stream, next, page)
+                .read_stream_to_apply(&stream, next, page)
                 .await
                 .expect("reading the stream");
             next += batch.len() as u64;

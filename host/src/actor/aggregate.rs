@@ -515,7 +515,7 @@ impl Inner {
         let page = self.config.rehydrate_page;
         let mut batch = self
             .store
-            .read_stream(stream, snapshot.version, page.saturating_add(1))
+            .read_stream_to_apply(stream, snapshot.version, page.saturating_add(1))
             .await?;
         if !batch
             .first()
@@ -586,7 +586,7 @@ impl Inner {
         let page = self.config.rehydrate_page;
         let mut batch = self
             .store
-            .read_stream(stream, live.version + 1, page)
+            .read_stream_to_apply(stream, live.version + 1, page)
             .await?;
         loop {
             let Some(last) = batch.last() else {
@@ -607,7 +607,8 @@ impl Inner {
             let next = if full_page {
                 let (state, next) = tokio::join!(
                     plugin.apply(&live.state, batch),
-                    self.store.read_stream(stream, last_version + 1, page)
+                    self.store
+                        .read_stream_to_apply(stream, last_version + 1, page)
                 );
                 // The guest's failure first: it is the one the caller
                 // must hear about, whatever the read ahead did.

@@ -31,7 +31,7 @@ use crate::plugin::verify::{
     excerpt,
 };
 use crate::plugin::{CommandInput, Decision, PluginRef, Rejection, StateBytes};
-use crate::store::RecordedEvent;
+use crate::store::EventToApply;
 
 /// Events of the log read, at most, while looking for streams to sample.
 const MAX_LOG_SCAN: usize = 100_000;
@@ -252,7 +252,7 @@ impl Inner {
         let mut from = 1;
         let mut replayed = 0u64;
         let outcome = loop {
-            let Ok(batch) = self.store.read_stream(&stream, from, page).await else {
+            let Ok(batch) = self.store.read_stream_to_apply(&stream, from, page).await else {
                 return;
             };
             let Some(last) = batch.last() else {
@@ -349,7 +349,11 @@ impl Inner {
         let mut from = 1;
         while from <= version {
             let limit = usize::try_from(version - from + 1).map_or(page, |left| left.min(page));
-            let batch = self.store.read_stream(stream, from, limit).await.ok()?;
+            let batch = self
+                .store
+                .read_stream_to_apply(stream, from, limit)
+                .await
+                .ok()?;
             let last = batch.last()?.version;
             state = plugin.apply(&state, batch).await.ok()?;
             from = last.saturating_add(1);
@@ -388,7 +392,7 @@ async fn first_difference(
     id: &str,
     a: &StateBytes,
     b: &StateBytes,
-    batch: Vec<RecordedEvent>,
+    batch: Vec<EventToApply>,
 ) -> Option<Difference> {
     let (mut a, mut b) = (a.clone(), b.clone());
     for event in batch {

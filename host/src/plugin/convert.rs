@@ -8,10 +8,10 @@ use super::types::{
     TimerChange, TimerRequest,
 };
 use crate::error::FieldError;
-use crate::store::RecordedEvent;
+use crate::store::EventToApply;
 
-impl From<RecordedEvent> for ReplayEvent {
-    fn from(e: RecordedEvent) -> Self {
+impl From<EventToApply> for ReplayEvent {
+    fn from(e: EventToApply) -> Self {
         ReplayEvent {
             event_type: e.event_type,
             data: e.data,
@@ -98,7 +98,7 @@ pub(super) fn handle_args(
 
 /// A stored event as the WIT `recorded-event`: every field moves, none is
 /// copied or parsed.
-pub(super) fn to_wit_event(e: RecordedEvent) -> wit::RecordedEvent {
+pub(super) fn to_wit_event(e: EventToApply) -> wit::RecordedEvent {
     wit::RecordedEvent {
         event_type: e.event_type,
         data: e.data,
@@ -121,16 +121,13 @@ pub(super) fn metadata_text(bytes: Vec<u8>) -> String {
 mod tests {
     use super::*;
 
-    fn stored(metadata: &[u8]) -> RecordedEvent {
-        RecordedEvent {
-            stream: "account-1".into(),
+    fn stored(metadata: &[u8]) -> EventToApply {
+        EventToApply {
             version: 7,
-            position: 42,
             event_id: uuid::Uuid::nil(),
             event_type: "Deposited".into(),
             data: br#"{"amount":5}"#.to_vec(),
             metadata: metadata.to_vec(),
-            message_id: "m-1".into(),
         }
     }
 

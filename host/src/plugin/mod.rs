@@ -50,7 +50,7 @@ use self::instance::{GuestFailure, InstancePool};
 use self::quarantine::{Quarantine, QuarantineStatus};
 use self::threads::{GuestThreadError, GuestThreads};
 use crate::error::{CommandError, FailureKind};
-use crate::store::RecordedEvent;
+use crate::store::EventToApply;
 
 use self::convert::{from_wit_outcome, handle_args, to_wit_event};
 pub use self::registry::{LoadFailure, PluginRegistry, ScanReport};
@@ -359,7 +359,7 @@ impl Plugin {
     pub async fn apply(
         self: &Arc<Self>,
         state: &StateBytes,
-        events: Vec<RecordedEvent>,
+        events: Vec<EventToApply>,
     ) -> Result<StateBytes, CommandError> {
         self.check_quarantine()?;
         let first_version = events.first().map(|e| e.version).unwrap_or_default();

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{
-    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+    AppendResult, EventData, EventStore, EventToApply, ExpectedVersion, RecordedEvent, Snapshot,
+    StoreError,
 };
 
 /// Generates one `#[tokio::test]` per named conformance function, each with
@@ -50,6 +51,7 @@ macro_rules! conformance_suite {
             conflict_writes_nothing,
             multi_event_append_is_atomic,
             paged_stream_reads,
+            reads_to_apply_are_the_stream_reads,
             missing_stream_is_empty,
             read_all_in_global_order,
             idempotent_retry,
@@ -322,6 +324,59 @@ pub(crate) async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
 }
 
 /// Forward reads page by version.
+/// `read_stream_to_apply` returns what `read_stream` returns, less the
+/// fields loading an aggregate does not need, for every page and from any
+/// version, with another stream's events in between.
+pub(crate) async fn reads_to_apply_are_the_stream_reads(store: Arc<dyn EventStore>) {
+    let s = new_stream("to-apply");
+    let other = new_stream("to-apply-other");
+    let sent = events(10);
+    for (i, event) in sent.iter().enumerate() {
+        let mut event = event.clone();
+        event.metadata = format!(r#"{{"n":{i},"who":"\u00e9"}}"#).into_bytes();
+        store
+            .append(&s, ExpectedVersion::Any, vec![event])
+            .await
+            .expect("append");
+        store
+            .append(&other, ExpectedVersion::Any, events(1))
+            .await
+            .expect("append to another stream");
+    }
+    for (from, limit) in [(1, 10), (1, 3), (4, 3), (0, 2), (10, 5), (11, 5), (1, 0)] {
+        let whole: Vec<EventToApply> = store
+            .read_stream(&s, from, limit)
+            .await
+            .expect("read_stream")
+            .into_iter()
+            .map(EventToApply::from)
+            .collect();
+        let to_apply = store
+            .read_stream_to_apply(&s, from, limit)
+            .await
+            .expect("read_stream_to_apply");
+        assert_eq!(to_apply, whole, "from {from}, limit {limit}");
+    }
+    let all = store
+        .read_stream_to_apply(&s, 1, 100)
+        .await
+        .expect("the whole stream");
+    assert_eq!(all.len(), 10);
+    for (event, sent) in all.iter().zip(&sent) {
+        assert_eq!(
+            (event.event_id, &event.event_type, &event.data),
+            (sent.event_id, &sent.event_type, &sent.data)
+        );
+    }
+    assert!(
+        store
+            .read_stream_to_apply(&new_stream("to-apply-missing"), 1, 10)
+            .await
+            .expect("a missing stream")
+            .is_empty()
+    );
+}
+
 pub(crate) async fn paged_stream_reads(store: Arc<dyn EventStore>) {
     let s = new_stream("paged");
     let sent = events(10);

@@ -75,7 +75,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+    AppendResult, EventData, EventStore, EventToApply, ExpectedVersion, RecordedEvent, Snapshot,
+    StoreError,
 };
 pub use index::INDEX_FILE;
 use index::open_index;
@@ -453,6 +454,20 @@ impl EventStore for EmbeddedStore {
         }
         let stream = stream.to_owned();
         self.read(move |view| view.read_stream(&stream, from_version, limit))
+            .await
+    }
+
+    async fn read_stream_to_apply(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventToApply>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = stream.to_owned();
+        self.read(move |view| view.read_stream_to_apply(&stream, from_version, limit))
             .await
     }
 

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot, StoreError,
+    AppendResult, EventData, EventStore, EventToApply, ExpectedVersion, RecordedEvent, Snapshot,
+    StoreError,
 };
 
 /// An event store held in memory; not durable. See the module docs.
@@ -226,6 +227,34 @@ impl EventStore for MemoryStore {
             .skip(start)
             .take(limit)
             .map(|&i| inner.events[i].clone())
+            .collect())
+    }
+
+    async fn read_stream_to_apply(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventToApply>, StoreError> {
+        let inner = self.lock()?;
+        let indices = inner.stream_events(stream);
+        let start = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        // Copies only what `apply` needs, not the stream name and message
+        // id of every event.
+        Ok(indices
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|&i| {
+                let e = &inner.events[i];
+                EventToApply {
+                    version: e.version,
+                    event_id: e.event_id,
+                    event_type: e.event_type.clone(),
+                    data: e.data.clone(),
+                    metadata: e.metadata.clone(),
+                }
+            })
             .collect())
     }
 

@@ -19,9 +19,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::index;
-use super::rows::{collect_events, corrupt, from_sql_int, sql_error, to_sql_int};
+use super::rows::{collect_events, collect_to_apply, corrupt, from_sql_int, sql_error, to_sql_int};
 use super::tail::{self, Located, Tail};
-use crate::store::{RecordedEvent, Snapshot, StoreError};
+use crate::store::{EventToApply, RecordedEvent, Snapshot, StoreError};
 
 /// A list of SQL values bound as one parameter (`rarray`).
 type Array = Rc<Vec<Value>>;
@@ -33,6 +33,17 @@ macro_rules! select_events {
         concat!(
             "SELECT stream, version, position, event_id, event_type, data, metadata, message_id \
              FROM events ",
+            $rest
+        )
+    };
+}
+
+/// `SELECT <what apply needs> FROM events <rest>`, for
+/// [`View::read_stream_to_apply`]: the columns `collect_to_apply` decodes.
+macro_rules! select_to_apply {
+    ($rest:literal) => {
+        concat!(
+            "SELECT version, event_id, event_type, data, metadata FROM events ",
             $rest
         )
     };
@@ -77,6 +88,44 @@ impl View<'_> {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let positions = self.stream_positions(stream, from_version, limit)?;
+        self.events_at(positions.into_iter().map(|(_, position)| position))
+    }
+
+    /// [`read_stream`](Self::read_stream) with only what `apply` needs: the
+    /// same positions, fewer columns decoded.
+    pub(super) fn read_stream_to_apply(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventToApply>, StoreError> {
+        let positions = self.stream_positions(stream, from_version, limit)?;
+        let Some(wanted) = Self::wanted(positions.into_iter().map(|(_, position)| position)) else {
+            return Ok(Vec::new());
+        };
+        let count = wanted.len();
+        let mut stmt = self
+            .reader
+            .log
+            .prepare_cached(select_to_apply!(
+                "WHERE position IN rarray(?1) ORDER BY position"
+            ))
+            .map_err(sql_error)?;
+        let rows = stmt.query([wanted]).map_err(sql_error)?;
+        let events = collect_to_apply(rows, count)?;
+        Self::all_found(count, events.len())?;
+        Ok(events)
+    }
+
+    /// Where up to `limit` of the stream's events from `from_version` on
+    /// are: (version, position), in version order.
+    fn stream_positions(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
         let (indexed, unindexed) = {
             let tail = self.tail();
             (
@@ -93,7 +142,28 @@ impl View<'_> {
         )?;
         positions.extend(unindexed);
         positions.truncate(limit);
-        self.events_at(positions.into_iter().map(|(_, position)| position))
+        Ok(positions)
+    }
+
+    /// `positions` as one `rarray` parameter; `None` when there are none.
+    fn wanted(positions: impl Iterator<Item = u64>) -> Option<Array> {
+        let wanted: Vec<Value> = positions
+            .map(|position| Value::Integer(to_sql_int(position)))
+            .collect();
+        (!wanted.is_empty()).then(|| Array::from(wanted))
+    }
+
+    /// Fails when the log holds fewer of the positions the index gave than
+    /// asked for: the index is not this log's.
+    fn all_found(asked: usize, found: usize) -> Result<(), StoreError> {
+        if found == asked {
+            return Ok(());
+        }
+        Err(StoreError::Corrupt(format!(
+            "the index points at {asked} positions of which the log holds {found}: delete {} \
+             (rehydra rebuilds it from the log)",
+            index::INDEX_FILE
+        )))
     }
 
     /// The events at `positions` (ascending), in that order: one
@@ -103,12 +173,9 @@ impl View<'_> {
         &self,
         positions: impl Iterator<Item = u64>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let wanted: Vec<Value> = positions
-            .map(|position| Value::Integer(to_sql_int(position)))
-            .collect();
-        if wanted.is_empty() {
+        let Some(wanted) = Self::wanted(positions) else {
             return Ok(Vec::new());
-        }
+        };
         let count = wanted.len();
         let mut stmt = self
             .reader
@@ -117,16 +184,9 @@ impl View<'_> {
                 "WHERE position IN rarray(?1) ORDER BY position"
             ))
             .map_err(sql_error)?;
-        let rows = stmt.query([Array::from(wanted)]).map_err(sql_error)?;
+        let rows = stmt.query([wanted]).map_err(sql_error)?;
         let events = collect_events(rows, count)?;
-        if events.len() != count {
-            return Err(StoreError::Corrupt(format!(
-                "the index points at {count} positions of which the log holds {}: delete {} \
-                 (rehydra rebuilds it from the log)",
-                events.len(),
-                index::INDEX_FILE
-            )));
-        }
+        Self::all_found(count, events.len())?;
         Ok(events)
     }
 

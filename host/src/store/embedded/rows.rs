@@ -4,7 +4,7 @@
 use rusqlite::{ErrorCode, Row};
 use uuid::Uuid;
 
-use crate::store::{RecordedEvent, StoreError};
+use crate::store::{EventToApply, RecordedEvent, StoreError};
 
 /// The events of `rows`, of which `expected` is how many there should be
 /// (so that the list is allocated once).
@@ -19,11 +19,35 @@ pub(super) fn collect_events(
     Ok(events)
 }
 
+/// The events of `rows` selected with `select_to_apply!`, of which
+/// `expected` is how many there should be.
+pub(super) fn collect_to_apply(
+    mut rows: rusqlite::Rows<'_>,
+    expected: usize,
+) -> Result<Vec<EventToApply>, StoreError> {
+    let mut events = Vec::with_capacity(expected);
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        events.push(EventToApply {
+            version: from_sql_int(row.get(0).map_err(sql_error)?, "version")?,
+            event_id: event_id_at(row, 1)?,
+            event_type: row.get(2).map_err(sql_error)?,
+            data: row.get(3).map_err(sql_error)?,
+            metadata: row.get(4).map_err(sql_error)?,
+        });
+    }
+    Ok(events)
+}
+
+/// The event id in column `column` of `row`.
+fn event_id_at(row: &Row<'_>, column: usize) -> Result<Uuid, StoreError> {
+    let id_bytes = row.get_ref(column).map_err(sql_error)?;
+    let id_bytes = id_bytes.as_blob().map_err(|e| corrupt("event_id", e))?;
+    Uuid::from_slice(id_bytes).map_err(|e| corrupt("event_id", e))
+}
+
 /// Decodes a row selected with `select_events!`.
 fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
-    let id_bytes = row.get_ref(3).map_err(sql_error)?;
-    let id_bytes = id_bytes.as_blob().map_err(|e| corrupt("event_id", e))?;
-    let event_id = Uuid::from_slice(id_bytes).map_err(|e| corrupt("event_id", e))?;
+    let event_id = event_id_at(row, 3)?;
     Ok(RecordedEvent {
         stream: row.get(0).map_err(sql_error)?,
         version: from_sql_int(row.get(1).map_err(sql_error)?, "version")?,
