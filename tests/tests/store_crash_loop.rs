@@ -10,7 +10,8 @@
 //! writer acknowledged in that round must be in the log, each event at the
 //! stream and version it was acknowledged with. At the end the store is
 //! opened in this process and every acknowledged event is read back
-//! through the store's API, which reads the index the opens caught up.
+//! through the store's API, which reads the index that each open caught
+//! up from the log.
 //!
 //! The kill moments come from a seed printed at the start; set
 //! `REHYDRA_CRASH_SEED` to replay a run.

@@ -100,7 +100,7 @@ pub struct RecordedEvent {
 /// and the id that marks how far the aggregate was loaded.
 /// [`EventStore::read_stream_to_apply`] reads these, and a store may skip the
 /// rest of a [`RecordedEvent`] (its stream, position and message id): on
-/// the embedded store those two strings were a fifth of a long stream's
+/// the embedded store those two strings were a sixth of a long stream's
 /// read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventToApply {
