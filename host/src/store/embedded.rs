@@ -280,6 +280,7 @@ impl EmbeddedStore {
                 tail: tail.clone(),
                 pending: Default::default(),
                 tail_limit: indexing.tail_limit,
+                heads: Default::default(),
             },
             indexer_thread,
             indexer,

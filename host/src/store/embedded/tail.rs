@@ -213,6 +213,12 @@ impl Pending {
         }
     }
 
+    /// Takes the group's stream heads: (version, position) of each
+    /// stream's newest event in it.
+    pub(super) fn take_heads(&mut self) -> HashMap<Arc<str>, (u64, u64)> {
+        std::mem::take(&mut self.heads)
+    }
+
     /// Empties it, giving its events in position order.
     pub(super) fn take(&mut self) -> Vec<TailEvent> {
         self.heads.clear();

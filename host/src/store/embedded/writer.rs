@@ -6,6 +6,7 @@
 //! A committed group goes to the syncer ([`super::syncer`]), which answers
 //! its callers once it is durable; meanwhile the writer commits the next.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::SyncSender;
@@ -91,6 +92,39 @@ pub(super) struct Index {
     pub(super) pending: Pending,
     /// The most events the tail may hold before the writer waits.
     pub(super) tail_limit: usize,
+    /// The heads of the streams committed since the store opened, up to
+    /// [`HEAD_CACHE_STREAMS`] of them (see [`Heads`]).
+    pub(super) heads: Heads,
+}
+
+/// Streams whose heads the writer keeps; past it the cache starts again
+/// empty. About 100 bytes per stream.
+pub(super) const HEAD_CACHE_STREAMS: usize = 65_536;
+
+/// The version and last position of the streams the writer committed to.
+/// The writer is the store's only appender, so a head it committed stays
+/// true until it commits to the stream again, whatever the indexer does:
+/// an append to a stream it wrote to before is checked without a look-up
+/// in the index database (a B-tree search there cost about a quarter of
+/// the writer's instructions per append). Only committed groups enter it;
+/// a group rolled back leaves it as it was.
+#[derive(Default)]
+pub(super) struct Heads(HashMap<Arc<str>, (u64, u64)>);
+
+impl Heads {
+    fn get(&self, stream: &str) -> Option<(u64, u64)> {
+        self.0.get(stream).copied()
+    }
+
+    /// Records the heads of a group that committed.
+    fn committed(&mut self, heads: HashMap<Arc<str>, (u64, u64)>) {
+        if self.0.len() + heads.len() > HEAD_CACHE_STREAMS {
+            // Bounded memory with no bookkeeping per hit: the hot streams
+            // come back with their next append.
+            self.0.clear();
+        }
+        self.0.extend(heads);
+    }
 }
 
 impl Index {
@@ -103,6 +137,9 @@ impl Index {
     /// every commit, durable or not.
     fn head(&self, stream: &str) -> Result<(u64, u64), StoreError> {
         if let Some(head) = self.pending.head(stream) {
+            return Ok(head);
+        }
+        if let Some(head) = self.heads.get(stream) {
             return Ok(head);
         }
         if let Some(head) = self.tail().head(stream, u64::MAX) {
@@ -306,6 +343,8 @@ fn commit_batch(
         fail_all(batch, format!("commit failed: {}", describe(&e)));
         return None;
     }
+    let heads = index.pending.take_heads();
+    index.heads.committed(heads);
     let committed = index.pending.take();
     index.tail().extend(committed);
     let last_position = results
@@ -568,6 +607,26 @@ mod tests {
         .expect("count")
     }
 
+    /// The writer's cache of stream heads holds what committed groups left,
+    /// never more than its bound of streams: a group that would overflow it
+    /// starts it again from that group.
+    #[test]
+    fn the_head_cache_is_bounded() {
+        let group = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| (Arc::<str>::from(format!("s-{i}")), (1, i as u64 + 1)))
+                .collect::<HashMap<_, _>>()
+        };
+        let mut heads = Heads::default();
+        heads.committed(group(0, HEAD_CACHE_STREAMS));
+        assert_eq!(heads.get("s-0"), Some((1, 1)));
+        heads.committed(group(HEAD_CACHE_STREAMS, 2));
+        assert_eq!(heads.get("s-0"), None, "a full cache starts again");
+        let newest = format!("s-{}", HEAD_CACHE_STREAMS + 1);
+        assert_eq!(heads.get(&newest), Some((1, HEAD_CACHE_STREAMS as u64 + 2)));
+        assert_eq!(heads.0.len(), 2);
+    }
+
     /// A full disk (simulated with `max_page_count`) fails the appends it
     /// hits with `Unavailable`, never half-writes one, and the writer carries
     /// on once there is room again.
@@ -584,6 +643,7 @@ mod tests {
             tail: Arc::new(Mutex::new(Tail::new(opened.head))),
             pending: Pending::default(),
             tail_limit: usize::MAX,
+            heads: Heads::default(),
         };
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
