@@ -127,7 +127,8 @@ async fn a_conflict_with_another_writer_is_caught_up_and_retried() {
 }
 
 /// A test double around the real memory store whose appends wait for a
-/// permit, so a command can be held in flight deterministically.
+/// permit, so a command can be held in flight deterministically, and whose
+/// look-ups and reads can be made to miss or fail.
 struct GatedStore {
     inner: MemoryStore,
     gate: Semaphore,
@@ -138,6 +139,9 @@ struct GatedStore {
     /// (a timer or a delivery both hosts send) a moment after this one
     /// looked for it.
     miss_next_lookup: std::sync::atomic::AtomicBool,
+    /// A read of a stream from this version on fails as a store outage
+    /// would (`u64::MAX`: none does).
+    fail_reads_from: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
@@ -162,6 +166,13 @@ impl EventStore for GatedStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if from
+            >= self
+                .fail_reads_from
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable("the disk went away".into()));
+        }
         self.inner.read_stream(s, from, limit).await
     }
     async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
@@ -212,6 +223,7 @@ async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
         gate: Semaphore::new(Semaphore::MAX_PERMITS),
         stuck_snapshots: true,
         miss_next_lookup: false.into(),
+        fail_reads_from: u64::MAX.into(),
     });
     let config = ActorConfig {
         snapshot_every: 1,
@@ -248,6 +260,7 @@ async fn a_full_mailbox_answers_overloaded_and_loses_nothing_queued() {
         gate: Semaphore::new(1),
         stuck_snapshots: false,
         miss_next_lookup: false.into(),
+        fail_reads_from: u64::MAX.into(),
     });
     let config = ActorConfig {
         mailbox_capacity: 2,
@@ -397,61 +410,6 @@ async fn rehydration_applies_events_in_pages() {
     );
 }
 
-/// The memory store, except that a read of a stream from `fail_from` on
-/// fails as a store outage would.
-struct FailingReads {
-    inner: MemoryStore,
-    fail_from: std::sync::atomic::AtomicU64,
-}
-
-#[async_trait]
-impl EventStore for FailingReads {
-    async fn append(
-        &self,
-        s: &str,
-        e: ExpectedVersion,
-        ev: Vec<EventData>,
-    ) -> Result<AppendResult, StoreError> {
-        self.inner.append(s, e, ev).await
-    }
-    async fn read_stream(
-        &self,
-        s: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        if from >= self.fail_from.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("the disk went away".into()));
-        }
-        self.inner.read_stream(s, from, limit).await
-    }
-    async fn stream_version(&self, s: &str) -> Result<u64, StoreError> {
-        self.inner.stream_version(s).await
-    }
-    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(from, limit).await
-    }
-    async fn head_position(&self) -> Result<u64, StoreError> {
-        self.inner.head_position().await
-    }
-    async fn find_command_events(
-        &self,
-        s: &str,
-        first: Uuid,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.find_command_events(s, first).await
-    }
-    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
-        self.inner.save_snapshot(snapshot).await
-    }
-    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.inner.load_snapshot(stream).await
-    }
-    fn describe(&self) -> String {
-        "memory store whose reads can fail (test double)".into()
-    }
-}
-
 /// Rehydration reads a page ahead while the plugin applies the one before.
 /// A read ahead that fails fails the load (nothing half-loaded is kept), a
 /// page the plugin cannot apply fails it with the plugin's error whatever
@@ -459,9 +417,12 @@ impl EventStore for FailingReads {
 #[tokio::test]
 async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
     let (registry, _dir) = registry().await;
-    let store = Arc::new(FailingReads {
+    let store = Arc::new(GatedStore {
         inner: MemoryStore::new(),
-        fail_from: u64::MAX.into(),
+        gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        stuck_snapshots: false,
+        miss_next_lookup: false.into(),
+        fail_reads_from: u64::MAX.into(),
     });
     let writer = Aggregates::new(store.clone(), registry.clone(), ActorConfig::default());
     writer
@@ -484,7 +445,7 @@ async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
     // The third page's read (from version 15) fails while the second is
     // being applied.
     store
-        .fail_from
+        .fail_reads_from
         .store(15, std::sync::atomic::Ordering::SeqCst);
     let err = reader.state("bank-account", "p").await.unwrap_err();
     assert!(
@@ -492,7 +453,7 @@ async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
         "{err:?}"
     );
     store
-        .fail_from
+        .fail_reads_from
         .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
     let s = reader.state("bank-account", "p").await.unwrap();
     assert_eq!(s.version, 21);
@@ -522,7 +483,7 @@ async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
             .unwrap();
     }
     store
-        .fail_from
+        .fail_reads_from
         .store(15, std::sync::atomic::Ordering::SeqCst);
     let fresh = Aggregates::new(store.clone(), registry, config);
     let err = fresh.state("bank-account", "q").await.unwrap_err();
@@ -545,6 +506,7 @@ async fn a_command_another_host_stored_first_leaves_the_cache_as_stored() {
         gate: Semaphore::new(Semaphore::MAX_PERMITS),
         stuck_snapshots: false,
         miss_next_lookup: false.into(),
+        fail_reads_from: u64::MAX.into(),
     });
     let aggregates = Aggregates::new(store.clone(), registry, ActorConfig::default());
     aggregates

@@ -61,6 +61,22 @@ impl Inner {
         self.streams.get(stream).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Up to `limit` of the stream's events from `from_version` on.
+    fn stream_slice(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> impl Iterator<Item = &RecordedEvent> {
+        // Version v sits at index v - 1; version 0 reads from the start.
+        let start = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.stream_events(stream)
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|&i| &self.events[i])
+    }
+
     /// The stream's version and the position of its last event (0, 0 if the
     /// stream does not exist).
     fn head(&self, stream: &str) -> (u64, u64) {
@@ -219,14 +235,9 @@ impl EventStore for MemoryStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let inner = self.lock()?;
-        let indices = inner.stream_events(stream);
-        // Version v sits at index v - 1; version 0 reads from the start.
-        let start = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(indices
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|&i| inner.events[i].clone())
+        Ok(inner
+            .stream_slice(stream, from_version, limit)
+            .cloned()
             .collect())
     }
 
@@ -237,23 +248,16 @@ impl EventStore for MemoryStore {
         limit: usize,
     ) -> Result<Vec<EventToApply>, StoreError> {
         let inner = self.lock()?;
-        let indices = inner.stream_events(stream);
-        let start = usize::try_from(from_version.saturating_sub(1)).unwrap_or(usize::MAX);
         // Copies only what `apply` needs, not the stream name and message
         // id of every event.
-        Ok(indices
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|&i| {
-                let e = &inner.events[i];
-                EventToApply {
-                    version: e.version,
-                    event_id: e.event_id,
-                    event_type: e.event_type.clone(),
-                    data: e.data.clone(),
-                    metadata: e.metadata.clone(),
-                }
+        Ok(inner
+            .stream_slice(stream, from_version, limit)
+            .map(|e| EventToApply {
+                version: e.version,
+                event_id: e.event_id,
+                event_type: e.event_type.clone(),
+                data: e.data.clone(),
+                metadata: e.metadata.clone(),
             })
             .collect())
     }
