@@ -57,6 +57,21 @@ fn cmd(id: &str, command: &str, data: serde_json::Value) -> CommandRequest {
     }
 }
 
+/// Opens account `id` for Ada and deposits 1, 2, ... `deposits` into it:
+/// version `deposits + 1`, balance `deposits * (deposits + 1) / 2`.
+async fn open_with_deposits(aggregates: &Aggregates, id: &str, deposits: u64) {
+    aggregates
+        .execute(cmd(id, "open", json!({"owner": "Ada"})))
+        .await
+        .unwrap();
+    for amount in 1..=deposits {
+        aggregates
+            .execute(cmd(id, "deposit", json!({"amount": amount})))
+            .await
+            .unwrap();
+    }
+}
+
 /// An account's first event as another writer would append it.
 fn opened(owner: &str) -> EventData {
     EventData {
@@ -144,6 +159,20 @@ struct GatedStore {
     fail_reads_from: std::sync::atomic::AtomicU64,
 }
 
+impl GatedStore {
+    /// A gate that lets every append through, and nothing stuck, missed or
+    /// failing.
+    fn open() -> GatedStore {
+        GatedStore {
+            inner: MemoryStore::new(),
+            gate: Semaphore::new(Semaphore::MAX_PERMITS),
+            stuck_snapshots: false,
+            miss_next_lookup: false.into(),
+            fail_reads_from: u64::MAX.into(),
+        }
+    }
+}
+
 #[async_trait]
 impl EventStore for GatedStore {
     async fn append(
@@ -219,11 +248,8 @@ impl EventStore for GatedStore {
 async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
     let (registry, _dir) = registry().await;
     let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        gate: Semaphore::new(Semaphore::MAX_PERMITS),
         stuck_snapshots: true,
-        miss_next_lookup: false.into(),
-        fail_reads_from: u64::MAX.into(),
+        ..GatedStore::open()
     });
     let config = ActorConfig {
         snapshot_every: 1,
@@ -256,11 +282,8 @@ async fn a_stuck_snapshot_store_never_delays_or_fails_a_command() {
 async fn a_full_mailbox_answers_overloaded_and_loses_nothing_queued() {
     let (registry, _dir) = registry().await;
     let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
         gate: Semaphore::new(1),
-        stuck_snapshots: false,
-        miss_next_lookup: false.into(),
-        fail_reads_from: u64::MAX.into(),
+        ..GatedStore::open()
     });
     let config = ActorConfig {
         mailbox_capacity: 2,
@@ -385,16 +408,7 @@ async fn rehydration_applies_events_in_pages() {
     let (registry, _dir) = registry().await;
     let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
     let writer = Aggregates::new(store.clone(), registry.clone(), ActorConfig::default());
-    writer
-        .execute(cmd("p", "open", json!({"owner": "Ada"})))
-        .await
-        .unwrap();
-    for amount in 1..=20u64 {
-        writer
-            .execute(cmd("p", "deposit", json!({"amount": amount})))
-            .await
-            .unwrap();
-    }
+    open_with_deposits(&writer, "p", 20).await;
     // A fresh directory (as after a restart) with a page smaller than the
     // stream and not dividing it.
     let config = ActorConfig {
@@ -417,24 +431,9 @@ async fn rehydration_applies_events_in_pages() {
 #[tokio::test]
 async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
     let (registry, _dir) = registry().await;
-    let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        gate: Semaphore::new(Semaphore::MAX_PERMITS),
-        stuck_snapshots: false,
-        miss_next_lookup: false.into(),
-        fail_reads_from: u64::MAX.into(),
-    });
+    let store = Arc::new(GatedStore::open());
     let writer = Aggregates::new(store.clone(), registry.clone(), ActorConfig::default());
-    writer
-        .execute(cmd("p", "open", json!({"owner": "Ada"})))
-        .await
-        .unwrap();
-    for amount in 1..=20u64 {
-        writer
-            .execute(cmd("p", "deposit", json!({"amount": amount})))
-            .await
-            .unwrap();
-    }
+    open_with_deposits(&writer, "p", 20).await;
     let config = ActorConfig {
         rehydrate_page: 7,
         snapshot_every: 0,
@@ -501,13 +500,7 @@ async fn a_failing_read_ahead_or_apply_fails_the_load_and_keeps_nothing() {
 #[tokio::test]
 async fn a_command_another_host_stored_first_leaves_the_cache_as_stored() {
     let (registry, _dir) = registry().await;
-    let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        gate: Semaphore::new(Semaphore::MAX_PERMITS),
-        stuck_snapshots: false,
-        miss_next_lookup: false.into(),
-        fail_reads_from: u64::MAX.into(),
-    });
+    let store = Arc::new(GatedStore::open());
     let aggregates = Aggregates::new(store.clone(), registry, ActorConfig::default());
     aggregates
         .execute(cmd("a", "open", json!({"owner": "Ada"})))
