@@ -15,11 +15,13 @@ use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use super::index;
-use super::rows::{collect_events, collect_to_apply, corrupt, from_sql_int, sql_error, to_sql_int};
+use super::rows::{
+    collect, corrupt, event_from_row, event_to_apply_from_row, from_sql_int, sql_error, to_sql_int,
+};
 use super::tail::{self, Located, Tail};
 use crate::store::{EventToApply, RecordedEvent, Snapshot, StoreError};
 
@@ -39,7 +41,8 @@ macro_rules! select_events {
 }
 
 /// `SELECT <what apply needs> FROM events <rest>`, for
-/// [`View::read_stream_to_apply`]: the columns `collect_to_apply` decodes.
+/// [`View::read_stream_to_apply`]: the columns `event_to_apply_from_row`
+/// decodes.
 macro_rules! select_to_apply {
     ($rest:literal) => {
         concat!(
@@ -101,21 +104,11 @@ impl View<'_> {
         limit: usize,
     ) -> Result<Vec<EventToApply>, StoreError> {
         let positions = self.stream_positions(stream, from_version, limit)?;
-        let Some(wanted) = Self::wanted(positions.into_iter().map(|(_, position)| position)) else {
-            return Ok(Vec::new());
-        };
-        let count = wanted.len();
-        let mut stmt = self
-            .reader
-            .log
-            .prepare_cached(select_to_apply!(
-                "WHERE position IN rarray(?1) ORDER BY position"
-            ))
-            .map_err(sql_error)?;
-        let rows = stmt.query([wanted]).map_err(sql_error)?;
-        let events = collect_to_apply(rows, count)?;
-        Self::all_found(count, events.len())?;
-        Ok(events)
+        self.rows_at(
+            select_to_apply!("WHERE position IN rarray(?1) ORDER BY position"),
+            positions.into_iter().map(|(_, position)| position),
+            event_to_apply_from_row,
+        )
     }
 
     /// Where up to `limit` of the stream's events from `from_version` on
@@ -145,49 +138,47 @@ impl View<'_> {
         Ok(positions)
     }
 
-    /// `positions` as one `rarray` parameter; `None` when there are none.
-    fn wanted(positions: impl Iterator<Item = u64>) -> Option<Array> {
-        let wanted: Vec<Value> = positions
-            .map(|position| Value::Integer(to_sql_int(position)))
-            .collect();
-        (!wanted.is_empty()).then(|| Array::from(wanted))
-    }
-
-    /// Fails when the log holds fewer of the positions the index gave than
-    /// asked for: the index is not this log's.
-    fn all_found(asked: usize, found: usize) -> Result<(), StoreError> {
-        if found == asked {
-            return Ok(());
-        }
-        Err(StoreError::Corrupt(format!(
-            "the index points at {asked} positions of which the log holds {found}: delete {} \
-             (rehydra rebuilds it from the log)",
-            index::INDEX_FILE
-        )))
-    }
-
-    /// The events at `positions` (ascending), in that order: one
-    /// statement that looks every position up in the log, whose per-row
-    /// cost is a tenth of a statement per event.
+    /// The events at `positions` (ascending), in that order.
     fn events_at(
         &self,
         positions: impl Iterator<Item = u64>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let Some(wanted) = Self::wanted(positions) else {
+        self.rows_at(
+            select_events!("WHERE position IN rarray(?1) ORDER BY position"),
+            positions,
+            event_from_row,
+        )
+    }
+
+    /// The log's rows at `positions` (ascending), in that order, selected
+    /// by `sql` (which binds the positions as `?1`) and read by `decode`:
+    /// one statement that looks every position up in the log, whose per-row
+    /// cost is a tenth of a statement per event.
+    fn rows_at<T>(
+        &self,
+        sql: &str,
+        positions: impl Iterator<Item = u64>,
+        decode: fn(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let wanted: Vec<Value> = positions
+            .map(|position| Value::Integer(to_sql_int(position)))
+            .collect();
+        if wanted.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         let count = wanted.len();
-        let mut stmt = self
-            .reader
-            .log
-            .prepare_cached(select_events!(
-                "WHERE position IN rarray(?1) ORDER BY position"
-            ))
-            .map_err(sql_error)?;
-        let rows = stmt.query([wanted]).map_err(sql_error)?;
-        let events = collect_events(rows, count)?;
-        Self::all_found(count, events.len())?;
-        Ok(events)
+        let mut stmt = self.reader.log.prepare_cached(sql).map_err(sql_error)?;
+        let rows = stmt.query([Array::from(wanted)]).map_err(sql_error)?;
+        let found = collect(rows, count, decode)?;
+        if found.len() != count {
+            return Err(StoreError::Corrupt(format!(
+                "the index points at {count} positions of which the log holds {}: delete {} \
+                 (rehydra rebuilds it from the log)",
+                found.len(),
+                index::INDEX_FILE
+            )));
+        }
+        Ok(found)
     }
 
     /// Up to `limit` events from `from_position` on, in position order.
@@ -211,7 +202,7 @@ impl View<'_> {
             ])
             .map_err(sql_error)?;
         // A page of the log; a larger limit is allocated as it fills.
-        collect_events(rows, limit.min(1024))
+        collect(rows, limit.min(1024), event_from_row)
     }
 
     /// Where the event with `id` is, if it is durable.

@@ -6,36 +6,29 @@ use uuid::Uuid;
 
 use crate::store::{EventToApply, RecordedEvent, StoreError};
 
-/// The events of `rows`, of which `expected` is how many there should be
-/// (so that the list is allocated once).
-pub(super) fn collect_events(
+/// The rows of `rows`, each read by `decode`, of which `expected` is how
+/// many there should be (so that the list is allocated once).
+pub(super) fn collect<T>(
     mut rows: rusqlite::Rows<'_>,
     expected: usize,
-) -> Result<Vec<RecordedEvent>, StoreError> {
-    let mut events = Vec::with_capacity(expected);
+    decode: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut found = Vec::with_capacity(expected);
     while let Some(row) = rows.next().map_err(sql_error)? {
-        events.push(event_from_row(row)?);
+        found.push(decode(row)?);
     }
-    Ok(events)
+    Ok(found)
 }
 
-/// The events of `rows` selected with `select_to_apply!`, of which
-/// `expected` is how many there should be.
-pub(super) fn collect_to_apply(
-    mut rows: rusqlite::Rows<'_>,
-    expected: usize,
-) -> Result<Vec<EventToApply>, StoreError> {
-    let mut events = Vec::with_capacity(expected);
-    while let Some(row) = rows.next().map_err(sql_error)? {
-        events.push(EventToApply {
-            version: from_sql_int(row.get(0).map_err(sql_error)?, "version")?,
-            event_id: event_id_at(row, 1)?,
-            event_type: row.get(2).map_err(sql_error)?,
-            data: row.get(3).map_err(sql_error)?,
-            metadata: row.get(4).map_err(sql_error)?,
-        });
-    }
-    Ok(events)
+/// Decodes a row selected with `select_to_apply!`.
+pub(super) fn event_to_apply_from_row(row: &Row<'_>) -> Result<EventToApply, StoreError> {
+    Ok(EventToApply {
+        version: from_sql_int(row.get(0).map_err(sql_error)?, "version")?,
+        event_id: event_id_at(row, 1)?,
+        event_type: row.get(2).map_err(sql_error)?,
+        data: row.get(3).map_err(sql_error)?,
+        metadata: row.get(4).map_err(sql_error)?,
+    })
 }
 
 /// The event id in column `column` of `row`.
@@ -46,7 +39,7 @@ fn event_id_at(row: &Row<'_>, column: usize) -> Result<Uuid, StoreError> {
 }
 
 /// Decodes a row selected with `select_events!`.
-fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
+pub(super) fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent, StoreError> {
     let event_id = event_id_at(row, 3)?;
     Ok(RecordedEvent {
         stream: row.get(0).map_err(sql_error)?,
