@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod seeded;
 pub mod store_files;
 
 /// The workspace's target directory.

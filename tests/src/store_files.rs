@@ -1,44 +1,8 @@
 //! Checks of an embedded store's files made while no process has the store
-//! open (right after a `kill -9`), and the seeded kill moments of the crash
-//! loops (`crash_loop.rs` through the binary, `store_crash_loop.rs` through
-//! the store's API).
+//! open (right after a `kill -9`), for the crash loops (`crash_loop.rs`
+//! through the binary, `store_crash_loop.rs` through the store's API).
 
 use std::path::Path;
-
-/// The crash loops' seed: `REHYDRA_CRASH_SEED`, or else the clock. Printed,
-/// so that a failing run can be replayed.
-pub fn crash_seed() -> u64 {
-    let seed = std::env::var("REHYDRA_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("crash loop seed {seed} (REHYDRA_CRASH_SEED={seed} replays it)");
-    seed
-}
-
-/// A small deterministic generator (xorshift64*) of kill moments, so that
-/// a failing run can be replayed from its seed.
-pub struct Moments(u64);
-
-impl Moments {
-    /// The moments of `seed`.
-    pub fn new(seed: u64) -> Moments {
-        Moments(seed | 1)
-    }
-
-    /// A number of milliseconds in `from..to`.
-    pub fn next_ms(&mut self, from: u64, to: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        from + self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % (to - from)
-    }
-}
 
 /// Checks the embedded store's files in `dir` right after a kill, before
 /// anything opens the store again: the log's integrity, positions and each

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rehydra_e2e::store_files::{Moments, check_store_file, crash_seed};
+use rehydra_e2e::seeded::{Moments, seed};
+use rehydra_e2e::store_files::check_store_file;
 use rehydra_e2e::{Host, stream_prefix};
 use serde_json::{Value, json};
 
@@ -26,7 +27,7 @@ const ACCOUNTS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_kills_under_load_lose_and_duplicate_nothing_acknowledged() {
-    let mut moments = Moments::new(crash_seed());
+    let mut moments = Moments::new(seed("REHYDRA_CRASH_SEED"));
 
     let mut host = Host::start(&[PLUGIN]);
     for a in 0..ACCOUNTS {

@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use rehydra::store::EventStore;
 use rehydra::store::embedded::EmbeddedStore;
-use rehydra_e2e::store_files::{Moments, check_store_file, crash_seed};
+use rehydra_e2e::seeded::{Moments, seed};
+use rehydra_e2e::store_files::check_store_file;
 
 const KILLS: usize = 50;
 const WRITERS: usize = 4;
@@ -35,7 +36,7 @@ type Placed = (String, u64);
 
 #[test]
 fn fifty_kills_of_a_process_appending_lose_and_duplicate_nothing_acknowledged() {
-    let seed = crash_seed();
+    let seed = seed("REHYDRA_CRASH_SEED");
     let mut moments = Moments::new(seed);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let data = dir.path().join("data");

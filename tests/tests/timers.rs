@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rehydra::api::grpc::pb;
 use rehydra::api::grpc::pb::timers_client::TimersClient;
+use rehydra_e2e::seeded::{Moments, seed};
 use rehydra_e2e::{Host, code, metric, wait_for};
 use serde_json::{Value, json};
 
@@ -202,24 +203,7 @@ async fn a_timer_due_while_the_host_was_down_fires_at_start_marked_late() {
 /// every timer takes effect exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_take_effect_once_across_kill9_restarts() {
-    let seed: u64 = std::env::var("REHYDRA_TIMER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("REHYDRA_TIMER_SEED={seed}");
-    let mut rng = seed;
-    let mut next = move |below: u64| {
-        // xorshift64*: enough to spread the moments and the deadlines.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % below
-    };
+    let mut moments = Moments::new(seed("REHYDRA_TIMER_SEED"));
 
     let mut host = Host::start(PLUGINS);
     const ORDERS: usize = 40;
@@ -230,8 +214,8 @@ async fn timers_take_effect_once_across_kill9_restarts() {
     let mut quantities = BTreeMap::new();
     for i in 0..ORDERS {
         let id = format!("c{i}");
-        let quantity = 1 + next(5);
-        place(&host, &id, "sku-1", quantity, 300 + next(3000)).await;
+        let quantity = 1 + moments.below(5);
+        place(&host, &id, "sku-1", quantity, 300 + moments.below(3000)).await;
         quantities.insert(id.clone(), quantity);
         if i % 3 == 0 {
             let (status, body) = host.command("order", &id, "pay", json!({})).await;
@@ -240,7 +224,7 @@ async fn timers_take_effect_once_across_kill9_restarts() {
         }
     }
     for round in 0..KILLS {
-        let wait = 100 + next(900);
+        let wait = 100 + moments.below(900);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         println!("kill -9 {round} after {wait} ms");
         host.kill9();

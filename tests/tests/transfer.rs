@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rehydra_e2e::seeded::{Moments, seed};
 use rehydra_e2e::{Host, metric, test_plugin, wait_for};
 use serde_json::{Value, json};
 
@@ -166,23 +167,7 @@ mod three_languages {
 /// each transfer ends once, and the money adds up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_end_exactly_once_across_kill9_restarts() {
-    let seed: u64 = std::env::var("REHYDRA_TRANSFER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("REHYDRA_TRANSFER_SEED={seed}");
-    let mut rng = seed | 1;
-    let mut next = move |below: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % below
-    };
+    let mut moments = Moments::new(seed("REHYDRA_TRANSFER_SEED"));
 
     let mut host = Host::start(PLUGINS);
     const OPEN: [&str; 4] = ["a", "b", "c", "d"];
@@ -202,16 +187,16 @@ async fn transfers_end_exactly_once_across_kill9_restarts() {
     for batch in 0..KILLS {
         for i in 0..TRANSFERS / KILLS {
             let n = batch * (TRANSFERS / KILLS) + i;
-            let from = accounts[next(4) as usize];
-            let mut to = accounts[next(5) as usize];
+            let from = accounts[moments.below(4) as usize];
+            let mut to = accounts[moments.below(5) as usize];
             if to == from {
                 to = "closed";
             }
             let id = format!("t{n}");
-            start(&host, &id, from, to, 1 + next(200)).await;
+            start(&host, &id, from, to, 1 + moments.below(200)).await;
             started.push(id);
         }
-        let wait = 20 + next(400);
+        let wait = 20 + moments.below(400);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         println!("kill -9 {batch} after {wait} ms");
         host.kill9();
