@@ -80,9 +80,9 @@ pub(crate) fn decode_variant<T: DeserializeOwned>(
     data: Value,
 ) -> Result<T, DecodeError> {
     let unknown = Cell::new(false);
-    let named = NamedVariant {
+    let named = Named {
         name,
-        data,
+        payload: Payload(data),
         unknown: &unknown,
     };
     serde_path_to_error::deserialize(named).map_err(|err| {
@@ -106,44 +106,14 @@ pub(crate) fn decode_variant_from_slice<T: DeserializeOwned>(name: &str, data: &
         return None;
     }
     let mut de = serde_json::Deserializer::from_slice(data);
-    let value = T::deserialize(NamedSlice { name, de: &mut de }).ok()?;
+    let named = Named {
+        name,
+        payload: SlicePayload(&mut de),
+        unknown: &Cell::new(false),
+    };
+    let value = T::deserialize(named).ok()?;
     de.end().ok()?;
     Some(value)
-}
-
-/// A (variant name, JSON payload still to be parsed) pair seen as an
-/// externally tagged enum.
-struct NamedSlice<'n, 'd, 'de> {
-    name: &'n str,
-    de: &'d mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
-}
-
-impl<'de> Deserializer<'de> for NamedSlice<'_, '_, 'de> {
-    type Error = serde_json::Error;
-
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
-        visitor.visit_enum(self)
-    }
-
-    serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf option unit unit_struct newtype_struct seq tuple
-        tuple_struct map struct enum identifier ignored_any
-    }
-}
-
-impl<'d, 'de> EnumAccess<'de> for NamedSlice<'_, 'd, 'de> {
-    type Error = serde_json::Error;
-    type Variant = SlicePayload<'d, 'de>;
-
-    fn variant_seed<S: DeserializeSeed<'de>>(
-        self,
-        seed: S,
-    ) -> Result<(S::Value, SlicePayload<'d, 'de>), Self::Error> {
-        let name: de::value::StrDeserializer<'_, serde_json::Error> = self.name.into_deserializer();
-        let variant = seed.deserialize(name)?;
-        Ok((variant, SlicePayload(self.de)))
-    }
 }
 
 /// The unparsed payload of the chosen variant.
@@ -252,15 +222,17 @@ fn quoted_after<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
     rest.split_once('`').map(|(name, _)| name)
 }
 
-/// A (variant name, JSON payload) pair seen as an externally tagged enum.
-struct NamedVariant<'a> {
+/// A (variant name, payload) pair seen as an externally tagged enum. The
+/// payload is a parsed [`Value`] ([`Payload`]) or JSON still to be parsed
+/// ([`SlicePayload`]).
+struct Named<'a, P> {
     name: &'a str,
-    data: Value,
+    payload: P,
     /// Set when the enum has no variant called `name`.
     unknown: &'a Cell<bool>,
 }
 
-impl<'de> Deserializer<'de> for NamedVariant<'_> {
+impl<'de, P: VariantAccess<'de, Error = serde_json::Error>> Deserializer<'de> for Named<'_, P> {
     type Error = serde_json::Error;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
@@ -274,17 +246,14 @@ impl<'de> Deserializer<'de> for NamedVariant<'_> {
     }
 }
 
-impl<'de> EnumAccess<'de> for NamedVariant<'_> {
+impl<'de, P: VariantAccess<'de, Error = serde_json::Error>> EnumAccess<'de> for Named<'_, P> {
     type Error = serde_json::Error;
-    type Variant = Payload;
+    type Variant = P;
 
-    fn variant_seed<S: DeserializeSeed<'de>>(
-        self,
-        seed: S,
-    ) -> Result<(S::Value, Payload), Self::Error> {
+    fn variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, P), Self::Error> {
         let name: de::value::StrDeserializer<'_, serde_json::Error> = self.name.into_deserializer();
         match seed.deserialize(name) {
-            Ok(variant) => Ok((variant, Payload(self.data))),
+            Ok(variant) => Ok((variant, self.payload)),
             Err(err) => {
                 self.unknown.set(true);
                 Err(err)
